@@ -1,0 +1,343 @@
+"""The ``nodeflow`` command line.
+
+    nodeflow run WORKFLOW.json [--set NODE_ID.INPUT=VALUE ...] [--output-dir DIR]
+    nodeflow validate WORKFLOW.json
+    nodeflow nodes [NAME] [--json]
+    nodeflow serve [--listen HOST] [--port PORT]
+
+Exit codes: 0 success, 1 the workflow is invalid or a node failed, 2 bad usage or an
+unreadable file, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from nodeflow import folders as folders_mod
+from nodeflow.executor import Executor, ValidationFailed
+from nodeflow.graph import WorkflowError, parse, validate
+from nodeflow.registry import Registry, default_registry
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except WorkflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nodeflow", description="Run Stable Diffusion node graphs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--base-dir", metavar="DIR",
+                        help="folder holding models/, input/, output/, temp/ (default: $NODEFLOW_HOME or .)")
+
+    r = sub.add_parser("run", help="run a workflow (API-format JSON, UI-format JSON, or a PNG that embeds one)")
+    r.add_argument("workflow", type=Path)
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                   help="override an input (VALUE is JSON, or a plain string); repeatable")
+    r.add_argument("--output-dir", metavar="DIR", help="where SaveImage writes (default: BASE/output)")
+    r.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    r.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="model precision (default: per device)")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    r.add_argument("--json", action="store_true", help="print the outputs as JSON")
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a workflow without running it")
+    v.add_argument("workflow", type=Path)
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE")
+    common(v)
+    v.set_defaults(func=cmd_validate)
+
+    n = sub.add_parser("nodes", help="list node types, or show one's schema")
+    n.add_argument("name", nargs="?")
+    n.add_argument("--json", action="store_true", help="print ComfyUI /object_info JSON")
+    common(n)
+    n.set_defaults(func=cmd_nodes)
+
+    s = sub.add_parser("serve", help="start the HTTP + WebSocket server (ComfyUI's API)")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="server options, see `nodeflow serve --help`")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    folders = folders_mod.configure(args.base_dir, output_dir=args.output_dir)
+    _configure_devices(args.device, args.precision)
+    registry = _registry()
+    prompt = _load(args.workflow, args.overrides)
+    executor = Executor(registry)
+    graph = parse(prompt)
+    report = validate(graph, registry)
+    if not report.ok:
+        _print_errors(report, args.workflow)
+        return EXIT_FAILED
+    if report.errors:
+        print(f"warning: running the valid outputs only; {len(report.errors)} problem(s):", file=sys.stderr)
+        for err in report.errors:
+            print(f"  {err}", file=sys.stderr)
+
+    progress = _Progress(graph, enabled=not args.quiet)
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = executor.execute(graph, report, observer=progress)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["exc"] = exc
+
+    worker = threading.Thread(target=work, name="nodeflow-run", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        executor.interrupt()
+        worker.join()
+    progress.close()
+    if "exc" in box:
+        raise box["exc"]
+    result = box["result"]
+
+    if args.json:
+        print(json.dumps({"prompt_id": result.prompt_id, "status": result.status, "outputs": result.ui,
+                          "error": result.error}, indent=2, default=str))
+    if result.status == "interrupted":
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.status == "error":
+        err = result.error
+        print(f"error: node {err['node_id']} ({err['node_type']}) failed: {err['exception_message']}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json and not args.quiet:
+        files = list(_saved_files(result.ui, folders))
+        ran, cached = len(result.executed), len(result.cached)
+        print(f"done: {ran} node(s) ran, {cached} cached", file=sys.stderr)
+        for f in files:
+            print(f)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    folders_mod.configure(args.base_dir)
+    registry = _registry()
+    prompt = _load(args.workflow, args.overrides)
+    graph = parse(prompt)
+    report = validate(graph, registry)
+    if report.errors:
+        _print_errors(report, args.workflow)
+        return EXIT_FAILED
+    print(f"{args.workflow}: valid ({len(graph)} nodes, outputs: {', '.join(report.outputs)})")
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    folders_mod.configure(args.base_dir)
+    registry = _registry()
+    if args.name:
+        info = registry.object_info(args.name)
+        if not info:
+            hint = registry.suggest(args.name)
+            raise CliError(f"unknown node type {args.name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""),
+                           EXIT_FAILED)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(_describe_node(next(iter(info.values()))))
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(registry.object_info(), indent=2))
+        return EXIT_OK
+    by_category: dict[str, list[str]] = {}
+    for cls in registry.classes():
+        aliases = f"  (also: {', '.join(cls.aliases)})" if cls.aliases else ""
+        by_category.setdefault(cls.category or "other", []).append(f"  {cls.type_name}{aliases}")
+    for category in sorted(by_category):
+        print(f"{category}:")
+        print("\n".join(by_category[category]))
+    if registry.load_errors:
+        for what, why in registry.load_errors.items():
+            print(f"warning: could not load {what}: {why}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from nodeflow.server.app import main as serve_main
+    except ImportError as exc:
+        raise CliError(f"the server is not available: {exc}") from None
+    return serve_main(args.rest)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _registry() -> Registry:
+    return default_registry()
+
+
+def _configure_devices(device: str | None, precision: str | None) -> None:
+    if device is None and precision is None:
+        return
+    try:
+        from nodeflow.models import devices
+    except ImportError as exc:
+        raise CliError(f"--device/--precision need the model stack: {exc}") from None
+    try:
+        if device:
+            devices.set_device(device)
+        if precision:
+            devices.set_precision(precision)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _load(path: Path, overrides: list[str]) -> dict[str, Any]:
+    from nodeflow import load_workflow
+    from nodeflow.graph import unwrap
+
+    prompt = unwrap(load_workflow(path))
+    for item in overrides:
+        apply_override(prompt, item)
+    return prompt
+
+
+def apply_override(prompt: dict[str, Any], item: str) -> None:
+    """Apply one ``NODE_ID.INPUT=VALUE`` override (VALUE parsed as JSON, else a string)."""
+    target, sep, raw = item.partition("=")
+    node_id, dot, name = target.partition(".")
+    if not sep or not dot or not node_id or not name:
+        raise CliError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE, e.g. --set 3.seed=42")
+    node = prompt.get(node_id)
+    if not isinstance(node, dict):
+        ids = ", ".join(k for k in prompt if not k.startswith("_"))
+        raise CliError(f"--set {item!r}: the workflow has no node {node_id!r} (nodes: {ids})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, list):
+        value = {"__value__": value}
+    node.setdefault("inputs", {})[name] = value
+
+
+def _print_errors(report, source) -> None:
+    n = len(report.errors)
+    print(f"{source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+    for err in report.errors:
+        print(f"  - {err}", file=sys.stderr)
+
+
+def _saved_files(ui: dict[str, dict], folders: folders_mod.Folders):
+    for node_out in ui.values():
+        for key in ("images", "gifs", "files"):
+            for item in node_out.get(key, []) or []:
+                if isinstance(item, dict) and "filename" in item:
+                    kind = item.get("type", "output")
+                    try:
+                        yield str(folders.io_path(kind, item["filename"], item.get("subfolder", "")))
+                    except ValueError:
+                        continue
+
+
+def _describe_node(info: dict) -> str:
+    lines = [f"{info['name']}  [{info['category']}]" + ("  (output node)" if info["output_node"] else "")]
+    if info["description"]:
+        lines.append(f"  {info['description']}")
+    for group in ("required", "optional"):
+        for name, spec in info["input"][group].items():
+            kind = spec[0] if isinstance(spec[0], str) else "COMBO"
+            opts = spec[1] if len(spec) > 1 else {}
+            extra = ""
+            if isinstance(spec[0], list):
+                shown = spec[0][:8]
+                extra = f" one of {shown}" + (" ..." if len(spec[0]) > 8 else "")
+            details = ", ".join(f"{k}={v}" for k, v in opts.items() if k in ("default", "min", "max"))
+            lines.append(f"  in  {name}: {kind}{extra}{' (' + details + ')' if details else ''}"
+                         f"{'' if group == 'required' else '  [optional]'}")
+    for kind, name in zip(info["output"], info["output_name"]):
+        lines.append(f"  out {name}: {kind}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """Prints node progress to stderr: a bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, graph, enabled: bool = True) -> None:
+        self.graph, self.enabled = graph, enabled
+        self.tty = sys.stderr.isatty()
+        self.node: str | None = None
+        self.started = time.monotonic()
+        self.line_open = False
+
+    def __call__(self, event: str, data: dict) -> None:
+        if not self.enabled:
+            return
+        if event == "executing" and data.get("node"):
+            self._end_line()
+            self.node = data["node"]
+            self.started = time.monotonic()
+        elif event == "progress":
+            self._bar(data["value"], data["max"])
+
+    def _label(self) -> str:
+        entry = self.graph.nodes.get(self.node)
+        return f"{self.node} ({entry.class_type})" if entry else str(self.node)
+
+    def _bar(self, value: int, total: int) -> None:
+        total = max(total, 1)
+        elapsed = time.monotonic() - self.started
+        rate = f"{value / elapsed:.2f} it/s" if elapsed > 0 and value else ""
+        if self.tty:
+            width = 30
+            filled = int(width * value / total)
+            sys.stderr.write(f"\r{self._label()} [{'#' * filled}{'.' * (width - filled)}] {value}/{total} {rate}  ")
+            sys.stderr.flush()
+            self.line_open = True
+        elif value == total:
+            print(f"{self._label()}: {value}/{total} {rate}", file=sys.stderr)
+
+    def _end_line(self) -> None:
+        if self.line_open:
+            sys.stderr.write("\n")
+            self.line_open = False
+
+    def close(self) -> None:
+        if self.enabled:
+            self._end_line()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Running a validated workflow: pruning, ordering, caching, events and interruption.
+
+``Executor.execute`` runs only what the requested output nodes need, in a topological
+order, skipping every node whose signature is in the cache (and everything only a cached
+node needs). It reports through one observer, a callable ``observer(event, data)``, with
+ComfyUI's event names and payloads, so the CLI, the server and tests share one stream:
+
+``execution_start``, ``execution_cached`` (nodes), ``executing`` (node), ``progress``
+(value, max, node), ``preview`` (node, image — not a ComfyUI message: the server turns it
+into a binary frame when previews are on), ``executed`` (node, output), then one of
+``execution_success``, ``execution_error`` (node_id, node_type, exception_message,
+exception_type, traceback, ...) or ``execution_interrupted``.
+
+The closing ``executing`` with ``node: None`` is left to the caller: a server must write
+the history entry before sending it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import networkx as nx
+
+from nodeflow.cache import CacheEntry, OutputCache, signature
+from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, validate
+from nodeflow.node import Interrupted, Node, Result
+from nodeflow.registry import Registry
+
+Observer = Callable[[str, dict], None]
+
+
+def _no_observer(event: str, data: dict) -> None:
+    pass
+
+
+class ValidationFailed(WorkflowError):
+    """The workflow has errors that leave no output runnable."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        self.report = report
+        super().__init__("workflow is invalid:\n" + report.summary())
+
+
+@dataclass
+class ExecutionResult:
+    prompt_id: str
+    status: str  # "success" | "error" | "interrupted"
+    #: The UI output of each output node that ran or was replayed from the cache.
+    ui: dict[str, dict] = field(default_factory=dict)
+    #: Every value produced or fetched in this run: node id -> tuple of outputs.
+    values: dict[str, tuple] = field(default_factory=dict)
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    error: dict | None = None
+    #: Status messages in ComfyUI's history format: [event, data] pairs.
+    messages: list[list] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    def output(self, node_id: str, index: int = 0) -> Any:
+        """The value of output ``index`` of node ``node_id`` in this run."""
+        return self.values[str(node_id)][index]
+
+
+class _RunContext:
+    """The ``Context`` a node sees while it runs."""
+
+    __slots__ = ("prompt_id", "node_id", "_emit", "_flag", "_last_preview")
+
+    def __init__(self, prompt_id: str, node_id: str, emit: Observer, flag: threading.Event) -> None:
+        self.prompt_id, self.node_id, self._emit, self._flag = prompt_id, node_id, emit, flag
+
+    def check_interrupted(self) -> None:
+        if self._flag.is_set():
+            raise Interrupted(f"interrupted in node {self.node_id}")
+
+    def progress(self, value: int, total: int, preview: Any = None) -> None:
+        self._emit("progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id})
+        if preview is not None:
+            self._emit("preview", {"image": preview, "prompt_id": self.prompt_id, "node": self.node_id})
+        self.check_interrupted()
+
+
+class Executor:
+    """Runs workflows against a registry, keeping an output cache between runs.
+
+    One workflow runs at a time per executor; ``interrupt()`` may be called from any thread.
+    """
+
+    def __init__(self, registry: Registry, cache: OutputCache | None = None) -> None:
+        self.registry = registry
+        self.cache = cache if cache is not None else OutputCache()
+        self._interrupt = threading.Event()
+        self._lock = threading.Lock()
+        self.running_prompt_id: str | None = None
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Ask the running workflow (or only ``prompt_id``) to stop at the next check."""
+        running = self.running_prompt_id
+        if running is None or (prompt_id is not None and prompt_id != running):
+            return False
+        self._interrupt.set()
+        return True
+
+    def prepare(self, workflow: Any, outputs: Iterable[str] | None = None) -> tuple[Graph, ValidationReport]:
+        """Parse and validate; raises ``WorkflowError`` / ``ValidationFailed`` when nothing can run."""
+        graph = workflow if isinstance(workflow, Graph) else parse(workflow)
+        report = validate(graph, self.registry, outputs)
+        if not report.ok:
+            raise ValidationFailed(report)
+        return graph, report
+
+    def execute(self, graph: Graph, report: ValidationReport, *, prompt_id: str | None = None,
+                observer: Observer | None = None, extra_data: dict | None = None) -> ExecutionResult:
+        """Run the runnable outputs of a validated graph."""
+        with self._lock:
+            self._interrupt.clear()
+            prompt_id = prompt_id or str(uuid.uuid4())
+            self.running_prompt_id = prompt_id
+            try:
+                return self._execute(graph, report, prompt_id, observer or _no_observer, extra_data or {})
+            finally:
+                self.running_prompt_id = None
+                self._interrupt.clear()
+
+    def run(self, workflow: Any, **kw: Any) -> ExecutionResult:
+        """Parse, validate and execute in one call."""
+        graph, report = self.prepare(workflow, kw.pop("outputs", None))
+        return self.execute(graph, report, **kw)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _execute(self, graph: Graph, report: ValidationReport, prompt_id: str, observer: Observer,
+                 extra_data: dict) -> ExecutionResult:
+        result = ExecutionResult(prompt_id, "success")
+
+        def status(event: str, data: dict) -> None:
+            data = {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000), **data}
+            result.messages.append([event, data])
+            observer(event, data)
+
+        status("execution_start", {})
+        order, keys = self._plan(graph, report)
+        # Pin what the cache holds now, then walk back from the outputs: a cached node's
+        # upstream is not needed at all.
+        hits = {n: e for n in order if (e := self.cache.get(keys[n])) is not None}
+        needed: set[str] = set()
+        stack = list(report.outputs)
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            if n not in hits:
+                stack.extend(link.node for _, link in graph.nodes[n].links())
+        cached = [n for n in order if n in needed and n in hits]
+        to_run = [n for n in order if n in needed and n not in hits]
+        result.cached = cached
+        status("execution_cached", {"nodes": cached})
+
+        values = result.values
+        for n in cached:
+            entry = hits[n]
+            values[n] = entry.values
+            if entry.ui is not None:
+                result.ui[n] = entry.ui
+                observer("executed", {"node": n, "display_node": n, "output": entry.ui, "prompt_id": prompt_id})
+
+        for n in to_run:
+            node = graph.nodes[n]
+            cls = self.registry.get(node.class_type)
+            inputs: dict[str, Any] = {}
+            try:
+                if self._interrupt.is_set():
+                    raise Interrupted("interrupted before node " + n)
+                observer("executing", {"node": n, "display_node": n, "prompt_id": prompt_id})
+                inputs = self._gather(node, cls, graph, values, extra_data)
+                instance = cls(_RunContext(prompt_id, n, observer, self._interrupt))
+                entry = _normalise(instance.run(**inputs), cls)
+            except Interrupted:
+                result.status = "interrupted"
+                status("execution_interrupted", {"node_id": n, "node_type": node.class_type,
+                                                 "executed": result.executed})
+                return result
+            except Exception as exc:  # noqa: BLE001 - a node's failure fails its prompt, not the engine
+                result.status = "error"
+                result.error = {
+                    "node_id": n, "node_type": node.class_type, "executed": list(result.executed),
+                    "exception_message": str(exc) or type(exc).__name__,
+                    "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    "traceback": traceback.format_exception(exc),
+                    "current_inputs": _describe(inputs),
+                    "current_outputs": list(values),
+                }
+                status("execution_error", result.error)
+                return result
+            finally:
+                inputs = {}  # do not keep large inputs alive in this frame
+            values[n] = entry.values
+            self.cache.put(keys[n], entry)
+            result.executed.append(n)
+            if entry.ui is not None:
+                result.ui[n] = entry.ui
+                observer("executed", {"node": n, "display_node": n, "output": entry.ui, "prompt_id": prompt_id})
+
+        status("execution_success", {})
+        return result
+
+    def _plan(self, graph: Graph, report: ValidationReport) -> tuple[list[str], dict[str, bytes]]:
+        """The topological order of everything upstream of the runnable outputs, and each
+        node's signature."""
+        dag = report.dag
+        upstream: set[str] = set()
+        stack = list(report.outputs)
+        while stack:
+            n = stack.pop()
+            if n not in upstream:
+                upstream.add(n)
+                stack.extend(link.node for _, link in graph.nodes[n].links())
+        order = [n for n in nx.topological_sort(dag) if n in upstream] if dag is not None else \
+            list(nx.topological_sort(nx.DiGraph((l.node, n) for n in upstream for _, l in graph.nodes[n].links())))
+        keys: dict[str, bytes] = {}
+        for n in order:
+            node = graph.nodes[n]
+            cls = self.registry.get(node.class_type)
+            literals, links = [], []
+            for name in sorted(node.inputs):
+                value = node.inputs[name]
+                if type(value) is Link:
+                    links.append((name, keys[value.node], value.index))
+                else:
+                    literals.append((name, value))
+            keys[n] = signature(cls.type_name, literals, links, _fingerprint(cls, literals))
+        return order, keys
+
+    def _gather(self, node, cls: type[Node], graph: Graph, values: dict[str, tuple],
+                extra_data: dict) -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        for name, spec in (*cls.inputs.items(), *cls.optional.items()):
+            if name not in node.inputs:
+                continue
+            value = node.inputs[name]
+            inputs[name] = values[value.node][value.index] if type(value) is Link else value
+        for name, spec in cls.hidden.items():
+            inputs[name] = {"PROMPT": graph.prompt, "EXTRA_PNGINFO": extra_data.get("extra_pnginfo"),
+                            "UNIQUE_ID": node.id}.get(spec.kind)
+        return inputs
+
+
+def _fingerprint(cls: type[Node], literals: list[tuple[str, Any]]) -> Any:
+    if cls.fingerprint.__func__ is Node.fingerprint.__func__:
+        return None
+    try:
+        return cls.fingerprint(**dict(literals))
+    except Exception:  # noqa: BLE001 - let the run itself fail with its own, clearer error
+        return uuid.uuid4().hex
+
+
+def _normalise(out: Any, cls: type[Node]) -> CacheEntry:
+    if isinstance(out, Result):
+        values, ui = out.values, out.ui
+    elif isinstance(out, tuple):
+        values, ui = out, None
+    elif out is None and not cls.outputs:
+        values, ui = (), None
+    else:
+        values, ui = (out,), None
+    if len(values) != len(cls.outputs):
+        raise TypeError(f"{cls.type_name}.run returned {len(values)} values for {len(cls.outputs)} outputs")
+    return CacheEntry(tuple(values), ui)
+
+
+def _describe(inputs: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in inputs.items():
+        shape = getattr(v, "shape", None)
+        out[k] = f"{type(v).__name__}{list(shape)}" if shape is not None else repr(v)[:200]
+    return out

@@ -1,0 +1,180 @@
+"""Run-time folders: where models are found and images are read and written.
+
+Everything lives under one base directory — ``--base-dir`` on the CLI and the server,
+else ``$NODEFLOW_HOME``, else the current directory::
+
+    models/checkpoints  models/vae  models/loras  models/embeddings  ...
+    input/   output/   temp/
+
+Each folder can be moved on its own (``configure(output_dir=...)``, the environment
+variables ``NODEFLOW_OUTPUT_DIR``, ``NODEFLOW_INPUT_DIR``, ``NODEFLOW_TEMP_DIR``, or a
+``nodeflow.json`` in the base directory with ``{"output_dir": ..., "models": {"checkpoints":
+["/more/checkpoints"]}}``: extra model folders are searched after the base one).
+
+A file name from a workflow or a request never escapes its folder: absolute names and
+``..`` are refused, and for the writable folders (input, output, temp) the resolved path,
+symlinks followed, must stay inside the folder too. Model folders may hold symlinks that
+the user made on purpose (to a big disk, say); names there are checked lexically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+#: Model kinds and the folder names under models/.
+MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscale_models", "clip", "unet",
+               "diffusion_models", "controlnet", "clip_vision")
+
+IO_KINDS = ("input", "output", "temp")
+
+
+class UnsafePath(ValueError):
+    """A file name that would leave its folder."""
+
+
+@dataclass
+class Folders:
+    base: Path
+    input: Path
+    output: Path
+    temp: Path
+    models: dict[str, list[Path]] = field(default_factory=dict)
+
+    @classmethod
+    def from_base(cls, base: str | os.PathLike | None = None, *, input_dir=None, output_dir=None,
+                  temp_dir=None, extra_models: dict[str, list[str]] | None = None) -> "Folders":
+        base_path = Path(base or os.environ.get("NODEFLOW_HOME") or os.getcwd()).expanduser().absolute()
+        config = _read_config(base_path)
+        extra = {**config.get("models", {}), **(extra_models or {})}
+
+        def pick(given, env, key, default):
+            chosen = given or os.environ.get(env) or config.get(key)
+            return (base_path / chosen if chosen and not Path(chosen).is_absolute() else Path(chosen)) \
+                if chosen else base_path / default
+
+        models = {}
+        for kind in MODEL_KINDS:
+            paths = [base_path / "models" / kind]
+            paths += [Path(p).expanduser() if Path(p).expanduser().is_absolute() else base_path / p
+                      for p in extra.get(kind, [])]
+            models[kind] = paths
+        return cls(base_path, pick(input_dir, "NODEFLOW_INPUT_DIR", "input_dir", "input"),
+                   pick(output_dir, "NODEFLOW_OUTPUT_DIR", "output_dir", "output"),
+                   pick(temp_dir, "NODEFLOW_TEMP_DIR", "temp_dir", "temp"), models)
+
+    # -- models -------------------------------------------------------------------------
+
+    def model_dirs(self, kind: str) -> list[Path]:
+        if kind not in self.models:
+            raise KeyError(f"unknown model folder {kind!r}; known: {', '.join(self.models)}")
+        return self.models[kind]
+
+    def list_models(self, kind: str, extensions: tuple[str, ...] = MODEL_EXTENSIONS) -> list[str]:
+        """Model files of a kind, as relative POSIX names (subfolders included), sorted."""
+        names: set[str] = set()
+        for root in self.model_dirs(kind):
+            names.update(_walk(root, extensions))
+        return sorted(names, key=str.lower)
+
+    def model_path(self, kind: str, name: str) -> Path:
+        """The file ``name`` in the first folder of ``kind`` that has it.
+        Raises FileNotFoundError naming what exists."""
+        rel = safe_relative(name)
+        for root in self.model_dirs(kind):
+            candidate = root / rel
+            if candidate.is_file():
+                return candidate
+        available = self.list_models(kind)
+        shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "") if available else "none"
+        raise FileNotFoundError(f"{kind[:-1] if kind.endswith('s') else kind} file {name!r} not found in "
+                                f"{', '.join(str(d) for d in self.model_dirs(kind))}; available: {shown}")
+
+    # -- input / output / temp ------------------------------------------------------------
+
+    def io_dir(self, kind: str) -> Path:
+        if kind not in IO_KINDS:
+            raise UnsafePath(f"unknown folder type {kind!r}; expected one of {', '.join(IO_KINDS)}")
+        return getattr(self, kind)
+
+    def io_path(self, kind: str, name: str, subfolder: str = "") -> Path:
+        """A path inside input/, output/ or temp/, resolved and confined (symlinks followed)."""
+        root = self.io_dir(kind)
+        rel = safe_relative(subfolder, allow_empty=True) / safe_relative(name)
+        real_root = root.resolve()
+        target = (root / rel).resolve()
+        if target != real_root and real_root not in target.parents:
+            raise UnsafePath(f"{name!r} leaves the {kind} folder")
+        return target
+
+    def list_images(self, kind: str = "input") -> list[str]:
+        return sorted(_walk(self.io_dir(kind), IMAGE_EXTENSIONS), key=str.lower)
+
+
+def safe_relative(name: str, allow_empty: bool = False) -> PurePosixPath:
+    """A relative path without ``..``, absolute roots, drive letters or NUL bytes."""
+    if not isinstance(name, str):
+        raise UnsafePath(f"a file name must be a string, not {type(name).__name__}")
+    if not name:
+        if allow_empty:
+            return PurePosixPath()
+        raise UnsafePath("empty file name")
+    if "\0" in name:
+        raise UnsafePath("NUL byte in file name")
+    text = name.replace("\\", "/")
+    path = PurePosixPath(text)
+    if path.is_absolute() or (len(text) > 1 and text[1] == ":") or any(p == ".." for p in path.parts):
+        raise UnsafePath(f"{name!r} is not a plain relative file name")
+    return path
+
+
+def _walk(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if f.lower().endswith(extensions) and not f.startswith("."):
+                found.append(Path(dirpath, f).relative_to(root).as_posix())
+    return found
+
+
+def _read_config(base: Path) -> dict:
+    path = base / "nodeflow.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+_current: Folders | None = None
+_lock = threading.Lock()
+
+
+def configure(base_dir=None, **kw) -> Folders:
+    """Set the process-wide folders (the CLI and the server call this at start-up)."""
+    global _current
+    with _lock:
+        _current = Folders.from_base(base_dir, **kw)
+        return _current
+
+
+def folders() -> Folders:
+    """The process-wide folders, configured from the environment on first use."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Folders.from_base()
+        return _current

@@ -1,0 +1,124 @@
+"""The node definition API.
+
+A node type is a small class::
+
+    class Add(Node):
+        '''Adds two integers.'''
+        category = "math"
+        inputs = {"a": Int(default=0), "b": Int(default=0, min=0, max=100)}
+        outputs = [Output("INT", "sum")]
+
+        def run(self, a: int, b: int):
+            return (a + b,)
+
+``run`` receives every required input and the optional ones that were given, by name,
+and returns a tuple with one value per output (a bare value is accepted when there is one
+output). An output node may return ``Result(*values, ui={...})``: the ``ui`` part is what
+clients see (e.g. ``{"images": [{"filename", "subfolder", "type"}]}``).
+
+While running, ``self.context`` reports progress and checks for interruption; nodes keep
+no other state between runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Protocol
+
+from nodeflow.spec import Hidden, InputSpec, Output
+
+
+class Interrupted(Exception):
+    """Raised inside a run when the user asked to stop it."""
+
+
+class Context(Protocol):
+    """What a running node may ask of the engine."""
+
+    prompt_id: str
+    node_id: str
+
+    def progress(self, value: int, total: int, preview: Any = None) -> None:
+        """Report ``value`` of ``total`` steps done (and optionally a preview image);
+        raises ``Interrupted`` if the run was interrupted."""
+
+    def check_interrupted(self) -> None:
+        """Raise ``Interrupted`` if the run was interrupted."""
+
+
+class NullContext:
+    """The context of a node run outside any executor (direct calls, unit tests)."""
+
+    prompt_id = ""
+    node_id = ""
+
+    def progress(self, value: int, total: int, preview: Any = None) -> None:
+        pass
+
+    def check_interrupted(self) -> None:
+        pass
+
+
+class Result:
+    """Outputs of a node plus what its UI should show (output nodes)."""
+
+    __slots__ = ("values", "ui")
+
+    def __init__(self, *values: Any, ui: Mapping[str, Any] | None = None) -> None:
+        self.values = values
+        self.ui = dict(ui) if ui else None
+
+
+class Node:
+    """Base class of every node type. Subclasses set the class attributes below."""
+
+    #: The class name used in workflows; defaults to the Python class name.
+    type_name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+    category: ClassVar[str] = ""
+    #: Defaults to the class docstring.
+    description: ClassVar[str] = ""
+    inputs: ClassVar[dict[str, InputSpec]] = {}
+    optional: ClassVar[dict[str, InputSpec]] = {}
+    hidden: ClassVar[dict[str, Hidden]] = {}
+    outputs: ClassVar[list[Output]] = []
+    #: Output nodes are the roots of execution: only their ancestors run.
+    output_node: ClassVar[bool] = False
+    #: Other class names this node answers to (ComfyUI's names).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    deprecated: ClassVar[bool] = False
+
+    context: Context
+
+    def __init__(self, context: Context | None = None) -> None:
+        self.context = context or NullContext()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "type_name" not in cls.__dict__:
+            cls.type_name = cls.__name__
+        if not cls.__dict__.get("description"):
+            cls.description = (cls.__doc__ or "").strip()
+        if not cls.__dict__.get("display_name"):
+            cls.display_name = cls.type_name
+
+    def run(self, **inputs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    @classmethod
+    def fingerprint(cls, **literals: Any) -> Any:
+        """Extra cache-key material computed before each run from the literal inputs
+        (e.g. a file's mtime and size). Return a new value to force a re-run."""
+        return None
+
+    @classmethod
+    def validate_inputs(cls, **literals: Any) -> list[str] | None:
+        """Checks across inputs that the specs cannot express. Return error messages,
+        keyed implicitly to the node; ``None`` or an empty list when valid."""
+        return None
+
+    @classmethod
+    def all_inputs(cls) -> dict[str, tuple[InputSpec, bool]]:
+        """Every non-hidden input: name -> (spec, required)."""
+        out = {name: (spec, True) for name, spec in cls.inputs.items()}
+        out.update({name: (spec, False) for name, spec in cls.optional.items()})
+        return out

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from nodeflow import Executor
+
+from toy_nodes import RUNS, Slow, make_registry
+
+
+@pytest.fixture
+def registry():
+    return make_registry()
+
+
+@pytest.fixture
+def executor(registry):
+    RUNS.clear()
+    Slow.GATE = None
+    Slow.STARTED.clear()
+    return Executor(registry)
+
+
+@pytest.fixture
+def runs():
+    return RUNS
