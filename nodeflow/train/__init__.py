@@ -1,0 +1,1 @@
+"""Training nodeflow's own small demo model (see ``nodeflow.train.demo``)."""
