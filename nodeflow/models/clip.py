@@ -1,0 +1,224 @@
+"""CLIP text encoders (transformers' ``CLIPTextModel``) and the ``TextEncoder`` handle.
+
+Towers, named as ComfyUI names them:
+
+- ``l``: OpenAI CLIP ViT-L/14 (SD 1.x; SDXL's first encoder). Checkpoints store it in
+  transformers' layout, which loads as it is.
+- ``h``: OpenCLIP ViT-H/14 (SD 2.x) and ``g``: OpenCLIP ViT-bigG/14 (SDXL's second encoder,
+  the refiner's only one). Checkpoints store these in OpenCLIP's layout (fused ``in_proj``
+  attention weights, ``text_projection`` as a matrix to right-multiply); ``openclip_to_hf``
+  converts.
+
+``TextEncoder.encode(text)`` gives ``(cond [1, 77*k, D], pooled [1, P])`` float32 on the CPU:
+prompt weights applied the ComfyUI way (each token's hidden state moved away from the empty
+prompt's by its weight), prompts past 75 tokens in chunks of 77, concatenated. The hidden
+layer used is the family's default (SD 1.x: last, SD 2.x / SDXL: penultimate) unless
+``set_last_layer(n)`` picks another. For SDXL, cond concatenates both towers (768 + 1280)
+and pooled is bigG's projected pooled output (the first chunk's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from nodeflow.models import devices
+from nodeflow.models.files import assign_weights
+from nodeflow.models.tokenizer import BOS, EOS, Chunk, ClipTokenizer
+
+
+def openclip_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP text-tower keys (no ``cond_stage_model.model.`` prefix) -> transformers keys
+    (``text_model.*`` and ``text_projection.weight``). ``logit_scale`` and the like are dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        p = "text_model."
+        if key == "token_embedding.weight":
+            out[p + "embeddings.token_embedding.weight"] = t
+        elif key == "positional_embedding":
+            out[p + "embeddings.position_embedding.weight"] = t
+        elif key.startswith("ln_final."):
+            out[p + "final_layer_norm." + key[len("ln_final."):]] = t
+        elif key == "text_projection":
+            out["text_projection.weight"] = t.T.contiguous()                 # x @ W  ->  Linear(W.T)
+        elif key.startswith("transformer.resblocks."):
+            i, rest = key[len("transformer.resblocks."):].split(".", 1)
+            layer = f"{p}encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]                                # weight | bias
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
+                    out[f"{layer}self_attn.{name}.{kind}"] = part
+            else:
+                for a, b in (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("attn.out_proj.", "self_attn.out_proj."),
+                             ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")):
+                    if rest.startswith(a):
+                        out[layer + b + rest[len(a):]] = t
+                        break
+                else:
+                    raise ValueError(f"unknown OpenCLIP text key {key!r}")
+    return out
+
+
+def text_config_from_shapes(shapes: Mapping[str, tuple], *, hidden_act: str, num_heads: int | None = None):
+    """A ``CLIPTextConfig`` read from transformers-layout shapes. Heads are 64 wide (every CLIP
+    text tower SD uses); narrower test towers get one head."""
+    from transformers import CLIPTextConfig
+
+    vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
+    layers = 0
+    while f"text_model.encoder.layers.{layers}.mlp.fc1.weight" in shapes:
+        layers += 1
+    projection = shapes.get("text_projection.weight", (width,))[0]
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+        intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_attention_heads=num_heads or max(1, width // 64),
+        max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0],
+        hidden_act=hidden_act, projection_dim=projection, layer_norm_eps=1e-5,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, attn_implementation="sdpa")
+
+
+class ClipTextModel(nn.Module):
+    """transformers' ``CLIPTextModel`` plus an optional ``text_projection``, returning the hidden
+    state of any layer and the (projected) pooled output."""
+
+    def __init__(self, config, projection: bool):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.transformer = CLIPTextModel(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False) if projection else None
+        self.num_layers = config.num_hidden_layers
+        self.width = config.hidden_size
+
+    @property
+    def _inner(self) -> nn.Module:
+        """The module holding embeddings / encoder / final_layer_norm (transformers 4 nests it in .text_model)."""
+        return getattr(self.transformer, "text_model", self.transformer)
+
+    def hf_prefix(self) -> str:
+        """How transformers names the keys of ``self.transformer`` (with or without ``text_model.``)."""
+        return "text_model." if self._inner is not self.transformer else ""
+
+    def forward(self, ids: torch.Tensor, layer: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 77) -> hidden state after layer ``layer`` (-1 = last), (B, 77, D); pooled (B, P)."""
+        out = self.transformer(input_ids=ids, output_hidden_states=True)
+        hidden = out.hidden_states[layer if -layer <= self.num_layers else -1]
+        if final_norm:
+            hidden = self._inner.final_layer_norm(hidden)
+        pooled = out.pooler_output
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return hidden, pooled
+
+
+def build_text_model(sd: dict[str, torch.Tensor], *, hidden_act: str, num_heads: int | None = None,
+                     what: str = "text encoder") -> ClipTextModel:
+    """A ``ClipTextModel`` holding the tensors of ``sd`` (transformers layout) without copying them."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    config = text_config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}, hidden_act=hidden_act,
+                                     num_heads=num_heads)
+    with torch.device("meta"):
+        model = ClipTextModel(config, projection="text_projection.weight" in sd)
+    prefix = model.hf_prefix()
+    sd = {("transformer." + prefix + k[len("text_model."):] if k.startswith("text_model.") else k): v
+          for k, v in sd.items()}
+    assign_weights(model, sd, what)
+    emb = model._inner.embeddings
+    emb.position_ids = torch.arange(config.max_position_embeddings).expand(1, -1)   # a non-persistent buffer
+    return model
+
+
+@dataclass
+class Tower:
+    """One CLIP tower inside a TextEncoder."""
+    name: str                 # "l", "h" or "g"
+    model: ClipTextModel
+    tokenizer: ClipTokenizer  # pads with 49407 (l) or 0 (h, g)
+    default_layer: int        # hidden layer used when no clip skip is set: -1 last, -2 penultimate
+    final_norm: bool          # apply the final LayerNorm to that layer (SD 1.x, 2.x) or not (SDXL)
+
+
+FAMILY_TOWERS = {  # family -> [(tower, pad token, default layer, final norm)]
+    "sd1": [("l", EOS, -1, True)],
+    "sd2": [("h", 0, -2, True)],
+    "sdxl": [("l", EOS, -2, False), ("g", 0, -2, False)],
+    "sdxl_refiner": [("g", 0, -2, False)],
+}
+
+
+class TextEncoder:
+    """The CLIP handle of a checkpoint: tokenizer(s), text tower(s), and the clip-skip setting."""
+
+    def __init__(self, towers: list[Tower], *, family: str, device: torch.device | None = None,
+                 layer: int | None = None):
+        self.towers = towers
+        self.family = family
+        self.device = device or devices.get_device()
+        self.layer = layer                  # None: each tower's default; else -1 last, -2 penultimate, ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.towers[0].model.parameters()).dtype
+
+    def clone(self) -> "TextEncoder":
+        """A handle sharing the weights, with its own settings."""
+        return TextEncoder(list(self.towers), family=self.family, device=self.device, layer=self.layer)
+
+    def set_last_layer(self, n: int) -> "TextEncoder":
+        """A clone that takes the hidden state of layer ``n`` (ComfyUI's CLIPSetLastLayer: -1 = last,
+        -2 = penultimate, ...). Layers past the first count as the last."""
+        if not isinstance(n, int) or n >= 0:
+            raise ValueError(f"last layer must be a negative integer (-1 = last layer), got {n!r}")
+        clone = self.clone()
+        clone.layer = n
+        return clone
+
+    def clip_skip(self, n: int) -> "TextEncoder":
+        """``set_last_layer`` that also takes A1111's positive form (clip skip 2 = layer -2)."""
+        return self.set_last_layer(-abs(n))
+
+    def tokenize(self, text: str) -> dict[str, list[Chunk]]:
+        """The prompt as chunks of 77 (token, weight) pairs per tower: ``{"l": [...], "g": [...]}``."""
+        return {t.name: t.tokenizer.tokenize_weighted(text) for t in self.towers}
+
+    def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cond [1, 77*k, D], pooled [1, P])`` float32 CPU for a prompt (weights, chunks; see module doc)."""
+        return self.encode_tokens(self.tokenize(text))
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: dict[str, list[Chunk]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the output of ``tokenize`` (one entry per tower)."""
+        conds, pooled = [], None
+        for tower in self.towers:
+            chunks = tokens[tower.name]
+            ids = torch.tensor([[t for t, _ in c] for c in chunks])                      # (k, 77)
+            weights = torch.tensor([[w for _, w in c] for c in chunks], dtype=torch.float32)
+            weighted = bool((weights != 1.0).any())
+            if weighted:
+                ids = torch.cat([ids, torch.tensor([[t for t, _ in tower.tokenizer.empty_chunk()]])])
+            devices.manager.load(tower.model, self.device)
+            hidden, pool = tower.model(ids.to(self.device), self.layer or tower.default_layer, tower.final_norm)
+            hidden = hidden.float().cpu()                                                # (k[+1], 77, D)
+            if weighted:
+                empty, hidden = hidden[-1], hidden[:-1]
+                hidden = empty + (hidden - empty) * weights[..., None]
+            conds.append(hidden.reshape(1, -1, hidden.shape[-1]))                       # (1, 77*k, D)
+            pooled = pool[0:1].float().cpu()                                             # the last tower's: bigG on SDXL
+        if len({c.shape[1] for c in conds}) != 1:
+            raise ValueError("the towers tokenized the prompt into different numbers of chunks")
+        return torch.cat(conds, dim=-1), pooled
+
+
+def make_text_encoder(models: dict[str, ClipTextModel], family: str, device: torch.device | None = None) -> TextEncoder:
+    """The TextEncoder of ``family`` ("sd1", "sd2", "sdxl", "sdxl_refiner") from its tower models."""
+    towers = []
+    for name, pad, layer, norm in FAMILY_TOWERS[family]:
+        if name not in models:
+            raise ValueError(f"the {family} text encoder needs its CLIP-{name.upper()} tower, which is missing")
+        towers.append(Tower(name, models[name], ClipTokenizer(pad), layer, norm))
+    return TextEncoder(towers, family=family, device=device)
+

@@ -1,0 +1,143 @@
+"""Compute device, precision, and a small LRU manager that moves models onto the GPU.
+
+- The device is CUDA, else MPS, else CPU, unless ``set_device("cuda:1")`` (the CLI's
+  ``--device``) says otherwise.
+- The precision of the UNet and the text encoders is fp16 on GPUs and fp32 on the CPU
+  unless ``set_precision("fp32" | "fp16" | "bf16")`` (``--precision``) says otherwise. The VAE
+  decodes in bf16 where the GPU has it, else fp32; it is never run in fp16 unless the user
+  asks, and then a NaN result falls back to fp32 (see ``vae.VAE``).
+- Models wait in CPU memory. ``manager.load(module, device)`` moves one to the GPU when a
+  node runs it; when the GPU is short of memory, the least recently used models go back to
+  the CPU first. On the CPU all of this is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_device: torch.device | None = None        # set_device override
+_precision: str | None = None              # set_precision override
+
+
+def get_device() -> torch.device:
+    """The compute device: the override if set, else CUDA, else MPS, else CPU."""
+    if _device is not None:
+        return _device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_device(name: str | torch.device | None) -> None:
+    """Override the compute device (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``); None = automatic."""
+    global _device
+    if name is None:
+        _device = None
+        return
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r} requested but MPS is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _device = device
+
+
+def set_precision(name: str | None) -> None:
+    """Override the UNet / text-encoder precision: ``"fp32"``, ``"fp16"``, ``"bf16"``; None = automatic."""
+    global _precision
+    if name is not None and name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    _precision = name
+
+
+def get_precision() -> str | None:
+    return _precision
+
+
+def compute_dtype(device: torch.device | None = None) -> torch.dtype:
+    """The dtype of the UNet and text encoders on ``device``: the override, else fp16 on GPUs, fp32 on CPU."""
+    if _precision is not None:
+        return PRECISIONS[_precision]
+    device = device or get_device()
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def vae_dtype(device: torch.device | None = None) -> torch.dtype:
+    """The VAE's dtype: fp32 on CPU; on GPUs bf16 where supported, else fp32 (SDXL's VAE overflows in fp16).
+    An explicit ``set_precision`` wins (fp16 then relies on the VAE's NaN fallback)."""
+    device = device or get_device()
+    if _precision is not None:
+        return PRECISIONS[_precision]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the allocator can still hand out on ``device`` (a large number for the CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+    return 1 << 62
+
+
+class ModelManager:
+    """Keeps track of the models on the GPU, most recently used last.
+
+    ``load(module, device)`` puts ``module`` on ``device``; if that needs memory the GPU
+    does not have, the least recently used other modules are moved back to the CPU until
+    it fits (plus ``reserve`` bytes for activations). ``offload_all()`` empties the GPU.
+    """
+
+    def __init__(self, reserve: int = 1 << 30):
+        self.reserve = reserve                                   # bytes kept free for activations
+        self.loaded: OrderedDict[int, tuple[nn.Module, torch.device]] = OrderedDict()  # id -> module
+
+    def load(self, module: nn.Module, device: torch.device) -> nn.Module:
+        if device.type == "cpu":
+            return module
+        key = id(module)
+        if key in self.loaded and self.loaded[key][1] == device:
+            self.loaded.move_to_end(key)
+            return module
+        need = module_bytes(module) + self.reserve
+        for other in list(self.loaded):
+            if free_memory(device) >= need:
+                break
+            if other != key and self.loaded[other][1] == device:
+                self.offload(self.loaded[other][0])
+        module.to(device)
+        self.loaded[key] = (module, device)
+        return module
+
+    def offload(self, module: nn.Module) -> None:
+        """Move ``module`` back to the CPU."""
+        if self.loaded.pop(id(module), None) is not None:
+            log.info("offloading %s (%.0f MiB) to the CPU", type(module).__name__, module_bytes(module) / 2**20)
+            module.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def offload_all(self) -> None:
+        for module, _ in list(self.loaded.values()):
+            self.offload(module)
+
+
+manager = ModelManager()
