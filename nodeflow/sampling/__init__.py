@@ -1,0 +1,36 @@
+"""nodeflow.sampling: samplers, noise schedules, classifier-free guidance, noise and masks.
+
+Works with the model stack through a small interface (DESIGN §3): a model handle with
+``prediction_type`` ("eps" | "v"), ``alphas_cumprod`` [1000], ``in_channels``,
+``latent_channels``, ``process_latent_in/out``, ``apply_model(x, t, context, y=None,
+c_concat=None)`` (x already scaled by 1/√(σ²+1), t the float timestep, the raw ε or v output)
+and optionally ``condition_kwargs(meta, batch, width, height)`` and ``device``.
+
+Modules, one job each:
+    model_sampling  σ ↔ t, ε/v parameterisations, noise scaling   (DiscreteSchedule)
+    schedules       the schedulers and the KSampler's denoise tail (calculate_sigmas)
+    noise           ComfyUI-identical seeded noise, Brownian trees (prepare_noise)
+    steps           helpers shared by the samplers
+    samplers        Euler/Heun/DPM-2/LMS/iPNDM/DEIS/DDIM/DDPM/LCM in σ
+    dpmpp           DPM-Solver++ family, RES, SEEDS, ER-SDE, SA-Solver
+    cfg_pp          CFG++ variants
+    dpm_solver      dpm_fast, dpm_adaptive
+    unipc           UniPC (bh1, bh2)
+    registry        name → sampler function
+    guidance        conditioning entries, areas, masks, batched CFG
+    ksampler        sample() and ksampler(): the KSampler nodes' semantics
+    preview         latent → RGB preview
+"""
+
+from nodeflow.sampling.guidance import CFGDenoiser
+from nodeflow.sampling.ksampler import ksampler, prepare_mask, sample
+from nodeflow.sampling.model_sampling import DiscreteSchedule
+from nodeflow.sampling.noise import prepare_noise
+from nodeflow.sampling.preview import latent_to_rgb_preview
+from nodeflow.sampling.registry import SAMPLER_NAMES, SAMPLERS, get_sampler
+from nodeflow.sampling.schedules import SCHEDULER_NAMES, calculate_sigmas, ksampler_sigmas
+
+__all__ = [
+    "SAMPLER_NAMES", "SCHEDULER_NAMES", "SAMPLERS", "prepare_noise", "calculate_sigmas", "ksampler_sigmas",
+    "sample", "ksampler", "latent_to_rgb_preview", "DiscreteSchedule", "CFGDenoiser", "get_sampler", "prepare_mask",
+]

@@ -1,0 +1,343 @@
+"""The denoiser samplers call: D(x, σ) from the model, with conditioning and
+classifier-free guidance (Ho & Salimans 2022):
+
+    D(x, σ) = D_u + cfg · (D_c − D_u)
+
+where D_c (D_u) is the weighted average of the predictions of the positive (negative)
+conditioning entries. An entry may cover only an ``area`` of the latent (ConditioningSetArea),
+carry a ``strength`` and a ``mask``, or be active only for part of the schedule
+(``start_percent``/``end_percent``); several entries (ConditioningCombine) are averaged with
+these weights, exactly as ComfyUI does:
+
+    D_c = Σ_e  w_e ⊙ D(x[area_e], σ | c_e)  /  Σ_e w_e          (sums over the area each covers)
+
+Every active entry of both signs that can share a forward pass is run in **one** batched
+``apply_model`` call; with cfg = 1 the negative entries are skipped (unless a CFG++ sampler
+asks for D_u). Conditioning tensors of different token lengths are batched by repeating them
+to their least common multiple (at most 4×), which leaves cross-attention unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nodeflow.sampling.model_sampling import DiscreteSchedule
+
+__all__ = ["CFGDenoiser", "prepare_conditioning", "repeat_to_batch_size", "blank_inpaint_latent"]
+
+FEATHER = 8   # latent rows/columns over which an area's weight ramps up at its inner edges
+
+
+def repeat_to_batch_size(t: Tensor, batch: int) -> Tensor:
+    """Cut or tile t along dim 0 to ``batch`` rows."""
+    if t.shape[0] > batch:
+        return t[:batch]
+    if t.shape[0] < batch:
+        return t.repeat((math.ceil(batch / t.shape[0]),) + (1,) * (t.ndim - 1))[:batch]
+    return t
+
+
+def blank_inpaint_latent(like: Tensor) -> Tensor:
+    """The (processed) SD latent of an all-grey image: the masked image of an inpainting
+    model when no mask is given."""
+    values = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380], dtype=like.dtype, device=like.device)
+    return torch.ones_like(like) * values.reshape(1, -1, 1, 1)
+
+
+# -- preparing the entries ------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One conditioning entry, ready for sampling."""
+    cond: Tensor                          # (B, T, D) text conditioning, batched to the latent batch
+    kwargs: dict                          # extra apply_model arguments (y, c_concat) for the full latent
+    meta: dict                            # the entry's options, areas/masks resolved
+    uncond: bool = False
+    area: tuple[int, int, int, int] | None = None     # (h, w, y, x) in latent cells
+    sigma_start: float | None = None      # active while σ ≤ sigma_start …
+    sigma_end: float | None = None        # … and σ ≥ sigma_end
+    mult: Tensor | None = None            # (B, C, h, w) weight of this entry's prediction
+    crop_kwargs: dict = field(default_factory=dict)   # kwargs cut to the area
+
+    def active(self, sigma: float) -> bool:
+        if self.sigma_start is not None and sigma > self.sigma_start:
+            return False
+        if self.sigma_end is not None and sigma < self.sigma_end:
+            return False
+        return True
+
+
+def _mask_bounds(mask: Tensor):
+    """(y0, x0, y1, x1) of the non-zero cells of a (H, W) mask, or None if it is all zero."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    return int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())
+
+
+def _resolve_area_and_mask(meta: dict, h: int, w: int, device) -> dict:
+    """Turn percentage areas into cells, resize masks to the latent, and replace the area by
+    the mask's bounding box when ``set_area_to_bounds`` is set."""
+    meta = dict(meta)
+    area = meta.get("area")
+    if area is not None and area[0] == "percentage":
+        meta["area"] = (max(1, round(area[1] * h)), max(1, round(area[2] * w)), round(area[3] * h), round(area[4] * w))
+    if meta.get("mask") is not None:
+        mask = torch.as_tensor(meta["mask"]).to(device=device, dtype=torch.float32)
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if tuple(mask.shape[1:]) != (h, w):
+            mask = F.interpolate(mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
+        if meta.get("set_area_to_bounds", False):
+            bounds = _mask_bounds(mask.abs().max(dim=0).values)
+            if bounds is None:
+                meta["area"] = (8, 8, 0, 0)
+            else:
+                y0, x0, y1, x1 = bounds
+                meta["area"] = (max(8, y1 - y0 + 1), max(8, x1 - x0 + 1), y0, x0)
+        meta["mask"] = mask
+    return meta
+
+
+def _concat_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_mask, device) -> dict:
+    """c_concat for inpainting models (in_channels = latent channels + 5): the denoise mask
+    and the masked image's latent, as VAEEncodeForInpaint / InpaintModelConditioning mean."""
+    extra = getattr(model, "in_channels", 4) - getattr(model, "latent_channels", 4)
+    if extra <= 0:
+        return {}
+    h, w = shape[-2:]
+    image = meta.get("concat_latent_image")
+    if image is not None:
+        image = model.process_latent_in(torch.as_tensor(image).to(device=device, dtype=torch.float32))
+    elif latent_image is not None:
+        image = latent_image.to(device)
+    else:
+        image = torch.zeros(shape, device=device)
+    if tuple(image.shape[-2:]) != (h, w):
+        image = F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
+    image = repeat_to_batch_size(image, batch)
+    mask = meta.get("concat_mask", denoise_mask)
+    if mask is not None:
+        mask = torch.as_tensor(mask).to(device=device, dtype=torch.float32)
+        if mask.ndim == 4:
+            mask = mask[:, :1]
+        mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:]))
+        if tuple(mask.shape[-2:]) != (h, w):
+            mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+        mask = repeat_to_batch_size(mask.round(), batch)
+    else:
+        mask = torch.ones((batch, 1, h, w), device=device)
+        image = blank_inpaint_latent(image)
+    return {"c_concat": torch.cat([mask, image], dim=1)}
+
+
+def _model_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_mask, device) -> dict:
+    """Extra apply_model arguments of one entry (SDXL's ``y``; c_concat), batched."""
+    kwargs = {}
+    condition_kwargs = getattr(model, "condition_kwargs", None)
+    if condition_kwargs is not None:
+        for key, value in (condition_kwargs(meta, batch, shape[-1] * 8, shape[-2] * 8) or {}).items():
+            if isinstance(value, Tensor):
+                value = repeat_to_batch_size(value.to(device), batch)
+            kwargs[key] = value
+    kwargs.update(_concat_kwargs(model, meta, batch, shape, latent_image, denoise_mask, device))
+    return kwargs
+
+
+def _add_same_area_counterparts(entries: list[Entry], others: list[Entry]) -> None:
+    """For each entry of ``others`` with an area, give ``entries`` an entry with the same
+    area and weights, using the text of the smallest entry of ``entries`` that encloses it
+    (so both sides of CFG are averaged over the same regions)."""
+    for c in list(others):
+        if c.area is None:
+            continue
+        ch, cw, cy, cx = c.area
+        smallest = None
+        for e in entries:
+            if e.area is None:
+                if smallest is None:
+                    smallest = e
+                continue
+            h, w, y, x = e.area
+            if cy >= y and cx >= x and h + y >= ch + cy and w + x >= cw + cx:
+                if smallest is None or smallest.area is None or smallest.area[0] * smallest.area[1] > h * w:
+                    smallest = e
+        if smallest is None or (smallest.area is not None and smallest.area == c.area):
+            continue
+        entries.append(Entry(cond=smallest.cond, kwargs=smallest.kwargs, meta=c.meta, uncond=entries[0].uncond,
+                             area=c.area, sigma_start=c.sigma_start, sigma_end=c.sigma_end))
+
+
+def _finish(entry: Entry, shape) -> None:
+    """Clip the area to the latent and compute the entry's weight (strength × mask × feather)."""
+    b, ch, h, w = shape
+    meta = entry.meta
+    area = entry.area
+    if area is not None:
+        ah, aw, ay, ax = (int(v) for v in area)
+        area = (min(h - ay, ah), min(w - ax, aw), ay, ax)
+        entry.area = area
+    ah, aw, ay, ax = area if area is not None else (h, w, 0, 0)
+    mask = meta.get("mask")
+    if mask is not None:
+        mask = mask[:b, ay:ay + ah, ax:ax + aw] * meta.get("mask_strength", 1.0)
+        mult = mask.unsqueeze(1).repeat(b // mask.shape[0], ch, 1, 1)
+    else:
+        mult = torch.ones((b, ch, ah, aw), device=entry.cond.device)
+    mult = mult * meta.get("strength", 1.0)
+    if mask is None and area is not None:
+        ramp = [(t + 1) / FEATHER for t in range(FEATHER)]
+        for t, r in enumerate(ramp):
+            if ay != 0:
+                mult[:, :, t:t + 1, :] *= r
+            if ah + ay < h:
+                mult[:, :, ah - 1 - t:ah - t, :] *= r
+            if ax != 0:
+                mult[:, :, :, t:t + 1] *= r
+            if aw + ax < w:
+                mult[:, :, :, aw - 1 - t:aw - t] *= r
+    entry.mult = mult
+    entry.crop_kwargs = {}
+    for key, value in entry.kwargs.items():
+        if key == "c_concat" and area is not None:
+            value = value[:, :, ay:ay + ah, ax:ax + aw]
+        entry.crop_kwargs[key] = value
+
+
+def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, shape, device,
+                         latent_image: Tensor | None = None, denoise_mask: Tensor | None = None) -> list[Entry]:
+    """Entries of both signs for a latent of ``shape`` (B, C, h, w), as ComfyUI's
+    process_conds prepares them."""
+    b, _, h, w = shape
+    sides = []
+    for conds, uncond in ((positive, False), (negative, True)):
+        side = []
+        for cond, meta in conds:
+            meta = _resolve_area_and_mask(meta or {}, h, w, device)
+            cond = repeat_to_batch_size(torch.as_tensor(cond).to(device=device, dtype=torch.float32), b)
+            entry = Entry(cond=cond, kwargs=_model_kwargs(model, meta, b, shape, latent_image, denoise_mask, device),
+                          meta=meta, uncond=uncond, area=meta.get("area"))
+            if "start_percent" in meta:
+                entry.sigma_start = schedule.percent_to_sigma(meta["start_percent"])
+            if "end_percent" in meta:
+                entry.sigma_end = schedule.percent_to_sigma(meta["end_percent"])
+            side.append(entry)
+        sides.append(side)
+    pos, neg = sides
+    if neg:
+        _add_same_area_counterparts(neg, pos)
+    if pos:
+        _add_same_area_counterparts(pos, neg)
+    entries = pos + neg
+    for entry in entries:
+        _finish(entry, shape)
+    return entries
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+def _can_batch(a: Entry, b: Entry) -> bool:
+    """Whether two entries can share a forward pass."""
+    if a.mult.shape[-2:] != b.mult.shape[-2:]:
+        return False
+    s1, s2 = a.cond.shape, b.cond.shape
+    if s1 != s2:
+        if s1[0] != s2[0] or s1[2] != s2[2]:
+            return False
+        if math.lcm(s1[1], s2[1]) // min(s1[1], s2[1]) > 4:
+            return False
+    if a.crop_kwargs.keys() != b.crop_kwargs.keys():
+        return False
+    return all(getattr(a.crop_kwargs[k], "shape", None) == getattr(b.crop_kwargs[k], "shape", None) for k in a.crop_kwargs)
+
+
+def _cat_conds(conds: list[Tensor]) -> Tensor:
+    """Concatenate text conditionings, repeating each to the LCM of their token lengths."""
+    length = 1
+    for c in conds:
+        length = math.lcm(length, c.shape[1])
+    return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in conds])
+
+
+@dataclass
+class _Batch:
+    entries: list[Entry]
+    context: Tensor
+    kwargs: dict
+
+
+def _make_batches(entries: list[Entry], max_entries: int | None) -> list[_Batch]:
+    batches, todo = [], list(entries)
+    while todo:
+        first = todo[0]
+        group = [e for e in todo if _can_batch(first, e)]
+        if max_entries:
+            group = group[:max_entries]
+        todo = [e for e in todo if not any(e is g for g in group)]
+        kwargs = {k: torch.cat([e.crop_kwargs[k] for e in group]) if isinstance(first.crop_kwargs[k], Tensor)
+                  else first.crop_kwargs[k] for k in first.crop_kwargs}
+        batches.append(_Batch(group, _cat_conds([e.cond for e in group]), kwargs))
+    return batches
+
+
+class CFGDenoiser:
+    """D(x, σ) with conditioning and classifier-free guidance, for one sampling run."""
+
+    def __init__(self, model, schedule: DiscreteSchedule, positive, negative, cfg: float, shape, device,
+                 latent_image: Tensor | None = None, denoise_mask: Tensor | None = None,
+                 max_batch_entries: int | None = None):
+        self.model, self.schedule, self.cfg = model, schedule, float(cfg)
+        self.entries = prepare_conditioning(model, schedule, positive, negative, shape, device,
+                                            latent_image=latent_image, denoise_mask=denoise_mask)
+        self.max_batch_entries = max_batch_entries
+        self._batches: dict[tuple, list[_Batch]] = {}
+        self.model_calls = 0                      # forward passes so far (for tests and stats)
+
+    def _batches_for(self, sigma: float, with_uncond: bool) -> list[_Batch]:
+        active = tuple(e.active(sigma) and (with_uncond or not e.uncond) for e in self.entries)
+        if active not in self._batches:
+            chosen = [e for e, on in zip(self.entries, active) if on]
+            self._batches[active] = _make_batches(chosen, self.max_batch_entries)
+        return self._batches[active]
+
+    def _predict(self, x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
+        """(D_c, D_u or None) as area/strength-weighted averages over the active entries."""
+        out = [torch.zeros_like(x), torch.zeros_like(x)]
+        counts = [torch.full_like(x, 1e-37), torch.full_like(x, 1e-37)]
+        b = x.shape[0]
+        for batch in self._batches_for(float(sigma.reshape(-1)[0]), with_uncond):
+            crops = []
+            for e in batch.entries:
+                ah, aw, ay, ax = e.area if e.area is not None else (x.shape[2], x.shape[3], 0, 0)
+                crops.append(x[:, :, ay:ay + ah, ax:ax + aw])
+            x_in = torch.cat(crops)                                       # (n·B, C, h, w)
+            sigma_in = sigma.repeat(len(batch.entries))                   # (n·B,)
+            t = self.schedule.timestep(sigma_in)
+            output = self.model.apply_model(self.schedule.calculate_input(sigma_in, x_in), t, batch.context,
+                                            **batch.kwargs)
+            self.model_calls += 1
+            denoised = self.schedule.calculate_denoised(sigma_in, output.float(), x_in)
+            for k, e in enumerate(batch.entries):
+                ah, aw, ay, ax = e.area if e.area is not None else (x.shape[2], x.shape[3], 0, 0)
+                side = 1 if e.uncond else 0
+                out[side][:, :, ay:ay + ah, ax:ax + aw] += denoised[k * b:(k + 1) * b] * e.mult
+                counts[side][:, :, ay:ay + ah, ax:ax + aw] += e.mult
+        cond = out[0] / counts[0]
+        uncond = out[1] / counts[1] if with_uncond else None
+        return cond, uncond
+
+    def denoise_with_uncond(self, x: Tensor, sigma: Tensor, **_) -> tuple[Tensor, Tensor]:
+        """(guided D, unconditional D), always running the negative entries (CFG++)."""
+        cond, uncond = self._predict(x, sigma, with_uncond=True)
+        return uncond + (cond - uncond) * self.cfg, uncond
+
+    def __call__(self, x: Tensor, sigma: Tensor, **_) -> Tensor:
+        if math.isclose(self.cfg, 1.0):
+            return self._predict(x, sigma, with_uncond=False)[0]
+        cond, uncond = self._predict(x, sigma, with_uncond=True)
+        return uncond + (cond - uncond) * self.cfg

@@ -1,0 +1,152 @@
+"""The discrete-time noise schedule of ε- and v-prediction models, seen in σ-space.
+
+Stable Diffusion is trained on T = 1000 discrete timesteps with a variance-preserving
+forward process  x_t = √ᾱ_t · x₀ + √(1 − ᾱ_t) · ε.  Dividing by √ᾱ_t gives the
+variance-exploding ("Karras") form every sampler here works in:
+
+    x = x₀ + σ · ε,        σ_t = √((1 − ᾱ_t) / ᾱ_t)
+
+so a sampler only needs σ, and the network sees  x / √(σ² + 1)  (= x_t) and the timestep t
+whose σ_t is nearest to σ.  This module holds that mapping and the output parameterisations
+(Karras et al. 2022, "Elucidating the design space…", Table 1, with σ_data = 1):
+
+    D(x, σ) = c_skip(σ) · x + c_out(σ) · F(c_in(σ) · x, t(σ))
+
+    ε-prediction:  c_skip = 1,            c_out = −σ,             c_in = 1/√(σ²+1)
+    v-prediction:  c_skip = 1/(σ²+1),     c_out = −σ/√(σ²+1),     c_in = 1/√(σ²+1)
+
+ComfyUI compatibility facts kept here: sigmas are float32 computed from a float64 schedule;
+``timestep(σ)`` is the *nearest* training timestep (ComfyUI quantises; k-diffusion's
+``CompVisDenoiser`` interpolates by default — pass ``quantize=False`` for that);
+``sigma(t)`` interpolates log σ linearly between integer timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["DiscreteSchedule", "scaled_linear_alphas_cumprod"]
+
+
+def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                                 timesteps: int = 1000) -> Tensor:
+    """ᾱ_t of the "scaled linear" schedule of Stable Diffusion 1.x/2.x/XL, in float64:
+    β_t = (linspace(√β_start, √β_end, T))²,  ᾱ_t = Π_{s≤t} (1 − β_s)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+_SD_ALPHAS_CUMPROD = scaled_linear_alphas_cumprod()
+
+
+class DiscreteSchedule:
+    """σ_t for t = 0 … T−1 of a discrete ε- or v-prediction model, and the maps around it.
+
+    ``sigmas`` is ascending (t = 0 is the least noisy), as in ComfyUI's ModelSamplingDiscrete.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "eps", *, quantize: bool = True):
+        if prediction_type not in ("eps", "v"):
+            raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
+        ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+        # A float32 copy of SD's schedule loses ~1e-4 of σ_min; recover the exact values.
+        if ac.shape == _SD_ALPHAS_CUMPROD.shape and torch.allclose(ac, _SD_ALPHAS_CUMPROD, rtol=1e-5, atol=0):
+            ac = _SD_ALPHAS_CUMPROD
+        sigmas64 = ((1.0 - ac) / ac) ** 0.5
+        self.prediction_type = prediction_type
+        self.quantize = quantize
+        self.num_timesteps = int(ac.shape[0])
+        self.sigmas = sigmas64.float()               # (T,) ascending
+        self.log_sigmas = sigmas64.log().float()     # (T,)
+        self.sigma_min = float(self.sigmas[0])
+        self.sigma_max = float(self.sigmas[-1])
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, timesteps: int = 1000,
+                      prediction_type: str = "eps") -> "DiscreteSchedule":
+        return cls(scaled_linear_alphas_cumprod(beta_start, beta_end, timesteps), prediction_type)
+
+    @classmethod
+    def from_model(cls, model) -> "DiscreteSchedule":
+        """The schedule of a model handle (``alphas_cumprod`` + ``prediction_type``); a
+        DiscreteSchedule is returned as is."""
+        if isinstance(model, DiscreteSchedule):
+            return model
+        cached = getattr(model, "_nodeflow_schedule", None)
+        if isinstance(cached, DiscreteSchedule):
+            return cached
+        return cls(model.alphas_cumprod, getattr(model, "prediction_type", "eps"))
+
+    # -- σ ↔ t --------------------------------------------------------------------------
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The model's timestep for σ: the nearest training timestep (float), or the
+        log-σ interpolated one when ``quantize=False``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigma = sigma.log()
+        dists = log_sigma.reshape(1, -1) - log_sigmas.reshape(-1, 1)       # (T, N)
+        if self.quantize:
+            return dists.abs().argmin(dim=0).reshape(sigma.shape).float()
+        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.num_timesteps - 2)
+        high = low + 1
+        w = ((log_sigmas[low] - log_sigma.reshape(-1)) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
+        return ((1 - w) * low + w * high).reshape(sigma.shape)
+
+    def sigma(self, timestep) -> Tensor:
+        """σ at a (fractional) timestep: log σ interpolated linearly between integers."""
+        t = torch.as_tensor(timestep, dtype=torch.float32).clamp(0, self.num_timesteps - 1)
+        log_sigmas = self.log_sigmas.to(t.device)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """σ at ``percent`` of the way through sampling (0 → beyond σ_max, 1 → 0), as used
+        by conditioning start/end percentages."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(torch.tensor((1.0 - percent) * (self.num_timesteps - 1))))
+
+    # -- parameterisation ---------------------------------------------------------------
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) for σ (any shape)."""
+        c_in = 1.0 / (sigma ** 2 + 1.0) ** 0.5
+        if self.prediction_type == "eps":
+            return torch.ones_like(sigma), -sigma, c_in
+        return 1.0 / (sigma ** 2 + 1.0), -sigma * c_in, c_in
+
+    def calculate_input(self, sigma: Tensor, x: Tensor) -> Tensor:
+        """The network input x / √(σ²+1) (σ is a per-sample vector)."""
+        return x / (_per_sample(sigma, x) ** 2 + 1.0) ** 0.5
+
+    def calculate_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor) -> Tensor:
+        """D = c_skip·x + c_out·F for the network output F (ε or v)."""
+        s = _per_sample(sigma, x)
+        if self.prediction_type == "eps":
+            return x - model_output * s
+        return x / (s ** 2 + 1.0) - model_output * s / (s ** 2 + 1.0) ** 0.5
+
+    def noise_scaling(self, sigma, noise: Tensor, latent_image: Tensor | None, max_denoise: bool = False) -> Tensor:
+        """The starting point of sampling: latent + σ·noise, or √(1+σ²)·noise when starting
+        from pure noise at σ_max (the variance of x_T under the VP forward process)."""
+        s = _per_sample(torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device).reshape(-1), noise)
+        scaled = noise * (1.0 + s ** 2) ** 0.5 if max_denoise else noise * s
+        return scaled if latent_image is None else scaled + latent_image
+
+    def is_max_denoise(self, sigma0: float) -> bool:
+        """Whether sampling starts at (or above) σ_max, i.e. from pure noise."""
+        sigma0 = float(sigma0)
+        return math.isclose(self.sigma_max, sigma0, rel_tol=1e-5) or sigma0 > self.sigma_max
+
+
+def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
+    """Reshape a σ vector (B,) or scalar to broadcast over x (B, …)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))

@@ -1,0 +1,204 @@
+"""Noise, seeded the way ComfyUI seeds it (DESIGN §4).
+
+Initial noise (``prepare_noise``)
+    A CPU ``torch.Generator`` seeded with the seed; ``torch.randn(latent.shape, float32)``.
+    With ``batch_index`` (latents cut out of a larger batch), one ``[1, C, H, W]`` draw per
+    index 0 … max(batch_index) from that generator, keeping those in ``batch_index`` — so
+    image k of a batch gets the same noise whether it is sampled alone or with the others.
+
+Per-step noise of ancestral samplers (``default_noise_sampler``)
+    A generator on the latent's device, seeded with ``seed + 1`` on the CPU (so it does
+    not replay the initial noise) and ``seed`` on other devices; one ``randn`` of the latent's
+    shape per call. Same device type ⇒ same numbers as ComfyUI.
+
+Per-step noise of the DPM-Solver++ SDE samplers (``BrownianTreeNoiseSampler``)
+    Increments of one Brownian motion W indexed by σ, sampled lazily on a binary tree so
+    that W(σ) is a function of (seed, σ) — a finer schedule refines the same path. ComfyUI uses
+    ``torchsde.BrownianTree``; when torchsde is importable we use it the same way, and the
+    noise is ComfyUI's. Without it, our own tree (same law, different numbers) is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["prepare_noise", "default_noise_sampler", "BrownianTreeNoiseSampler", "NoiseSampler"]
+
+NoiseSampler = Callable[[Tensor, Tensor], Tensor]   # (σ, σ_next) -> standard normal, x's shape
+
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def prepare_noise(latent: Tensor, seed: int, batch_index: Sequence[int] | None = None) -> Tensor:
+    """The initial noise for ``latent`` ([B, C, H, W]): CPU, float32, ComfyUI-identical."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed) & _U64)
+    shape = tuple(latent.shape)
+    if batch_index is None:
+        return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
+    indices = [int(i) for i in batch_index]
+    wanted = set(indices)
+    drawn: dict[int, Tensor] = {}
+    for i in range(max(indices) + 1):
+        noise = torch.randn((1,) + shape[1:], dtype=torch.float32, generator=generator, device="cpu")
+        if i in wanted:
+            drawn[i] = noise
+    return torch.cat([drawn[i] for i in indices], dim=0)
+
+
+def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
+    """Fresh standard-normal noise of x's shape at each call, from a generator on x's device
+    seeded with ``seed`` (+1 on the CPU); the global generator when ``seed`` is None."""
+    generator = None
+    if seed is not None:
+        if x.device.type == "cpu":
+            seed = int(seed) + 1
+        generator = torch.Generator(device=x.device).manual_seed(int(seed) & _U64)
+
+    def sample(sigma, sigma_next) -> Tensor:
+        return torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+    return sample
+
+
+# -- Brownian tree --------------------------------------------------------------------------------
+
+def _splitmix64(value: int) -> int:
+    """A 64-bit integer hash (SplitMix64's finaliser): distinct tree nodes get unrelated seeds."""
+    value = (value + 0x9E3779B97F4A7C15) & _U64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _U64
+    return value ^ (value >> 31)
+
+
+class _DyadicBrownianTree:
+    """W on [t0, t1] with W(t0) = 0, sampled on demand by recursive midpoint bisection
+    (a "virtual Brownian tree", Li et al. 2020, arXiv:2001.01328):
+
+        W(m) | W(a), W(b)  ~  N((W(a) + W(b)) / 2, (b − a) / 4),    m = (a + b) / 2
+
+    down to ``depth`` levels; inside the final interval [a, b] a query point u is drawn from
+    the Brownian bridge N(W(a) + (u−a)/(b−a)·(W(b)−W(a)), (u−a)(b−u)/(b−a)). Every node's
+    normal draw comes from a generator seeded by a hash of (seed, level, position), so the
+    path depends only on the seed, never on the order of the queries. The joint law of the
+    returned values is exactly Brownian as long as no two queried points share a final
+    interval (the depth is chosen from the schedule to make sure of that).
+    """
+
+    def __init__(self, shape, t0: float, t1: float, seed: int, device, dtype, depth: int, cache_size: int = 64):
+        self.shape, self.t0, self.t1, self.depth = tuple(shape), float(t0), float(t1), int(depth)
+        self.device, self.dtype = torch.device(device), dtype
+        self.seed = int(seed) & _U64
+        self.generator = torch.Generator(device=self.device)
+        self.cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
+        self.cache_size = cache_size
+        self.w0 = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        self.w1 = self._normal(0, 0) * math.sqrt(self.t1 - self.t0)
+
+    def _normal(self, level: int, position: int) -> Tensor:
+        key = _splitmix64(self.seed ^ _splitmix64((level << 56) ^ position))
+        self.generator.manual_seed(key)
+        return torch.randn(self.shape, dtype=self.dtype, device=self.device, generator=self.generator)
+
+    def __call__(self, t: float) -> Tensor:
+        span = self.t1 - self.t0
+        u = min(max((float(t) - self.t0) / span, 0.0), 1.0) if span > 0 else 0.0
+        if u == 0.0:
+            return self.w0
+        if u == 1.0:
+            return self.w1
+        a, b, wa, wb = 0.0, 1.0, self.w0, self.w1
+        for level in range(1, self.depth + 1):
+            m = 0.5 * (a + b)
+            key = (level, int(m * (1 << level)))          # odd numerator of m = k / 2^level
+            wm = self.cache.get(key)
+            if wm is None:
+                wm = 0.5 * (wa + wb) + self._normal(level, key[1]) * math.sqrt((b - a) * span / 4.0)
+                self.cache[key] = wm
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+            else:
+                self.cache.move_to_end(key)
+            if u == m:
+                return wm
+            if u < m:
+                b, wb = m, wm
+            else:
+                a, wa = m, wm
+        frac = (u - a) / (b - a)
+        std = math.sqrt((u - a) * (b - u) / (b - a) * span)
+        leaf = int(a * (1 << self.depth))
+        return wa + frac * (wb - wa) + self._normal(self.depth + 1, leaf) * std
+
+
+def _tree_depth(t0: float, t1: float, points: Sequence[float] | None) -> int:
+    """Enough levels that distinct query points (schedule values and the midpoints between
+    them) land in distinct final intervals."""
+    span = t1 - t0
+    if not points or span <= 0:
+        return 20
+    ts = sorted({float(p) for p in points if t0 <= float(p) <= t1})
+    gaps = [b - a for a, b in zip(ts, ts[1:]) if b > a]
+    if not gaps:
+        return 12
+    return max(8, min(40, math.ceil(math.log2(span / min(gaps))) + 3))
+
+
+class BrownianTreeNoiseSampler:
+    """noise(σ, σ_next) = (W(σ_next) − W(σ)) / √|σ_next − σ| for one Brownian motion W per
+    sampling run: standard normal for each call, correlated between overlapping intervals
+    exactly as Brownian increments are (which SDE solvers with sub-steps rely on).
+
+    ``cpu=True`` draws on the CPU and moves the result (ComfyUI's ``dpmpp_*_sde``);
+    ``cpu=False`` draws on x's device (the ``_gpu`` variants). ``sigmas`` (optional) lets the
+    built-in tree size itself to the schedule.
+    """
+
+    def __init__(self, x: Tensor, sigma_min, sigma_max, seed: int | None = None, *, cpu: bool = True,
+                 sigmas: Tensor | None = None, use_torchsde: bool | None = None):
+        self.device, self.dtype, self.shape = x.device, x.dtype, tuple(x.shape)
+        t0, t1 = float(sigma_min), float(sigma_max)
+        if t0 > t1:
+            t0, t1 = t1, t0
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 63 - 1, ()).item())
+        tree_device = torch.device("cpu") if cpu else x.device
+        self._torchsde_tree = None
+        if use_torchsde is None or use_torchsde:
+            try:
+                import torchsde  # optional: the exact noise of ComfyUI
+            except ImportError:
+                if use_torchsde:
+                    raise
+            else:
+                w0 = torch.zeros_like(x, device=tree_device)
+                self._torchsde_tree = torchsde.BrownianTree(
+                    torch.as_tensor(t0, device=tree_device), w0, torch.as_tensor(t1, device=tree_device), entropy=int(seed))
+                self._tree_device = tree_device
+        if self._torchsde_tree is None:
+            points = None
+            if sigmas is not None:
+                s = [float(v) for v in sigmas if float(v) > 0]
+                # sub-step points of the two-stage SDE solvers: geometric midpoints
+                points = s + [math.sqrt(a * b) for a, b in zip(s, s[1:])]
+            self._tree = _DyadicBrownianTree(x.shape, t0, t1, seed, tree_device, torch.float32,
+                                             depth=_tree_depth(t0, t1, points))
+
+    def _w(self, ta: Tensor, tb: Tensor) -> Tensor:
+        """W(tb) − W(ta) for ta < tb (0-dim float32 CPU tensors)."""
+        if self._torchsde_tree is not None:
+            return self._torchsde_tree(ta.to(self._tree_device), tb.to(self._tree_device))
+        return self._tree(float(tb)) - self._tree(float(ta))
+
+    def __call__(self, sigma, sigma_next) -> Tensor:
+        t0 = torch.as_tensor(sigma).detach().to("cpu", torch.float32).reshape(())
+        t1 = torch.as_tensor(sigma_next).detach().to("cpu", torch.float32).reshape(())
+        if t0 == t1:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        lo, hi, sign = (t0, t1, 1.0) if t0 < t1 else (t1, t0, -1.0)
+        w = self._w(lo, hi).to(device=self.device, dtype=self.dtype) * sign
+        return w / (t1 - t0).abs().sqrt().to(self.device)
