@@ -1,0 +1,437 @@
+"""Image nodes that need no model: scaling, padding for outpainting, batches, crops, blends.
+
+IMAGE values are float tensors ``[B, H, W, C]`` in 0..1 on the CPU. Input names, defaults,
+limits and output order are ComfyUI's; our names are the design card's where it has one,
+with ComfyUI's class name as an alias.
+"""
+
+from __future__ import annotations
+
+from nodeflow import Bool, Combo, Float, Int, Node, Output, Socket
+
+MAX_RESOLUTION = 16384
+
+#: Kept in step with ``nodes._imaging`` (which imports torch, so it is not imported here).
+IMAGE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+CROP_METHODS = ["disabled", "center"]
+
+
+class ScaleImage(Node):
+    """Resizes images to ``width`` × ``height`` pixels; a side of 0 keeps the aspect ratio,
+    both 0 leave the image as it is. ``crop="center"`` cuts the source to the target's aspect
+    ratio first instead of stretching it."""
+
+    category = "image/upscaling"
+    display_name = "Upscale Image"
+    aliases = ("ImageScale",)
+    inputs = {
+        "image": Socket("IMAGE"),
+        "upscale_method": Combo(choices=IMAGE_METHODS),
+        "width": Int(default=512, min=0, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=0, max=MAX_RESOLUTION, step=1),
+        "crop": Combo(choices=CROP_METHODS),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, upscale_method, width, height, crop):
+        from nodes._imaging import keep_aspect, resize_image
+
+        if width == 0 and height == 0:
+            return (image,)
+        width, height = keep_aspect(width, height, image.shape[2], image.shape[1])
+        return (resize_image(image, width, height, upscale_method, crop),)
+
+
+class ScaleImageBy(Node):
+    """Resizes images by a factor (each side rounded to whole pixels)."""
+
+    category = "image/upscaling"
+    display_name = "Upscale Image By"
+    aliases = ("ImageScaleBy",)
+    inputs = {
+        "image": Socket("IMAGE"),
+        "upscale_method": Combo(choices=IMAGE_METHODS),
+        "scale_by": Float(default=1.0, min=0.01, max=8.0, step=0.01),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, upscale_method, scale_by):
+        from nodes._imaging import resize_image
+
+        width = max(1, round(image.shape[2] * scale_by))
+        height = max(1, round(image.shape[1] * scale_by))
+        return (resize_image(image, width, height, upscale_method),)
+
+
+class ScaleImageToTotalPixels(Node):
+    """Resizes images to about ``megapixels`` × 1024² pixels, keeping the aspect ratio."""
+
+    category = "image/upscaling"
+    display_name = "Scale Image to Total Pixels"
+    aliases = ("ImageScaleToTotalPixels",)
+    inputs = {
+        "image": Socket("IMAGE"),
+        "upscale_method": Combo(choices=IMAGE_METHODS),
+        "megapixels": Float(default=1.0, min=0.01, max=16.0, step=0.01),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, upscale_method, megapixels):
+        import math
+
+        from nodes._imaging import resize_image
+
+        total = int(megapixels * 1024 * 1024)
+        scale = math.sqrt(total / (image.shape[1] * image.shape[2]))
+        width = max(1, round(image.shape[2] * scale))
+        height = max(1, round(image.shape[1] * scale))
+        return (resize_image(image, width, height, upscale_method),)
+
+
+class PadImageForOutpaint(Node):
+    """Grows the canvas by the given margins for outpainting: the new area is mid-grey (0.5)
+    and its MASK is 1 (to be painted); with ``feathering`` the mask also fades in over that
+    many pixels inside the original image along the padded sides (quadratically)."""
+
+    category = "image"
+    display_name = "Pad Image for Outpainting"
+    aliases = ("ImagePadForOutpaint",)
+    inputs = {
+        "image": Socket("IMAGE"),
+        "left": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "top": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "right": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "bottom": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "feathering": Int(default=40, min=0, max=MAX_RESOLUTION, step=1),
+    }
+    outputs = [Output("IMAGE", "IMAGE"), Output("MASK", "MASK")]
+
+    def run(self, image, left, top, right, bottom, feathering):
+        import torch
+
+        b, h, w, c = image.shape
+        canvas = torch.full((b, h + top + bottom, w + left + right, c), 0.5, dtype=torch.float32)
+        canvas[:, top:top + h, left:left + w, :] = image
+        mask = torch.ones((h + top + bottom, w + left + right), dtype=torch.float32)
+        inner = torch.zeros((h, w), dtype=torch.float32)
+        if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
+            rows = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
+            cols = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
+            far_h, far_w = torch.full_like(rows, float(h)), torch.full_like(cols, float(w))
+            # Distance to each padded side (a side that is not padded does not count).
+            d = torch.minimum(
+                torch.minimum(rows if top else far_h, (h - rows) if bottom else far_h),
+                torch.minimum(cols if left else far_w, (w - cols) if right else far_w))
+            ramp = ((feathering - d) / feathering).clamp(min=0)
+            inner = torch.where(d < feathering, ramp * ramp, inner)
+        mask[top:top + h, left:left + w] = inner
+        return canvas, mask.unsqueeze(0)
+
+
+class ImageInvert(Node):
+    """Inverts images (1 − value)."""
+
+    category = "image"
+    display_name = "Invert Image"
+    inputs = {"image": Socket("IMAGE")}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image):
+        return (1.0 - image,)
+
+
+class ImageBatch(Node):
+    """Joins two image batches into one; ``image2`` is resized (bilinear, centre crop) to
+    ``image1``'s size if they differ."""
+
+    category = "image"
+    display_name = "Batch Images"
+    inputs = {"image1": Socket("IMAGE"), "image2": Socket("IMAGE")}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image1, image2):
+        import torch
+
+        from nodes._imaging import resize_image
+
+        if image1.shape[-1] != image2.shape[-1]:
+            raise ValueError(f"cannot batch images with {image1.shape[-1]} and {image2.shape[-1]} channels")
+        if image1.shape[1:] != image2.shape[1:]:
+            image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
+        return (torch.cat((image1, image2), dim=0),)
+
+
+class RepeatImageBatch(Node):
+    """Repeats an image batch ``amount`` times."""
+
+    category = "image/batch"
+    display_name = "Repeat Image Batch"
+    inputs = {"image": Socket("IMAGE"), "amount": Int(default=1, min=1, max=4096)}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, amount):
+        return (image.repeat(amount, 1, 1, 1),)
+
+
+class ImageFromBatch(Node):
+    """Takes ``length`` images from a batch starting at ``batch_index`` (clamped to the batch)."""
+
+    category = "image/batch"
+    display_name = "Image From Batch"
+    inputs = {
+        "image": Socket("IMAGE"),
+        "batch_index": Int(default=0, min=0, max=4095),
+        "length": Int(default=1, min=1, max=4096),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, batch_index, length):
+        start = min(image.shape[0] - 1, batch_index)
+        length = min(image.shape[0] - start, length)
+        return (image[start:start + length].clone(),)
+
+
+class ImageCrop(Node):
+    """Cuts a ``width`` × ``height`` rectangle at (``x``, ``y``) out of images (clipped to the
+    image; the corner is kept inside it)."""
+
+    category = "image/transform"
+    display_name = "Image Crop"
+    inputs = {
+        "image": Socket("IMAGE"),
+        "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "x": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+        "y": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, width, height, x, y):
+        x = min(x, image.shape[2] - 1)
+        y = min(y, image.shape[1] - 1)
+        return (image[:, y:y + height, x:x + width, :],)
+
+
+class ImageFlip(Node):
+    """Mirrors images: ``x-axis`` flips top to bottom, ``y-axis`` left to right."""
+
+    category = "image/transform"
+    display_name = "Image Flip"
+    inputs = {"image": Socket("IMAGE"),
+              "flip_method": Combo(choices=["x-axis: vertically", "y-axis: horizontally"])}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, flip_method):
+        import torch
+
+        return (torch.flip(image, dims=[1] if flip_method.startswith("x") else [2]),)
+
+
+class ImageRotate(Node):
+    """Rotates images clockwise by a quarter turn, a half or three quarters."""
+
+    category = "image/transform"
+    display_name = "Image Rotate"
+    inputs = {"image": Socket("IMAGE"),
+              "rotation": Combo(choices=["none", "90 degrees", "180 degrees", "270 degrees"])}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, rotation):
+        import torch
+
+        turns = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}[rotation]
+        return (torch.rot90(image, k=turns, dims=[2, 1]),)
+
+
+class EmptyImage(Node):
+    """A batch of images of one colour (``color`` is 0xRRGGBB)."""
+
+    category = "image"
+    display_name = "EmptyImage"
+    inputs = {
+        "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "batch_size": Int(default=1, min=1, max=4096),
+        "color": Int(default=0, min=0, max=0xFFFFFF, step=1),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, width, height, batch_size, color):
+        import torch
+
+        rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
+        return (rgb.view(1, 1, 1, 3).expand(batch_size, height, width, 3).clone(),)
+
+
+class ImageCompositeMasked(Node):
+    """Pastes ``source`` onto ``destination`` at (``x``, ``y``), through ``mask`` if given
+    (1 = source). A mask of another size than the source is stretched to it (bilinear)."""
+
+    category = "image"
+    display_name = "ImageCompositeMasked"
+    inputs = {
+        "destination": Socket("IMAGE"),
+        "source": Socket("IMAGE"),
+        "x": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+        "y": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+        "resize_source": Bool(default=False),
+    }
+    optional = {"mask": Socket("MASK")}
+    outputs = [Output("IMAGE")]
+
+    def run(self, destination, source, x, y, resize_source, mask=None):
+        from nodes._imaging import composite
+
+        destination, source = _match_alpha(destination, source)
+        out = composite(destination.movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
+        return (out.movedim(1, -1),)
+
+
+def _match_alpha(a, b):
+    """Give both images an alpha channel (opaque) if one of them has one."""
+    import torch
+
+    def with_alpha(img):
+        return torch.cat([img, torch.ones_like(img[..., :1])], dim=-1) if img.shape[-1] == 3 else img
+
+    if a.shape[-1] != b.shape[-1]:
+        return with_alpha(a), with_alpha(b)
+    return a, b
+
+
+class JoinImageWithAlpha(Node):
+    """Adds an alpha channel to images from a MASK (alpha = 1 − mask, so the masked area
+    becomes transparent); a mask of another size is stretched to the image (bilinear)."""
+
+    category = "mask/compositing"
+    display_name = "Join Image with Alpha"
+    inputs = {"image": Socket("IMAGE"), "alpha": Socket("MASK")}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, alpha):
+        import torch
+        import torch.nn.functional as F
+
+        from nodes._imaging import mask_batch, repeat_to_batch
+
+        m = mask_batch(alpha).unsqueeze(1).float()
+        if m.shape[-2:] != image.shape[1:3]:
+            m = F.interpolate(m, size=image.shape[1:3], mode="bilinear")
+        m = repeat_to_batch(m, image.shape[0])[:, 0, :, :, None]
+        return (torch.cat([image[..., :3], 1.0 - m], dim=-1),)
+
+
+class SplitImageWithAlpha(Node):
+    """Splits RGBA images into the RGB IMAGE and a MASK of 1 − alpha (opaque images give a
+    zero mask)."""
+
+    category = "mask/compositing"
+    display_name = "Split Image with Alpha"
+    inputs = {"image": Socket("IMAGE")}
+    outputs = [Output("IMAGE", "IMAGE"), Output("MASK", "MASK")]
+
+    def run(self, image):
+        import torch
+
+        alpha = image[..., 3] if image.shape[-1] > 3 else torch.ones_like(image[..., 0])
+        return image[..., :3], 1.0 - alpha
+
+
+class ImageBlend(Node):
+    """Blends ``image2`` over ``image1`` with a blend mode; ``blend_factor`` 0 keeps
+    ``image1``, 1 gives the blend. ``image2`` is resized (bicubic, centre crop) if needed."""
+
+    category = "image/postprocessing"
+    display_name = "Image Blend"
+    inputs = {
+        "image1": Socket("IMAGE"),
+        "image2": Socket("IMAGE"),
+        "blend_factor": Float(default=0.5, min=0.0, max=1.0, step=0.01),
+        "blend_mode": Combo(choices=["normal", "multiply", "screen", "overlay", "soft_light", "difference"]),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image1, image2, blend_factor, blend_mode):
+        import torch
+
+        from nodes._imaging import resize_image
+
+        if image1.shape != image2.shape:
+            image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bicubic", "center")
+        a, b = image1, image2
+        if blend_mode == "normal":
+            mixed = b
+        elif blend_mode == "multiply":
+            mixed = a * b
+        elif blend_mode == "screen":
+            mixed = 1 - (1 - a) * (1 - b)
+        elif blend_mode == "overlay":
+            mixed = torch.where(a <= 0.5, 2 * a * b, 1 - 2 * (1 - a) * (1 - b))
+        elif blend_mode == "soft_light":
+            g = torch.where(a <= 0.25, ((16 * a - 12) * a + 4) * a, torch.sqrt(a))
+            mixed = torch.where(b <= 0.5, a - (1 - 2 * b) * a * (1 - a), a + (2 * b - 1) * (g - a))
+        else:  # difference
+            mixed = a - b
+        return ((a * (1 - blend_factor) + mixed * blend_factor).clamp(0, 1),)
+
+
+def _gaussian_kernel(size: int, sigma: float):
+    import torch
+
+    # Coordinates span -1..1 across the kernel, as ComfyUI's blur and sharpen nodes use.
+    axis = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    g = torch.exp(-(xx * xx + yy * yy) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
+def _filter(image, kernel, radius):
+    import torch.nn.functional as F
+
+    channels = image.shape[-1]
+    x = image.movedim(-1, 1)
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    weight = kernel.to(x.dtype).expand(channels, 1, *kernel.shape)
+    return F.conv2d(x, weight, groups=channels).movedim(1, -1)
+
+
+class ImageBlur(Node):
+    """Gaussian blur over a (2·radius+1)² window (edges reflected)."""
+
+    category = "image/postprocessing"
+    display_name = "Image Blur"
+    inputs = {
+        "image": Socket("IMAGE"),
+        "blur_radius": Int(default=1, min=1, max=31, step=1),
+        "sigma": Float(default=1.0, min=0.1, max=10.0, step=0.1),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, blur_radius, sigma):
+        if blur_radius == 0:
+            return (image,)
+        return (_filter(image, _gaussian_kernel(2 * blur_radius + 1, sigma), blur_radius),)
+
+
+class ImageSharpen(Node):
+    """Unsharp-mask style sharpening: subtracts ``alpha`` × 10 times a Gaussian of the
+    neighbourhood, renormalised so flat areas stay unchanged."""
+
+    category = "image/postprocessing"
+    display_name = "Image Sharpen"
+    inputs = {
+        "image": Socket("IMAGE"),
+        "sharpen_radius": Int(default=1, min=1, max=31, step=1),
+        "sigma": Float(default=1.0, min=0.1, max=10.0, step=0.01),
+        "alpha": Float(default=1.0, min=0.0, max=5.0, step=0.01),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, sharpen_radius, sigma, alpha):
+        if sharpen_radius == 0:
+            return (image,)
+        size = 2 * sharpen_radius + 1
+        kernel = _gaussian_kernel(size, sigma) * -(alpha * 10)
+        c = size // 2
+        kernel[c, c] = kernel[c, c] - kernel.sum() + 1.0
+        return (_filter(image, kernel, sharpen_radius).clamp(0, 1),)
