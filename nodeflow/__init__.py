@@ -38,20 +38,31 @@ __all__ = [
 _executor: Executor | None = None
 
 
-def load_workflow(source: Any) -> dict[str, Any]:
-    """A workflow as an API-format dict, from a dict, a ``Workflow``, a JSON string or a file path."""
+def load_workflow(source: Any, registry: Registry | None = None) -> dict[str, Any]:
+    """A workflow as an API-format dict, from a dict, a ``Workflow``, a JSON string or a file path.
+    ComfyUI's UI-format workflows (as its editor saves them) are converted with ``registry``'s
+    schemas (the default registry's when none is given)."""
     if isinstance(source, Workflow):
         return source.to_api()
     if isinstance(source, dict):
-        return source
+        return _from_ui(source, registry)
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
         if isinstance(source, str) and text.lstrip().startswith("{"):
             from nodeflow.graph import load_json
-            return load_json(text)
+            return _from_ui(load_json(text), registry)
         from nodeflow.loader import read_workflow_file
         return read_workflow_file(Path(source))
     raise WorkflowError(f"cannot read a workflow from {type(source).__name__}")
+
+
+def _from_ui(data: Any, registry: Registry | None) -> Any:
+    from nodeflow.graph import is_ui_format
+
+    if is_ui_format(data):
+        from nodeflow.uiformat import ui_to_api
+        return ui_to_api(data, registry)
+    return data
 
 
 def run(workflow: Any, *, registry: Registry | None = None, executor: Executor | None = None,
@@ -69,4 +80,5 @@ def run(workflow: Any, *, registry: Registry | None = None, executor: Executor |
             executor = _executor
         else:
             executor = Executor(registry)
-    return executor.run(load_workflow(workflow), outputs=outputs, observer=observer, extra_data=extra_data)
+    return executor.run(load_workflow(workflow, executor.registry), outputs=outputs, observer=observer,
+                        extra_data=extra_data)
