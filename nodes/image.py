@@ -212,6 +212,18 @@ class ImageCrop(Node):
         return (image[:, y:y + height, x:x + width, :],)
 
 
+class GetImageSize(Node):
+    """The width, height and batch size of an image batch."""
+
+    category = "image"
+    display_name = "Get Image Size"
+    inputs = {"image": Socket("IMAGE")}
+    outputs = [Output("INT", "width"), Output("INT", "height"), Output("INT", "batch_size")]
+
+    def run(self, image):
+        return int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
+
+
 class ImageFlip(Node):
     """Mirrors images: ``x-axis`` flips top to bottom, ``y-axis`` left to right."""
 

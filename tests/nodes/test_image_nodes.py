@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from nodeflow import Registry, parse, validate
-from nodes.image import (EmptyImage, ImageBatch, ImageBlend, ImageBlur, ImageCompositeMasked, ImageCrop, ImageFlip,
+from nodes.image import (EmptyImage, GetImageSize, ImageBatch, ImageBlend, ImageBlur, ImageCompositeMasked, ImageCrop, ImageFlip,
                          ImageFromBatch, ImageInvert, ImageRotate, ImageSharpen, JoinImageWithAlpha,
                          PadImageForOutpaint, RepeatImageBatch, ScaleImage, ScaleImageBy, ScaleImageToTotalPixels,
                          SplitImageWithAlpha)
@@ -101,6 +101,10 @@ def test_invert_batch_repeat_from_batch_crop():
     assert ImageCrop().run(a, width=2, height=2, x=99, y=99)[0].shape == (1, 1, 1, 3)
 
 
+def test_image_size():
+    assert GetImageSize().run(pattern(h=5, w=7, b=2)) == (7, 5, 2)
+
+
 def test_flip_and_rotate_clockwise():
     img = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 2, 2, 1)
     assert ImageRotate().run(img, "90 degrees")[0][0, :, :, 0].tolist() == [[2.0, 0.0], [3.0, 1.0]]
@@ -153,3 +157,18 @@ def test_alpha_join_and_split():
     assert rgba[0, 0, 0, 3] == 0.0 and rgba[0, 3, 3, 3] == 1.0
     rgb, back = SplitImageWithAlpha().run(rgba)
     assert torch.equal(rgb, img) and back[0, 0, 0] == 1.0 and back[0, 3, 3] == 0.0
+
+
+def test_integral_floats_for_int_inputs_run(base):
+    # Clients in other languages may send 8.0 for an INT; the node must get the integer 8.
+    from nodeflow import Executor
+    from nodes.io import PreviewImage
+
+    reg = Registry([EmptyImage, ScaleImage, PreviewImage])
+    wf = {"1": {"class_type": "EmptyImage", "inputs": {"width": 4.0, "height": 2, "batch_size": 1, "color": 0}},
+          "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                       "width": 8.0, "height": 0, "crop": "disabled"}},
+          "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    result = Executor(reg).run(wf)
+    assert result.ok, result.error
+    assert result.output("2").shape == (1, 4, 8, 3)
