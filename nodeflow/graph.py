@@ -317,6 +317,9 @@ def _validate_node(node: NodeEntry, graph: Graph, registry: Registry, dag: nx.Di
         if err:
             errors.append(NodeError(node.id, node.class_type, err.type, err.message, name, value, err.expected))
         else:
+            if spec.type_name == "INT" and isinstance(value, float):
+                # JSON has one number type: 512.0 for an INT input is 512 (ComfyUI converts too).
+                value = node.inputs[name] = int(value)
             literals[name] = value
     if not errors:
         for message in cls.validate_inputs(**literals) or ():
