@@ -49,10 +49,17 @@ class EncodeTextSDXL(Node):
     outputs = [Output("CONDITIONING")]
 
     def run(self, width, height, crop_w, crop_h, target_width, target_height, text_g, clip, text_l):
-        encode_pair = getattr(clip, "encode_sdxl", None)
-        if encode_pair is None:
-            raise ValueError("this CLIP is not SDXL's pair of text encoders; use EncodeText (CLIPTextEncode)")
-        cond, pooled = encode_pair(text_g=text_g, text_l=text_l)
+        tokens = clip.tokenize(text_g)
+        if set(tokens) != {"l", "g"}:
+            raise ValueError(f"this CLIP ({getattr(clip, 'family', '?')}) is not SDXL's pair of text encoders; "
+                             "use EncodeText (CLIPTextEncode)")
+        tokens["l"] = clip.tokenize(text_l)["l"]
+        # Both towers must see the same number of 77-token chunks: pad the shorter with empty ones.
+        empty = clip.tokenize("")
+        for short, long in (("l", "g"), ("g", "l")):
+            while len(tokens[short]) < len(tokens[long]):
+                tokens[short] = tokens[short] + empty[short]
+        cond, pooled = clip.encode_tokens(tokens)
         meta = {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
                 "target_width": target_width, "target_height": target_height}
         return ([[cond, meta]],)

@@ -54,13 +54,14 @@ class _Sampling:
     def _callback(self, model):
         from nodeflow.sampling import latent_to_rgb_preview
 
-        family = getattr(model, "family", None)
+        family = getattr(model, "family", "sd1")
+        family = "sdxl" if family.startswith("sdxl") else "sd2" if family.startswith("sd2") else "sd1"
 
         def callback(step, total, x, denoised):
             try:
                 preview = latent_to_rgb_preview(denoised[:1], family=family)[0]
-            except TypeError:
-                preview = latent_to_rgb_preview(denoised[:1])[0]
+            except (ValueError, RuntimeError):  # a preview is a nicety: never fail the run for it
+                preview = None
             self.context.progress(step + 1, total, preview)
 
         return callback

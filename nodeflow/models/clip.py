@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from nodeflow.models import devices
+from nodeflow.models import devices, patching
 from nodeflow.models.files import assign_weights
 from nodeflow.models.tokenizer import BOS, EOS, Chunk, ClipTokenizer
 
@@ -159,6 +159,7 @@ class TextEncoder:
         self.family = family
         self.device = device or devices.get_device()
         self.layer = layer                  # None: each tower's default; else -1 last, -2 penultimate, ...
+        self.patches: dict[str, patching.Patches] = {}   # per tower name: weight patches (LoRA)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,7 +167,9 @@ class TextEncoder:
 
     def clone(self) -> "TextEncoder":
         """A handle sharing the weights, with its own settings."""
-        return TextEncoder(list(self.towers), family=self.family, device=self.device, layer=self.layer)
+        other = TextEncoder(list(self.towers), family=self.family, device=self.device, layer=self.layer)
+        other.patches = dict(self.patches)
+        return other
 
     def set_last_layer(self, n: int) -> "TextEncoder":
         """A clone that takes the hidden state of layer ``n`` (ComfyUI's CLIPSetLastLayer: -1 = last,
@@ -201,6 +204,7 @@ class TextEncoder:
             if weighted:
                 ids = torch.cat([ids, torch.tensor([[t for t, _ in tower.tokenizer.empty_chunk()]])])
             devices.manager.load(tower.model, self.device)
+            patching.sync(tower.model, self.patches.get(tower.name, {}))
             hidden, pool = tower.model(ids.to(self.device), self.layer or tower.default_layer, tower.final_norm)
             hidden = hidden.float().cpu()                                                # (k[+1], 77, D)
             if weighted:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nodeflow.models import devices
+from nodeflow.models import devices, patching
 from nodeflow.models.unet import UNet, timestep_embedding
 
 LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
@@ -30,7 +30,7 @@ def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: 
 
 
 class DiffusionModel:
-    """A handle on a UNet. ``clone()`` shares the weights (LoRA patches attach to handles later)."""
+    """A handle on a UNet. ``clone()`` shares the weights; each handle carries its own LoRA patches."""
 
     def __init__(self, unet: UNet, *, family: str, prediction_type: str = "eps",
                  device: torch.device | None = None):
@@ -44,7 +44,7 @@ class DiffusionModel:
         self.in_channels = unet.config.in_channels              # 4, or 9 for inpainting models
         self.latent_channels = unet.config.out_channels         # 4
         self.latent_scale_factor = LATENT_SCALE[base_family(family)]
-        self.patches: dict = {}                                 # reserved for weight patches (LoRA)
+        self.patches: patching.Patches = {}                     # weight patches (LoRA): {param: [(strength, patch)]}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,6 +75,7 @@ class DiffusionModel:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         devices.manager.load(self.unet, self.device)
+        patching.sync(self.unet, self.patches)
         dev, dtype = self.device, self.dtype
         out = self.unet(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),
                         None if y is None else y.to(dev, dtype))
