@@ -235,6 +235,8 @@ def beta_ppf(q: float, a: float, b: float) -> float:
         return 0.0
     if q >= 1.0:
         return 1.0
+    if a == b and q == 0.5:
+        return 0.5                      # the median of a symmetric law, exactly
     lo, hi = 0.0, 1.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)

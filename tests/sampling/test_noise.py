@@ -1,0 +1,81 @@
+"""Seeds mean the same noise as in ComfyUI (DESIGN §4)."""
+
+import math
+
+import pytest
+import torch
+
+from nodeflow.sampling import prepare_noise
+from nodeflow.sampling.noise import BrownianTreeNoiseSampler, default_noise_sampler
+
+
+def test_seed_42_is_torch_randn_from_a_cpu_generator():
+    latent = torch.zeros(1, 4, 64, 64)
+    expected = torch.randn((1, 4, 64, 64), dtype=torch.float32, generator=torch.Generator().manual_seed(42))
+    noise = prepare_noise(latent, 42)
+    assert noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert torch.equal(noise, expected)
+
+
+def test_same_seed_same_noise_different_seed_different_noise():
+    latent = torch.zeros(2, 4, 8, 8)
+    assert torch.equal(prepare_noise(latent, 7), prepare_noise(latent, 7))
+    assert not torch.equal(prepare_noise(latent, 7), prepare_noise(latent, 8))
+    assert torch.equal(prepare_noise(latent, 2 ** 64 - 1), prepare_noise(latent, 2 ** 64 - 1))   # ComfyUI's max seed
+
+
+def test_batch_index_picks_per_image_draws():
+    """ComfyUI draws one [1, C, H, W] noise per index 0 … max(batch_index) in turn."""
+    latent = torch.zeros(3, 4, 8, 8)
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randn((1, 4, 8, 8), generator=g) for _ in range(4)]
+    noise = prepare_noise(latent, 5, batch_index=[3, 0, 3])
+    assert torch.equal(noise, torch.cat([draws[3], draws[0], draws[3]]))
+    # image 2 of a batch gets the same noise when sampled alone (batch_index from LatentFromBatch)
+    assert torch.equal(prepare_noise(torch.zeros(1, 4, 8, 8), 5, batch_index=[2]), draws[2])
+
+
+def test_ancestral_noise_generator_on_cpu_is_seeded_with_seed_plus_one():
+    x = torch.zeros(2, 4, 8, 8)
+    sampler = default_noise_sampler(x, seed=42)
+    g = torch.Generator().manual_seed(43)
+    for _ in range(3):
+        assert torch.equal(sampler(1.0, 0.5), torch.randn((2, 4, 8, 8), generator=g))
+
+
+def _tree(seed=3, shape=(4, 16, 16, 16), lo=0.03, hi=14.6, sigmas=None):
+    return BrownianTreeNoiseSampler(torch.zeros(shape), lo, hi, seed=seed, sigmas=sigmas, use_torchsde=False)
+
+
+def test_brownian_tree_increments_are_standard_normal_and_deterministic():
+    tree = _tree()
+    z = tree(torch.tensor(5.0), torch.tensor(2.0))
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.var()) - 1) < 0.05
+    assert torch.equal(z, _tree()(torch.tensor(5.0), torch.tensor(2.0)))
+    assert not torch.equal(z, _tree(seed=4)(torch.tensor(5.0), torch.tensor(2.0)))
+
+
+def test_brownian_tree_is_one_path():
+    """W(a) − W(c) = (W(a) − W(b)) + (W(b) − W(c)), whatever order the queries come in, and
+    overlapping increments are correlated as Brownian increments are."""
+    a, b, c = 9.0, 3.0, 0.5
+    tree = _tree(sigmas=torch.tensor([a, b, c]))
+    w_ab = tree(a, b) * math.sqrt(a - b)
+    w_bc = tree(b, c) * math.sqrt(b - c)
+    other = _tree(sigmas=torch.tensor([a, b, c]))
+    w_ac = other(a, c) * math.sqrt(a - c)             # queried first, in a fresh tree
+    assert torch.allclose(w_ab + w_bc, w_ac, atol=1e-4)
+    n_ab, n_ac = tree(a, b), tree(a, c)
+    corr = float((n_ab * n_ac).mean())
+    assert corr == pytest.approx(math.sqrt((a - b) / (a - c)), abs=0.03)
+    assert abs(float((tree(a, b) * tree(b, c)).mean())) < 0.03            # disjoint: independent
+
+
+def test_brownian_tree_uses_torchsde_like_comfyui_when_available():
+    torchsde = pytest.importorskip("torchsde")
+    x = torch.zeros(1, 4, 8, 8)
+    ours = BrownianTreeNoiseSampler(x, torch.tensor(0.0292), torch.tensor(14.6146), seed=11)
+    ref = torchsde.BrownianTree(torch.tensor(0.0292), torch.zeros_like(x), torch.tensor(14.6146), entropy=11)
+    s, s_next = torch.tensor(3.5), torch.tensor(2.25)
+    expected = ref(s_next, s) * -1 / (s_next - s).abs().sqrt()
+    assert torch.equal(ours(s, s_next), expected)
