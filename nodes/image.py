@@ -64,7 +64,8 @@ class ScaleImageBy(Node):
 
 
 class ScaleImageToTotalPixels(Node):
-    """Resizes images to about ``megapixels`` × 1024² pixels, keeping the aspect ratio."""
+    """Resizes images to about ``megapixels`` × 1024² pixels, keeping the aspect ratio; each
+    side is rounded to a multiple of ``resolution_steps``."""
 
     category = "image/upscaling"
     display_name = "Scale Image to Total Pixels"
@@ -74,17 +75,18 @@ class ScaleImageToTotalPixels(Node):
         "upscale_method": Combo(choices=IMAGE_METHODS),
         "megapixels": Float(default=1.0, min=0.01, max=16.0, step=0.01),
     }
+    # Required in recent ComfyUI, absent in older workflows: optional here, so both run.
+    optional = {"resolution_steps": Int(default=1, min=1, max=256)}
     outputs = [Output("IMAGE")]
 
-    def run(self, image, upscale_method, megapixels):
+    def run(self, image, upscale_method, megapixels, resolution_steps=1):
         import math
 
         from nodes._imaging import resize_image
 
-        total = int(megapixels * 1024 * 1024)
-        scale = math.sqrt(total / (image.shape[1] * image.shape[2]))
-        width = max(1, round(image.shape[2] * scale))
-        height = max(1, round(image.shape[1] * scale))
+        scale = math.sqrt(megapixels * 1024 * 1024 / (image.shape[1] * image.shape[2]))
+        width = max(resolution_steps, round(image.shape[2] * scale / resolution_steps) * resolution_steps)
+        height = max(resolution_steps, round(image.shape[1] * scale / resolution_steps) * resolution_steps)
         return (resize_image(image, width, height, upscale_method),)
 
 
@@ -174,21 +176,46 @@ class RepeatImageBatch(Node):
 
 
 class ImageFromBatch(Node):
-    """Takes ``length`` images from a batch starting at ``batch_index`` (clamped to the batch)."""
+    """Takes ``length`` images from a batch starting at ``batch_index`` (negative counts from
+    the end; clamped to the batch)."""
 
     category = "image/batch"
-    display_name = "Image From Batch"
+    display_name = "Get Image from Batch"
     inputs = {
         "image": Socket("IMAGE"),
-        "batch_index": Int(default=0, min=0, max=4095),
+        "batch_index": Int(default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION),
         "length": Int(default=1, min=1, max=4096),
     }
     outputs = [Output("IMAGE")]
 
     def run(self, image, batch_index, length):
-        start = min(image.shape[0] - 1, batch_index)
+        if batch_index < 0:
+            batch_index += image.shape[0]
+        start = max(0, min(image.shape[0] - 1, batch_index))
         length = min(image.shape[0] - start, length)
         return (image[start:start + length].clone(),)
+
+
+class ImageAddNoise(Node):
+    """Adds Gaussian noise (``strength`` × N(0, 1), drawn on the CPU from ``seed``), clamped
+    to 0..1."""
+
+    category = "image/filters"
+    display_name = "Add Noise to Image"
+    inputs = {
+        "image": Socket("IMAGE"),
+        "seed": Int(default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="the random seed used for creating the noise"),
+        "strength": Float(default=0.5, min=0.0, max=1.0, step=0.01),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, seed, strength):
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(image.shape, generator=generator).to(image)
+        return ((image + strength * noise).clamp(0.0, 1.0),)
 
 
 class ImageCrop(Node):

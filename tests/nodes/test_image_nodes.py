@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from nodeflow import Registry, parse, validate
-from nodes.image import (EmptyImage, GetImageSize, ImageBatch, ImageBlend, ImageBlur, ImageCompositeMasked, ImageCrop, ImageFlip,
+from nodes.image import (EmptyImage, GetImageSize, ImageAddNoise, ImageBatch, ImageBlend, ImageBlur, ImageCompositeMasked, ImageCrop, ImageFlip,
                          ImageFromBatch, ImageInvert, ImageRotate, ImageSharpen, JoinImageWithAlpha,
                          PadImageForOutpaint, RepeatImageBatch, ScaleImage, ScaleImageBy, ScaleImageToTotalPixels,
                          SplitImageWithAlpha)
@@ -62,6 +62,8 @@ def test_scale_by_and_total_pixels():
     # 0.01 megapixels = 10485 pixels; a 64x64 image grows by sqrt(10485/4096) to 102x102.
     sq = pattern(64, 64)
     assert ScaleImageToTotalPixels().run(sq, "bicubic", 0.01)[0].shape == (1, 102, 102, 3)
+    # ... and with sides rounded to multiples of 8: 102.4 -> 104.
+    assert ScaleImageToTotalPixels().run(sq, "bicubic", 0.01, resolution_steps=8)[0].shape == (1, 104, 104, 3)
 
 
 def test_scale_schema_matches_comfyui():
@@ -96,6 +98,7 @@ def test_invert_batch_repeat_from_batch_crop():
     batch = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 2, 2, 3)
     (part,) = ImageFromBatch().run(batch, batch_index=3, length=4)  # clamped to what is there
     assert part[:, 0, 0, 0].tolist() == [3.0, 4.0]
+    assert ImageFromBatch().run(batch, batch_index=-2, length=1)[0][:, 0, 0, 0].tolist() == [3.0]
     (cut,) = ImageCrop().run(a, width=3, height=2, x=2, y=1)
     assert torch.equal(cut, a[:, 1:3, 2:4])  # clipped at the right edge
     assert ImageCrop().run(a, width=2, height=2, x=99, y=99)[0].shape == (1, 1, 1, 3)
@@ -172,3 +175,10 @@ def test_integral_floats_for_int_inputs_run(base):
     result = Executor(reg).run(wf)
     assert result.ok, result.error
     assert result.output("2").shape == (1, 4, 8, 3)
+
+
+def test_add_noise_is_seeded():
+    img = torch.full((1, 4, 4, 3), 0.5)
+    (a,) = ImageAddNoise().run(img, seed=3, strength=0.1)
+    expected = (img + 0.1 * torch.randn(1, 4, 4, 3, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    assert torch.equal(a, expected) and not torch.equal(a, ImageAddNoise().run(img, seed=4, strength=0.1)[0])
