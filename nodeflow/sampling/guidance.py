@@ -61,7 +61,8 @@ class Entry:
     area: tuple[int, int, int, int] | None = None     # (h, w, y, x) in latent cells
     sigma_start: float | None = None      # active while σ ≤ sigma_start …
     sigma_end: float | None = None        # … and σ ≥ sigma_end
-    mult: Tensor | None = None            # (B, C, h, w) weight of this entry's prediction
+    mult: Tensor | None = None            # (B, C, h, w) weight of this entry's prediction, or None when …
+    weight: float = 1.0                   # … it is the same everywhere (no area, no mask): the strength
     crop_kwargs: dict = field(default_factory=dict)   # kwargs cut to the area
 
     def active(self, sigma: float) -> bool:
@@ -184,6 +185,14 @@ def _finish(entry: Entry, shape) -> None:
         entry.area = area
     ah, aw, ay, ax = area if area is not None else (h, w, 0, 0)
     mask = meta.get("mask")
+    entry.crop_kwargs = {}
+    for key, value in entry.kwargs.items():
+        if key == "c_concat" and area is not None:
+            value = value[:, :, ay:ay + ah, ax:ax + aw]
+        entry.crop_kwargs[key] = value
+    if mask is None and area is None:
+        entry.mult, entry.weight = None, float(meta.get("strength", 1.0))
+        return
     if mask is not None:
         mask = mask[:b, ay:ay + ah, ax:ax + aw] * meta.get("mask_strength", 1.0)
         mult = mask.unsqueeze(1).repeat(b // mask.shape[0], ch, 1, 1)
@@ -202,11 +211,6 @@ def _finish(entry: Entry, shape) -> None:
             if aw + ax < w:
                 mult[:, :, :, aw - 1 - t:aw - t] *= r
     entry.mult = mult
-    entry.crop_kwargs = {}
-    for key, value in entry.kwargs.items():
-        if key == "c_concat" and area is not None:
-            value = value[:, :, ay:ay + ah, ax:ax + aw]
-        entry.crop_kwargs[key] = value
 
 
 def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, shape, device,
@@ -243,7 +247,7 @@ def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, 
 
 def _can_batch(a: Entry, b: Entry) -> bool:
     """Whether two entries can share a forward pass."""
-    if a.mult.shape[-2:] != b.mult.shape[-2:]:
+    if (a.area or (None, None))[:2] != (b.area or (None, None))[:2]:
         return False
     s1, s2 = a.cond.shape, b.cond.shape
     if s1 != s2:
@@ -307,15 +311,15 @@ class CFGDenoiser:
 
     def _predict(self, x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
         """(D_c, D_u or None) as area/strength-weighted averages over the active entries."""
-        out = [torch.zeros_like(x), torch.zeros_like(x)]
-        counts = [torch.full_like(x, 1e-37), torch.full_like(x, 1e-37)]
-        b = x.shape[0]
+        b, _, h, w = x.shape
+        sums: list[Tensor | None] = [None, None]            # Σ weight · D per side
+        counts: list = [1e-37, 1e-37]                       # Σ weight per side (a float while uniform)
         for batch in self._batches_for(float(sigma.reshape(-1)[0]), with_uncond):
             crops = []
             for e in batch.entries:
-                ah, aw, ay, ax = e.area if e.area is not None else (x.shape[2], x.shape[3], 0, 0)
+                ah, aw, ay, ax = e.area if e.area is not None else (h, w, 0, 0)
                 crops.append(x[:, :, ay:ay + ah, ax:ax + aw])
-            x_in = torch.cat(crops)                                       # (n·B, C, h, w)
+            x_in = torch.cat(crops) if len(crops) > 1 else crops[0]       # (n·B, C, h, w)
             sigma_in = sigma.repeat(len(batch.entries))                   # (n·B,)
             t = self.schedule.timestep(sigma_in)
             output = self.model.apply_model(self.schedule.calculate_input(sigma_in, x_in), t, batch.context,
@@ -323,13 +327,29 @@ class CFGDenoiser:
             self.model_calls += 1
             denoised = self.schedule.calculate_denoised(sigma_in, output.float(), x_in)
             for k, e in enumerate(batch.entries):
-                ah, aw, ay, ax = e.area if e.area is not None else (x.shape[2], x.shape[3], 0, 0)
-                side = 1 if e.uncond else 0
-                out[side][:, :, ay:ay + ah, ax:ax + aw] += denoised[k * b:(k + 1) * b] * e.mult
+                side, d = int(e.uncond), denoised[k * b:(k + 1) * b]
+                if e.mult is None:                                        # whole latent, one weight
+                    d = d if e.weight == 1.0 else d * e.weight
+                    sums[side] = d if sums[side] is None else sums[side] + d
+                    counts[side] = counts[side] + e.weight
+                    continue
+                # weighted by cell: accumulate in place, into tensors of our own
+                sums[side] = torch.zeros_like(x) if sums[side] is None else sums[side].clone()
+                if not isinstance(counts[side], Tensor):
+                    counts[side] = torch.full_like(x, counts[side])
+                ah, aw, ay, ax = e.area if e.area is not None else (h, w, 0, 0)
+                sums[side][:, :, ay:ay + ah, ax:ax + aw] += d * e.mult
                 counts[side][:, :, ay:ay + ah, ax:ax + aw] += e.mult
-        cond = out[0] / counts[0]
-        uncond = out[1] / counts[1] if with_uncond else None
-        return cond, uncond
+        results = []
+        for side in (0, 1) if with_uncond else (0,):
+            total, count = sums[side], counts[side]
+            if total is None:
+                results.append(torch.zeros_like(x))
+            elif isinstance(count, float) and count == 1.0:
+                results.append(total)
+            else:
+                results.append(total / count)
+        return results[0], (results[1] if with_uncond else None)
 
     def denoise_with_uncond(self, x: Tensor, sigma: Tensor, **_) -> tuple[Tensor, Tensor]:
         """(guided D, unconditional D), always running the negative entries (CFG++)."""

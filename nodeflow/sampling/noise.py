@@ -75,77 +75,90 @@ def _splitmix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-class _DyadicBrownianTree:
-    """W on [t0, t1] with W(t0) = 0, sampled on demand by recursive midpoint bisection
-    (a "virtual Brownian tree", Li et al. 2020, arXiv:2001.01328):
+class _VirtualBrownianTree:
+    """W on [t0, t1] (0 < t0 < t1) with W(t0) = 0, sampled on demand by recursive bisection
+    (a "virtual Brownian tree", Li et al. 2020, arXiv:2001.01328). A node splits its
+    interval [a, b] at the midpoint in log t, m = √(ab), and draws W there from the Brownian
+    bridge, which is exact for any split point:
 
-        W(m) | W(a), W(b)  ~  N((W(a) + W(b)) / 2, (b − a) / 4),    m = (a + b) / 2
+        W(m) | W(a), W(b)  ~  N(W(a) + (m−a)/(b−a) · (W(b)−W(a)),  (m−a)(b−m)/(b−a))
 
-    down to ``depth`` levels; inside the final interval [a, b] a query point u is drawn from
-    the Brownian bridge N(W(a) + (u−a)/(b−a)·(W(b)−W(a)), (u−a)(b−u)/(b−a)). Every node's
-    normal draw comes from a generator seeded by a hash of (seed, level, position), so the
-    path depends only on the seed, never on the order of the queries. The joint law of the
-    returned values is exactly Brownian as long as no two queried points share a final
-    interval (the depth is chosen from the schedule to make sure of that).
+    Splitting in log t keeps the tree shallow for the geometric spacing of noise schedules.
+    After ``depth`` levels a query point u is drawn from the bridge over its final interval.
+    Every draw comes from a generator seeded by a hash of (seed, level, position), so the path
+    depends only on the seed, never on the order of the queries; the joint law of the values
+    returned is exactly Brownian as long as no two queried points share a final interval (the
+    depth is chosen from the schedule to make sure of that).
     """
 
-    def __init__(self, shape, t0: float, t1: float, seed: int, device, dtype, depth: int, cache_size: int = 64):
-        self.shape, self.t0, self.t1, self.depth = tuple(shape), float(t0), float(t1), int(depth)
+    def __init__(self, shape, t0: float, t1: float, seed: int, device, dtype, depth: int, cache_size: int = 48):
+        self.shape, self.depth = tuple(shape), int(depth)
+        self.t0, self.t1 = float(t0), float(t1)
+        self.log_t0, self.log_span = math.log(self.t0), math.log(self.t1) - math.log(self.t0)
         self.device, self.dtype = torch.device(device), dtype
         self.seed = int(seed) & _U64
         self.generator = torch.Generator(device=self.device)
-        self.cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
+        self.nodes: OrderedDict[tuple[int, int], Tensor] = OrderedDict()     # (level, k) -> W at the split point
+        self.values: OrderedDict[float, Tensor] = OrderedDict()              # recent query results
         self.cache_size = cache_size
         self.w0 = torch.zeros(self.shape, dtype=dtype, device=self.device)
         self.w1 = self._normal(0, 0) * math.sqrt(self.t1 - self.t0)
 
     def _normal(self, level: int, position: int) -> Tensor:
-        key = _splitmix64(self.seed ^ _splitmix64((level << 56) ^ position))
-        self.generator.manual_seed(key)
+        self.generator.manual_seed(_splitmix64(self.seed ^ _splitmix64((level << 56) ^ position)))
         return torch.randn(self.shape, dtype=self.dtype, device=self.device, generator=self.generator)
 
+    def _time(self, u: float) -> float:
+        return math.exp(self.log_t0 + u * self.log_span)
+
+    @staticmethod
+    def _remember(cache: OrderedDict, key, value, size: int) -> None:
+        cache[key] = value
+        if len(cache) > size:
+            cache.popitem(last=False)
+
     def __call__(self, t: float) -> Tensor:
-        span = self.t1 - self.t0
-        u = min(max((float(t) - self.t0) / span, 0.0), 1.0) if span > 0 else 0.0
-        if u == 0.0:
+        t = min(max(float(t), self.t0), self.t1)
+        if t == self.t0:
             return self.w0
-        if u == 1.0:
+        if t == self.t1:
             return self.w1
+        if t in self.values:
+            return self.values[t]
+        u = (math.log(t) - self.log_t0) / self.log_span
         a, b, wa, wb = 0.0, 1.0, self.w0, self.w1
+        ta, tb = self.t0, self.t1
         for level in range(1, self.depth + 1):
             m = 0.5 * (a + b)
-            key = (level, int(m * (1 << level)))          # odd numerator of m = k / 2^level
-            wm = self.cache.get(key)
+            key = (level, int(m * (1 << level)))                 # m = k / 2^level, k odd
+            wm = self.nodes.get(key)
+            tm = self._time(m)
             if wm is None:
-                wm = 0.5 * (wa + wb) + self._normal(level, key[1]) * math.sqrt((b - a) * span / 4.0)
-                self.cache[key] = wm
-                if len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
+                std = math.sqrt((tm - ta) * (tb - tm) / (tb - ta))
+                wm = torch.lerp(wa, wb, (tm - ta) / (tb - ta)).add_(self._normal(level, key[1]), alpha=std)
+                self._remember(self.nodes, key, wm, self.cache_size)
             else:
-                self.cache.move_to_end(key)
-            if u == m:
-                return wm
+                self.nodes.move_to_end(key)
             if u < m:
-                b, wb = m, wm
+                b, wb, tb = m, wm, tm
             else:
-                a, wa = m, wm
-        frac = (u - a) / (b - a)
-        std = math.sqrt((u - a) * (b - u) / (b - a) * span)
-        leaf = int(a * (1 << self.depth))
-        return wa + frac * (wb - wa) + self._normal(self.depth + 1, leaf) * std
+                a, wa, ta = m, wm, tm
+        std = math.sqrt((t - ta) * (tb - t) / (tb - ta))
+        w = torch.lerp(wa, wb, (t - ta) / (tb - ta)).add_(self._normal(self.depth + 1, int(a * (1 << self.depth))), alpha=std)
+        self._remember(self.values, t, w, 8)
+        return w
 
 
 def _tree_depth(t0: float, t1: float, points: Sequence[float] | None) -> int:
-    """Enough levels that distinct query points (schedule values and the midpoints between
-    them) land in distinct final intervals."""
-    span = t1 - t0
+    """Enough levels (in log t) that distinct query points land in distinct final intervals."""
+    span = math.log(t1) - math.log(t0) if t0 > 0 and t1 > t0 else 0.0
     if not points or span <= 0:
-        return 20
-    ts = sorted({float(p) for p in points if t0 <= float(p) <= t1})
-    gaps = [b - a for a, b in zip(ts, ts[1:]) if b > a]
+        return 16
+    us = sorted({math.log(p) for p in points if t0 <= p <= t1})
+    gaps = [b - a for a, b in zip(us, us[1:]) if b > a]
     if not gaps:
-        return 12
-    return max(8, min(40, math.ceil(math.log2(span / min(gaps))) + 3))
+        return 8
+    return max(4, min(40, math.ceil(math.log2(span / min(gaps))) + 1))
 
 
 class BrownianTreeNoiseSampler:
@@ -180,19 +193,14 @@ class BrownianTreeNoiseSampler:
                     torch.as_tensor(t0, device=tree_device), w0, torch.as_tensor(t1, device=tree_device), entropy=int(seed))
                 self._tree_device = tree_device
         if self._torchsde_tree is None:
+            t0 = max(t0, 1e-6 * t1, 1e-12)          # the built-in tree works in log σ
             points = None
             if sigmas is not None:
                 s = [float(v) for v in sigmas if float(v) > 0]
                 # sub-step points of the two-stage SDE solvers: geometric midpoints
                 points = s + [math.sqrt(a * b) for a, b in zip(s, s[1:])]
-            self._tree = _DyadicBrownianTree(x.shape, t0, t1, seed, tree_device, torch.float32,
-                                             depth=_tree_depth(t0, t1, points))
-
-    def _w(self, ta: Tensor, tb: Tensor) -> Tensor:
-        """W(tb) − W(ta) for ta < tb (0-dim float32 CPU tensors)."""
-        if self._torchsde_tree is not None:
-            return self._torchsde_tree(ta.to(self._tree_device), tb.to(self._tree_device))
-        return self._tree(float(tb)) - self._tree(float(ta))
+            self._tree = _VirtualBrownianTree(x.shape, t0, t1, seed, tree_device, torch.float32,
+                                              depth=_tree_depth(t0, t1, points))
 
     def __call__(self, sigma, sigma_next) -> Tensor:
         t0 = torch.as_tensor(sigma).detach().to("cpu", torch.float32).reshape(())
@@ -200,5 +208,9 @@ class BrownianTreeNoiseSampler:
         if t0 == t1:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         lo, hi, sign = (t0, t1, 1.0) if t0 < t1 else (t1, t0, -1.0)
-        w = self._w(lo, hi).to(device=self.device, dtype=self.dtype) * sign
-        return w / (t1 - t0).abs().sqrt().to(self.device)
+        if self._torchsde_tree is not None:         # exactly ComfyUI's arithmetic
+            w = self._torchsde_tree(lo.to(self._tree_device), hi.to(self._tree_device))
+            w = w.to(device=self.device, dtype=self.dtype) * sign
+            return w / (t1 - t0).abs().sqrt().to(self.device)
+        w = self._tree(float(hi)) - self._tree(float(lo))
+        return w.mul_(sign / math.sqrt(float(hi) - float(lo))).to(device=self.device, dtype=self.dtype)

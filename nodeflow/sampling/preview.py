@@ -28,9 +28,11 @@ LATENT_RGB_FACTORS["sd2"] = LATENT_RGB_FACTORS["sd1"]
 
 
 def latent_to_rgb_preview(x0: Tensor, family: str = "sd1") -> Tensor:
-    """[B, 4, h, w] processed latent → [B, h, w, 3] float image in 0 … 1 (CPU)."""
+    """[B, 4, h, w] processed latent → [B, h, w, 3] float image in 0 … 1 (CPU). ``family``:
+    "sd1", "sd2", "sdxl" (or a DiffusionModel.family such as "sd1_inpaint", "sdxl_refiner")."""
+    base = family.replace("_inpaint", "").replace("_v", "").replace("_refiner", "")   # DiffusionModel.family
     try:
-        factors, bias = LATENT_RGB_FACTORS[family]
+        factors, bias = LATENT_RGB_FACTORS[base]
     except KeyError:
         raise ValueError(f"no preview factors for family {family!r}; known: {sorted(LATENT_RGB_FACTORS)}") from None
     x0 = x0.detach().float()

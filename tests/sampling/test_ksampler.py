@@ -220,3 +220,22 @@ def test_latent_to_rgb_preview():
     xl = latent_to_rgb_preview(torch.zeros(1, 4, 2, 2), family="sdxl")
     assert torch.allclose(xl[0, 0, 0], (torch.tensor([0.1084, -0.0175, -0.0011]) + 1) / 2)
     assert latent_to_rgb_preview(torch.full((1, 4, 2, 2), 100.0)).max() == 1.0
+    assert torch.equal(latent_to_rgb_preview(x0, family="sdxl_refiner"), latent_to_rgb_preview(x0, family="sdxl"))
+
+
+COMFYUI_SAMPLERS = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
+    "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
+COMFYUI_SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                      "linear_quadratic", "kl_optimal"]
+
+
+def test_names_are_comfyuis():
+    from nodeflow.sampling import SCHEDULER_NAMES
+    assert SAMPLER_NAMES == COMFYUI_SAMPLERS
+    assert SCHEDULER_NAMES == COMFYUI_SCHEDULERS
