@@ -1,0 +1,698 @@
+"""The prompt queue and its history: persistent, shared by every front end, apart from the executor.
+
+    front end ──put──► PromptQueue (SQLite) ──claim──► Dispatcher thread ──execute──► Backend
+                           ▲                                 │ events (ComfyUI's)       │
+                           └──────── finish (history) ◄──────┘ ◄────────────────────────┘
+
+- ``PromptQueue`` keeps the pending prompts (ordered by ``number``, then arrival), the one
+  running, and the history, in one SQLite file in WAL mode. Every change is committed before
+  it is acknowledged, so a crash (even SIGKILL) loses nothing that a client was told about.
+  On the next start ``recover()`` marks the prompt that was running as failed, or puts it
+  back in the queue. ComfyUI keeps all of this in memory and loses it on restart.
+- ``Backend`` is how one prompt runs. ``LocalBackend`` runs it on this process's
+  ``Executor``; a later backend may run it elsewhere (Ray actors on GPU workers) and stream
+  the same events back. The queue never sees the executor, the backend never sees SQLite.
+- ``Dispatcher`` is the one worker thread: claim, run, record the history entry, and only
+  then report ``executing`` with ``node: None`` (clients read the history the moment they see
+  it). It survives any exception a backend, a node or a malformed prompt can raise.
+
+Queue entries and history entries have ComfyUI's shapes: an entry is the 5-element list
+``[number, prompt_id, prompt, extra_data, outputs_to_execute]`` and a history entry is
+``{"prompt": entry, "outputs": {node_id: ui}, "status": {"status_str", "completed",
+"messages"}, "meta": {node_id: {...}}}``. Nothing here imports torch or aiohttp.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+log = logging.getLogger(__name__)
+
+#: ``emit(event, data, client_id)``: where the dispatcher sends ComfyUI's events about a prompt.
+Emit = Callable[[str, dict, "str | None"], None]
+
+#: Keys of ``extra_data`` that hold secrets for nodes (ComfyUI's list): passed to the run,
+#: never stored, never shown in /queue or /history.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+
+#: Events that belong in a history entry's ``status.messages`` (the executor's status events).
+STATUS_EVENTS = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
+                           "execution_interrupted"})
+
+
+class QueueError(Exception):
+    """A request the queue cannot honour."""
+
+
+class DuplicatePrompt(QueueError):
+    """A prompt id that is already queued, running or in the history."""
+
+
+class QueueLocked(QueueError):
+    """Another process already serves this queue database."""
+
+
+@dataclass
+class QueueItem:
+    """One prompt in the queue."""
+
+    number: int | float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    #: The output nodes to run (those that passed validation).
+    outputs: list[str]
+    #: Secrets for nodes (see SENSITIVE_EXTRA_DATA_KEYS): held in memory only, never persisted.
+    sensitive: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: What the submitter already worked out in this process (e.g. the validated graph),
+    #: for the backend to reuse; None after a restart. Never persisted.
+    prepared: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def client_id(self) -> str | None:
+        cid = self.extra_data.get("client_id")
+        return cid if isinstance(cid, str) and cid else None
+
+    def to_comfy(self) -> list:
+        """ComfyUI's queue entry: ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+@dataclass
+class Outcome:
+    """How one prompt ended: what goes into its history entry."""
+
+    status: str  # "success" | "error" | "interrupted"
+    #: The UI output of each output node: {node_id: {"images": [...], ...}}.
+    outputs: dict[str, dict] = field(default_factory=dict)
+    #: Status messages in ComfyUI's history format: [[event, data], ...].
+    messages: list[list] = field(default_factory=list)
+    error: dict | None = None
+
+    @property
+    def status_str(self) -> str:
+        return "success" if self.status == "success" else "error"
+
+
+# -- the persistent queue ------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    seq INTEGER PRIMARY KEY,                 -- arrival order, the tie-break after number
+    prompt_id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,                    -- ComfyUI's priority: lower runs first
+    state TEXT NOT NULL,                     -- 'pending' | 'running' | 'done'
+    prompt TEXT NOT NULL,                    -- the API-format workflow (JSON)
+    extra_data TEXT NOT NULL,                -- JSON object (client_id, extra_pnginfo, create_time, ...)
+    outputs TEXT NOT NULL,                   -- JSON list: the output nodes to run
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    finished_seq INTEGER,                    -- history order
+    status TEXT,                             -- JSON {"status_str", "completed", "messages"}
+    result TEXT,                             -- JSON {node_id: ui}
+    meta TEXT                                -- JSON {node_id: {"node_id", "display_node", ...}}
+);
+CREATE INDEX IF NOT EXISTS prompts_history ON prompts (finished_seq) WHERE finished_seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def default_db_path(base_dir: str | os.PathLike) -> Path:
+    return Path(base_dir) / "nodeflow.sqlite3"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_json_fallback)
+
+
+def _json_fallback(value: Any) -> Any:
+    # Node UI output should be JSON already; never let an odd value lose a history entry.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+class PromptQueue:
+    """Pending prompts, the running one and the history, persisted in SQLite. Thread-safe.
+
+    ``path`` is a file (created if missing) or ``":memory:"`` for a queue that dies with the
+    process. One process owns a database file at a time (a lock file next to it says so).
+    The database is written through on every change; the pending prompts are also held in
+    memory (a heap in run order), so taking the next one and listing them read no rows.
+    """
+
+    def __init__(self, path: str | os.PathLike = ":memory:", *, max_history: int = 10_000) -> None:
+        self.path = str(path)
+        self.max_history = max_history
+        self._cond = threading.Condition(threading.RLock())
+        self._closed = False
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._take_lock() if self.path != ":memory:" else None
+        # One connection, shared by threads under our own lock; autocommit, explicit transactions.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL is durable against a process crash (not a power cut): a commit is
+        # in the WAL file before it returns; the WAL is fsynced at checkpoints.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        #: Pending prompts: id -> (seq, item); the heap orders (number, seq, id), lazily pruned.
+        self._items: dict[str, tuple[int, QueueItem]] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._running: QueueItem | None = None
+        self._running_seq = 0
+        top = self._db.execute("SELECT MAX(number) FROM prompts WHERE number >= 0").fetchone()[0]
+        self._next_number = int(top) + 1 if top is not None else 0
+        self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM prompts").fetchone()[0]
+        self._finished_seq = self._db.execute("SELECT COALESCE(MAX(finished_seq), 0) FROM prompts").fetchone()[0]
+        self._done = self._db.execute("SELECT COUNT(*) FROM prompts WHERE state = 'done'").fetchone()[0]
+        for row in self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs FROM prompts "
+                                    "WHERE state = 'pending'").fetchall():
+            self._add_pending(row[0], self._item(row[1:]))
+
+    def _take_lock(self) -> Any:
+        handle = open(self.path + ".lock", "a+")  # noqa: SIM115 - held for the queue's lifetime
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory lock; one server per database is on the user
+            return handle
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise QueueLocked(f"another nodeflow server is using {self.path}") from None
+        return handle
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            self._db.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
+
+    def _add_pending(self, seq: int, item: QueueItem) -> None:
+        self._items[item.prompt_id] = (seq, item)
+        heapq.heappush(self._heap, (float(item.number), seq, item.prompt_id))
+
+    # -- queueing -------------------------------------------------------------------------------
+
+    def put(self, prompt_id: str, prompt: dict, extra_data: dict, outputs: list[str], *,
+            number: float | None = None, front: bool = False, sensitive: dict | None = None,
+            prepared: Any = None) -> QueueItem:
+        """Queue a validated prompt. Without ``number`` it gets the next one (negated with
+        ``front``, so it runs before everything queued). ``sensitive`` and ``prepared`` stay
+        in memory with the item (see ``QueueItem``). Raises ``DuplicatePrompt``."""
+        with self._cond:
+            self._check_open()
+            if number is None:
+                number = self._next_number
+                self._next_number += 1
+                if front:
+                    number = -number
+            item = QueueItem(_number(number), prompt_id, prompt, extra_data, list(outputs), dict(sensitive or {}),
+                             prepared)
+            seq = self._seq + 1
+            try:
+                self._db.execute(
+                    "INSERT INTO prompts (seq, prompt_id, number, state, prompt, extra_data, outputs, created) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+                    (seq, prompt_id, number, _dumps(prompt), _dumps(extra_data), _dumps(item.outputs), time.time()))
+            except sqlite3.IntegrityError:
+                raise DuplicatePrompt(f"prompt id {prompt_id!r} is already queued or in the history") from None
+            self._seq = seq
+            self._add_pending(seq, item)
+            self._cond.notify()
+            return item
+
+    def claim(self, timeout: float | None = None, stop: threading.Event | None = None) -> QueueItem | None:
+        """Take the first pending prompt and mark it running; waits up to ``timeout`` seconds
+        for one. ``None`` on timeout, when the queue is closed, or once ``stop`` is set (call
+        ``wake()`` after setting it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._closed and (not self._items or self._running is not None):
+                if stop is not None and stop.is_set():
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            if self._closed:
+                return None
+            while True:
+                _, seq, pid = heapq.heappop(self._heap)
+                entry = self._items.get(pid)
+                if entry is not None and entry[0] == seq:
+                    break
+            del self._items[pid]
+            self._db.execute("UPDATE prompts SET state = 'running', started = ? WHERE seq = ?", (time.time(), seq))
+            self._running, self._running_seq = entry[1], seq
+            return entry[1]
+
+    def finish(self, item: QueueItem, outcome: Outcome, meta: dict | None = None) -> None:
+        """Move the running prompt to the history."""
+        status = {"status_str": outcome.status_str, "completed": outcome.status == "success",
+                  "messages": outcome.messages}
+        if meta is None:
+            meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
+                    for n in outcome.outputs}
+        status_text, result_text, meta_text = _dumps(status), _dumps(outcome.outputs), _dumps(meta)
+        with self._cond:
+            self._check_open()
+            self._finished_seq += 1
+            cur = self._db.execute(
+                "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = ?, meta = ? "
+                "WHERE prompt_id = ?",
+                (time.time(), self._finished_seq, status_text, result_text, meta_text, item.prompt_id))
+            if cur.rowcount:
+                self._done += 1
+            if self._running is not None and self._running.prompt_id == item.prompt_id:
+                self._running = None
+            self._trim_history()
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake threads waiting in ``claim`` (to see their ``stop`` event)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def release(self, item: QueueItem) -> None:
+        """Forget the running prompt without a history entry: it stays 'running' in the
+        database, for ``recover`` on the next start (used when the server stops mid-run)."""
+        with self._cond:
+            if self._running is not None and self._running.prompt_id == item.prompt_id:
+                self._running = None
+                self._cond.notify_all()
+
+    def recover(self, *, requeue: bool = False) -> list[str]:
+        """After a crash: the prompts left 'running' are marked failed (or queued again with
+        ``requeue``). Returns their ids. Call once at start-up, before any claim."""
+        with self._cond:
+            self._check_open()
+            rows = self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs FROM prompts "
+                                    "WHERE state = 'running' ORDER BY seq").fetchall()
+            now = time.time()
+            for row in rows:
+                seq, pid = row[0], row[2]
+                if requeue:
+                    self._db.execute("UPDATE prompts SET state = 'pending', started = NULL WHERE seq = ?", (seq,))
+                    self._add_pending(seq, self._item(row[1:]))
+                    continue
+                error = {"prompt_id": pid, "node_id": None, "node_type": None, "executed": [],
+                         "exception_message": "the server stopped while this prompt was running",
+                         "exception_type": "nodeflow.queue.ServerStopped", "traceback": [],
+                         "current_inputs": {}, "current_outputs": [], "timestamp": int(now * 1000)}
+                status = {"status_str": "error", "completed": False, "messages": [["execution_error", error]]}
+                self._finished_seq += 1
+                self._db.execute(
+                    "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = '{}', "
+                    "meta = '{}' WHERE seq = ?", (now, self._finished_seq, _dumps(status), seq))
+                self._done += 1
+            self._cond.notify_all()
+            return [row[2] for row in rows]
+
+    def delete_pending(self, prompt_ids: Iterable[str]) -> int:
+        with self._cond:
+            self._check_open()
+            n = 0
+            for pid in map(str, prompt_ids):
+                entry = self._items.pop(pid, None)
+                if entry is not None:
+                    self._db.execute("DELETE FROM prompts WHERE seq = ?", (entry[0],))
+                    n += 1
+            return n
+
+    def clear_pending(self) -> int:
+        with self._cond:
+            self._check_open()
+            n = self._db.execute("DELETE FROM prompts WHERE state = 'pending'").rowcount
+            self._items.clear()
+            self._heap.clear()
+            return n
+
+    # -- reading the queue --------------------------------------------------------------------------
+
+    @property
+    def running_item(self) -> QueueItem | None:
+        return self._running
+
+    def remaining(self) -> int:
+        """ComfyUI's ``queue_remaining``: pending plus running."""
+        return len(self._items) + (1 if self._running is not None else 0)
+
+    def pending_count(self) -> int:
+        return len(self._items)
+
+    def pending(self) -> list[QueueItem]:
+        """The pending prompts in the order they will run."""
+        with self._cond:
+            entries = sorted(self._items.values(), key=lambda e: (float(e[1].number), e[0]))
+        return [item for _, item in entries]
+
+    def running(self) -> list[QueueItem]:
+        item = self._running
+        return [item] if item is not None else []
+
+    def state_of(self, prompt_id: str) -> str | None:
+        """'pending', 'running', 'done' or None."""
+        with self._cond:
+            if prompt_id in self._items:
+                return "pending"
+            self._check_open()
+            row = self._db.execute("SELECT state FROM prompts WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return row[0] if row else None
+
+    def get_pending(self, prompt_id: str) -> QueueItem | None:
+        entry = self._items.get(prompt_id)
+        return entry[1] if entry is not None else None
+
+    @staticmethod
+    def _item(row: tuple) -> QueueItem:
+        number, pid, prompt, extra, outputs = row
+        return QueueItem(_number(number), pid, json.loads(prompt), json.loads(extra), json.loads(outputs))
+
+    # -- history -------------------------------------------------------------------------------------
+
+    def history_json(self, max_items: int | None = None, offset: int | None = None,
+                     prompt_id: str | None = None) -> str:
+        """The history as a JSON object text ``{prompt_id: entry}``, oldest first, built from
+        the stored JSON without decoding it. ``max_items`` alone gives the newest ones."""
+        with self._cond:
+            self._check_open()
+            if prompt_id is not None:
+                rows = self._db.execute(_HISTORY_SELECT + " AND prompt_id = ?", (prompt_id,)).fetchall()
+            else:
+                if offset is None or offset < 0:
+                    offset = max(self._done - max_items, 0) if max_items is not None else 0
+                limit = max_items if max_items is not None else -1
+                rows = self._db.execute(_HISTORY_SELECT + " ORDER BY finished_seq LIMIT ? OFFSET ?",
+                                        (limit, offset)).fetchall()
+        parts = []
+        for number, pid, prompt, extra, outputs, status, result, meta in rows:
+            key = json.dumps(pid)
+            parts.append(f'{key}:{{"prompt":[{json.dumps(_number(number))},{key},{prompt},{extra},{outputs}],'
+                         f'"outputs":{result or "{}"},"status":{status or "null"},"meta":{meta or "{}"}}}')
+        return "{" + ",".join(parts) + "}"
+
+    def history(self, max_items: int | None = None, offset: int | None = None,
+                prompt_id: str | None = None) -> dict[str, dict]:
+        return json.loads(self.history_json(max_items, offset, prompt_id))
+
+    def history_count(self) -> int:
+        return self._done
+
+    def delete_history(self, prompt_ids: Iterable[str]) -> int:
+        with self._cond:
+            self._check_open()
+            n = sum(self._db.execute("DELETE FROM prompts WHERE prompt_id = ? AND state = 'done'",
+                                     (str(pid),)).rowcount for pid in prompt_ids)
+            self._done -= n
+            return n
+
+    def clear_history(self) -> int:
+        with self._cond:
+            self._check_open()
+            n = self._db.execute("DELETE FROM prompts WHERE state = 'done'").rowcount
+            self._done = 0
+            return n
+
+    def _trim_history(self) -> None:
+        excess = self._done - self.max_history
+        if self.max_history > 0 and excess > 0:
+            n = self._db.execute("DELETE FROM prompts WHERE seq IN (SELECT seq FROM prompts WHERE finished_seq "
+                                 "IS NOT NULL AND state = 'done' ORDER BY finished_seq LIMIT ?)", (excess,)).rowcount
+            self._done -= n
+
+    # -- settings (the web frontend's, a small key-value store) -------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        with self._cond:
+            self._check_open()
+            rows = self._db.execute("SELECT key, value FROM settings ORDER BY key").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def setting(self, key: str) -> Any:
+        with self._cond:
+            self._check_open()
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_settings(self, values: dict[str, Any]) -> None:
+        with self._cond:
+            self._check_open()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
+                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                     [(str(k), _dumps(v)) for k, v in values.items()])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueError("the queue is closed")
+
+
+_HISTORY_SELECT = ("SELECT number, prompt_id, prompt, extra_data, outputs, status, result, meta FROM prompts "
+                   "WHERE finished_seq IS NOT NULL AND state = 'done'")
+
+
+# -- backends ---------------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """How a prompt runs. The dispatcher calls ``execute`` from its thread, one prompt at a
+    time, and ``interrupt`` from any thread. ``execute`` reports ComfyUI's events through
+    ``observer(event, data)`` (every ``data`` carries ``prompt_id``), never sends the final
+    ``executing`` with ``node: None`` (the dispatcher does, after the history is written),
+    and returns the ``Outcome``; it may raise, and the prompt then fails."""
+
+    def execute(self, item: QueueItem, observer: Callable[[str, dict], None]) -> Outcome: ...
+
+    def interrupt(self, prompt_id: str | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """Runs prompts in this process on an ``Executor`` (whose output cache lives across runs).
+
+    A prompt queued by this process runs on the graph its submitter validated
+    (``item.prepared``); one from before a restart is validated again first (the installed
+    nodes or the files it names may have changed)."""
+
+    def __init__(self, registry: Any, cache: Any = None) -> None:
+        from nodeflow.executor import Executor
+
+        self.registry = registry
+        self.executor = Executor(registry, cache)
+
+    def execute(self, item: QueueItem, observer: Callable[[str, dict], None]) -> Outcome:
+        from nodeflow.graph import Graph, ValidationReport, parse, validate
+
+        prepared = item.prepared
+        if isinstance(prepared, tuple) and len(prepared) == 2 and isinstance(prepared[0], Graph) \
+                and isinstance(prepared[1], ValidationReport):
+            graph, report = prepared  # validated by the submitter in this process
+        else:
+            graph = parse(item.prompt)
+            report = validate(graph, self.registry, item.outputs or None)
+            if not report.ok:
+                return _invalid_outcome(item, report, observer)
+        extra = {**item.extra_data, **item.sensitive}
+        result = self.executor.execute(graph, report, prompt_id=item.prompt_id, observer=observer, extra_data=extra)
+        return Outcome(result.status, dict(result.ui), list(result.messages), result.error)
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        return self.executor.interrupt(prompt_id)
+
+    def close(self) -> None:
+        pass
+
+
+def _invalid_outcome(item: QueueItem, report: Any, observer: Callable[[str, dict], None]) -> Outcome:
+    first = next((e for e in report.errors if e.node_id is not None), report.errors[0] if report.errors else None)
+    now = int(time.time() * 1000)
+    start = {"prompt_id": item.prompt_id, "timestamp": now}
+    error = {"prompt_id": item.prompt_id, "node_id": first.node_id if first else None,
+             "node_type": first.class_type if first else None, "executed": [],
+             "exception_message": "the prompt is no longer valid:\n" + report.summary(),
+             "exception_type": "nodeflow.graph.ValidationError", "traceback": [],
+             "current_inputs": {}, "current_outputs": [], "timestamp": now}
+    observer("execution_start", start)
+    observer("execution_error", error)
+    return Outcome("error", {}, [["execution_start", start], ["execution_error", error]], error)
+
+
+# -- the worker -------------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """The worker thread: takes prompts from the queue one at a time and runs them on a backend.
+
+    ``emit(event, data, client_id)`` receives every event about a prompt (called from the
+    worker thread; it must not block for long). ``on_change()`` is called when the queue's
+    length changed (a prompt finished).
+    """
+
+    def __init__(self, queue: PromptQueue, backend: Backend, emit: Emit | None = None,
+                 on_change: Callable[[], None] | None = None, *, poll: float = 0.5) -> None:
+        self.queue, self.backend = queue, backend
+        self._emit = emit or (lambda event, data, client_id: None)
+        self._on_change = on_change or (lambda: None)
+        self._poll = poll
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._current: QueueItem | None = None
+        self._cancel = False
+        #: The node running now (None between nodes), for clients that reconnect mid-run.
+        self.current_node: str | None = None
+
+    # -- control ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="nodeflow-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after interrupting the running prompt; it stays 'running' in the database, so
+        the next start's ``recover`` decides its fate, as after a crash."""
+        self._stop.set()
+        self.interrupt()
+        self.queue.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the worker thread did not stop within %.0f s", timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def current(self) -> QueueItem | None:
+        return self._current
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Interrupt the running prompt (only if it is ``prompt_id``, when given)."""
+        with self._lock:
+            item = self._current
+            if item is None or (prompt_id is not None and prompt_id != item.prompt_id):
+                return False
+            self._cancel = True
+        try:
+            self.backend.interrupt(item.prompt_id)
+        except Exception:  # noqa: BLE001
+            log.exception("backend interrupt failed")
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.queue.claim(timeout=self._poll, stop=self._stop)
+            except QueueError:
+                return  # closed
+            except Exception:  # noqa: BLE001 - e.g. a database error: log, wait, try again
+                log.exception("could not take a prompt from the queue")
+                self._stop.wait(1.0)
+                continue
+            if item is None:
+                continue
+            try:
+                self._run(item)
+            except BaseException:  # noqa: BLE001 - the worker must outlive anything a prompt does
+                log.exception("unexpected failure while running prompt %s", item.prompt_id)
+                with self._lock:
+                    self._current = None
+                self.queue.release(item)
+
+    def _run(self, item: QueueItem) -> None:
+        pid, client = item.prompt_id, item.client_id
+        with self._lock:
+            self._current, self._cancel = item, False
+        self.current_node = None
+        messages: list[list] = []
+
+        def send(event: str, data: dict) -> None:
+            try:
+                self._emit(event, data, client)
+            except Exception:  # noqa: BLE001 - a lost event must not fail the prompt
+                log.exception("could not deliver %s for prompt %s", event, pid)
+
+        def observer(event: str, data: dict) -> None:
+            if event in STATUS_EVENTS:
+                messages.append([event, data])
+            if event == "executing":
+                self.current_node = data.get("node")
+            elif event == "execution_start" and self._cancel:
+                self.backend.interrupt(pid)  # asked before the executor was listening
+            send(event, data)
+
+        try:
+            if self._cancel:
+                outcome = _interrupted_before_start(item, observer)
+            else:
+                outcome = self.backend.execute(item, observer)
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit from a node fails this prompt only
+            log.exception("prompt %s failed outside any node", pid)
+            error = {"prompt_id": pid, "node_id": self.current_node, "node_type": None, "executed": [],
+                     "exception_message": f"{type(exc).__name__}: {exc}",
+                     "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                     "traceback": traceback.format_exception(exc), "current_inputs": {},
+                     "current_outputs": [], "timestamp": int(time.time() * 1000)}
+            observer("execution_error", error)
+            outcome = Outcome("error", {}, messages, error)
+        self.current_node = None
+        with self._lock:
+            self._current = None
+        if self._stop.is_set() and outcome.status == "interrupted":
+            self.queue.release(item)  # stopped by shutdown: recover() decides on the next start
+            return
+        try:
+            self.queue.finish(item, outcome)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the history of prompt %s", pid)
+            self.queue.release(item)
+        # The history entry is written: now the closing message (clients fetch it on this).
+        send("executing", {"node": None, "display_node": None, "prompt_id": pid})
+        try:
+            self._on_change()
+        except Exception:  # noqa: BLE001
+            log.exception("on_change failed")
+
+
+def _interrupted_before_start(item: QueueItem, observer: Callable[[str, dict], None]) -> Outcome:
+    now = int(time.time() * 1000)
+    start = {"prompt_id": item.prompt_id, "timestamp": now}
+    data = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [], "timestamp": now}
+    observer("execution_start", start)
+    observer("execution_interrupted", data)
+    return Outcome("interrupted", {}, [["execution_start", start], ["execution_interrupted", data]])

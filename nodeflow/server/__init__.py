@@ -1,0 +1,15 @@
+"""nodeflow's HTTP + WebSocket server: ComfyUI's API over the engine and a persistent queue.
+
+    from nodeflow.server import ServerConfig, create_app
+    app = create_app(ServerConfig(base_dir="..."), registry)   # an aiohttp Application
+
+Modules: ``app`` (factory, worker lifetime, command line), ``routes_prompt`` (prompts,
+queue, history, jobs), ``routes_files`` (/view, uploads), ``routes_info`` (schemas, models,
+system, frontend settings), ``ws`` (the WebSocket and event routing), ``security`` (auth,
+origin and host checks, resource limits), ``schemas`` (pydantic bodies, /openapi.json).
+"""
+
+from nodeflow.server.app import build_registry, create_app, main
+from nodeflow.server.common import ServerConfig
+
+__all__ = ["ServerConfig", "build_registry", "create_app", "main"]

@@ -1,0 +1,256 @@
+"""The server: an app factory, its background worker, and the command line.
+
+    python server.py [--listen HOST] [--port PORT] [--base-dir DIR] [--auth-token TOKEN] ...
+    nodeflow serve   (the same options)
+
+``create_app(config, registry)`` builds the aiohttp application: ComfyUI's routes (each
+also under ``/api``), the security middlewares, and a ``cleanup_ctx`` that opens the
+persistent queue, recovers from a crash, and runs the worker thread for the app's lifetime.
+Handlers are plain functions in ``routes_prompt``, ``routes_files``, ``routes_info`` and
+``ws``; they find what they need in the typed app state (``common``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from aiohttp import web
+
+from nodeflow import folders as folders_mod
+from nodeflow.cache import OutputCache
+from nodeflow.queue import Backend, Dispatcher, LocalBackend, PromptQueue, QueueLocked, default_db_path
+from nodeflow.registry import Registry
+from nodeflow.server import routes_files, routes_info, routes_prompt, ws
+from nodeflow.server.common import (API_ROUTES, CONFIG, DISPATCHER, FOLDERS, HUB, LIMITS, QUEUE, REGISTRY, Route,
+                                    ServerConfig, error_response)
+from nodeflow.server.security import ResourceLimits, auth_middleware, is_loopback_host, origin_middleware
+from nodeflow.server.ws import Hub, ThreadEmitter
+
+log = logging.getLogger("nodeflow.server")
+
+BackendFactory = Callable[[Registry, ServerConfig], Backend]
+
+ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_info.ROUTES, *ws.ROUTES]
+
+
+def create_app(config: ServerConfig | None = None, registry: Registry | None = None, *,
+               backend: BackendFactory | None = None) -> web.Application:
+    """The application. ``registry`` defaults to the built-in nodes and installed packages;
+    ``backend`` makes the backend that runs prompts (default: ``LocalBackend``)."""
+    config = config or ServerConfig()
+    folders = folders_mod.configure(config.base_dir, input_dir=config.input_dir, output_dir=config.output_dir,
+                                    temp_dir=config.temp_dir)
+    middlewares: list[Any] = [json_errors, origin_middleware(config)]
+    if config.auth_token:
+        middlewares.append(auth_middleware(config.auth_token))
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes + (1 << 20))
+    app[CONFIG] = config
+    app[REGISTRY] = registry if registry is not None else build_registry()
+    app[FOLDERS] = folders
+    app[LIMITS] = ResourceLimits(config.max_pixels, config.max_steps)
+    app[API_ROUTES] = ROUTES
+    for route in ROUTES:
+        for prefix in ("", "/api"):
+            app.router.add_route(route.method, prefix + route.path, route.handler)
+    if config.web_root:
+        _serve_frontend(app, Path(config.web_root))
+    app.cleanup_ctx.append(_worker(backend))
+    app.on_shutdown.append(_close_websockets)
+    return app
+
+
+def _worker(make_backend: BackendFactory | None):
+    async def worker(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        path = config.db_path or str(default_db_path(app[FOLDERS].base))
+        queue = PromptQueue(path, max_history=config.max_history)
+        recovered = queue.recover(requeue=config.requeue_interrupted)
+        if recovered:
+            log.warning("%d prompt(s) were running when the server stopped: %s (%s)", len(recovered),
+                        ", ".join(recovered), "queued again" if config.requeue_interrupted else "marked failed")
+        hub = Hub(queue.remaining)
+        emitter = ThreadEmitter(hub, asyncio.get_running_loop(), config.previews, config.preview_size)
+        backend = make_backend(app[REGISTRY], config) if make_backend else \
+            LocalBackend(app[REGISTRY], OutputCache(config.cache_size))
+        dispatcher = Dispatcher(queue, backend, emitter, emitter.queue_changed)
+        app[QUEUE], app[HUB], app[DISPATCHER] = queue, hub, dispatcher
+        dispatcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(dispatcher.stop)
+            backend.close()
+            queue.close()
+
+    return worker
+
+
+async def _close_websockets(app: web.Application) -> None:
+    if HUB in app:
+        await app[HUB].close_all()
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every error as JSON, in ComfyUI's ``{"error": {...}}`` shape; the server never answers
+    a failure with a traceback page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+        return error_response(exc.status, _ERROR_TYPES.get(exc.status, "http_error"), exc.reason,
+                              f"{request.method} {request.path}: {exc.reason}", headers=keep)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        log.exception("error in %s %s", request.method, request.path)
+        return error_response(500, "server_error", "Internal server error", f"{type(exc).__name__}: {exc}")
+
+
+_ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def _serve_frontend(app: web.Application, root: Path) -> None:
+    index = root / "index.html"
+
+    async def home(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", home)
+    app.router.add_static("/", root, follow_symlinks=False)
+
+
+# -- registry ---------------------------------------------------------------------------------------
+
+
+def build_registry(extra: Sequence[str] = (), builtin: bool = True) -> Registry:
+    """The built-in nodes and installed node packages (unless ``builtin`` is False), plus
+    ``extra`` modules or ``.py`` files of nodes (for node packages in development)."""
+    reg = Registry()
+    if builtin:
+        try:
+            reg.load_package("nodes")
+        except Exception as exc:  # noqa: BLE001 - e.g. no torch: serve what can be served
+            reg.load_errors["nodes"] = f"{type(exc).__name__}: {exc}"
+            log.warning("could not load the built-in nodes: %s", exc)
+        reg.load_entry_points()
+    for spec in extra:
+        reg.register_module(_import_nodes(spec))
+    return reg
+
+
+def _import_nodes(spec: str) -> Any:
+    if spec.endswith(".py") or os.sep in spec or "/" in spec:
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise SystemExit(f"error: --extra-nodes {spec}: no such file")
+        name = "nodeflow_extra_" + path.stem
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(spec)
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nodeflow serve", description="Serve ComfyUI's HTTP + WebSocket API.")
+    net = p.add_argument_group("network")
+    net.add_argument("--listen", metavar="HOST[,HOST]", nargs="?", const="0.0.0.0", default="127.0.0.1",
+                     help="addresses to listen on (default 127.0.0.1; --listen alone: 0.0.0.0)")
+    net.add_argument("--port", type=int, default=8188, help="port (default 8188)")
+    folders = p.add_argument_group("folders")
+    folders.add_argument("--base-dir", metavar="DIR", help="holds models/, input/, output/, temp/ "
+                         "(default: $NODEFLOW_HOME or the current directory)")
+    folders.add_argument("--input-dir", metavar="DIR")
+    folders.add_argument("--output-dir", metavar="DIR")
+    folders.add_argument("--temp-dir", metavar="DIR")
+    queue = p.add_argument_group("queue and history")
+    queue.add_argument("--db", metavar="PATH", default=os.environ.get("NODEFLOW_DB"),
+                       help="SQLite file of the queue and history (default BASE/nodeflow.sqlite3, or $NODEFLOW_DB; "
+                       "':memory:' keeps nothing)")
+    queue.add_argument("--requeue-interrupted", action="store_true",
+                       help="after a crash, run the prompt that was running again (default: mark it failed)")
+    queue.add_argument("--max-history", type=int, default=10_000, metavar="N", help="history entries kept")
+    queue.add_argument("--cache-size", type=int, default=256, metavar="N", help="node outputs cached between runs")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--auth-token", default=os.environ.get("NODEFLOW_AUTH_TOKEN"), metavar="TOKEN",
+                     help="require 'Authorization: Bearer TOKEN' (or ?token=) on every request "
+                     "(default $NODEFLOW_AUTH_TOKEN)")
+    sec.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                     help="a browser origin (http://host:port, or *) allowed to POST and open the WebSocket; "
+                     "repeatable or comma-separated")
+    sec.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="a Host name accepted while listening on loopback only; repeatable")
+    sec.add_argument("--max-upload-size", type=float, default=100.0, metavar="MB", help="upload limit (default 100)")
+    sec.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
+                     help="limit on width × height × batch_size literals (default 4096×4096; 0: none)")
+    sec.add_argument("--max-steps", type=int, default=1000, metavar="N",
+                     help="limit on 'steps' literals (default 1000; 0: none)")
+    run = p.add_argument_group("nodes and events")
+    run.add_argument("--extra-nodes", action="append", default=[], metavar="MODULE|FILE.py",
+                     help="register the nodes of a module or file (repeatable; also $NODEFLOW_EXTRA_NODES, "
+                     "comma-separated)")
+    run.add_argument("--no-builtin-nodes", action="store_true",
+                     help="do not load the built-in nodes and installed node packages")
+    run.add_argument("--preview", action="store_true", help="send live previews as binary WebSocket frames")
+    run.add_argument("--preview-size", type=int, default=512, metavar="PX")
+    run.add_argument("--web-root", metavar="DIR", help="serve a web frontend's files at /")
+    run.add_argument("--access-log", action="store_true", help="log every request")
+    run.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def _split(values: Sequence[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        hosts=_split([args.listen]) or ["127.0.0.1"], port=args.port, base_dir=args.base_dir,
+        input_dir=args.input_dir, output_dir=args.output_dir, temp_dir=args.temp_dir, db_path=args.db,
+        requeue_interrupted=args.requeue_interrupted, max_history=args.max_history, auth_token=args.auth_token or None,
+        allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
+        max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,
+        previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    extra = _split(args.extra_nodes) + _split([os.environ.get("NODEFLOW_EXTRA_NODES", "")])
+    registry = build_registry(extra, builtin=not args.no_builtin_nodes)
+    if not all(is_loopback_host(h) for h in config.hosts) and not config.auth_token:
+        log.warning("listening on %s without --auth-token: anyone who can reach this port can run prompts "
+                    "and read your images", ", ".join(config.hosts))
+    try:
+        app = create_app(config, registry)
+    except ValueError as exc:  # e.g. an unreadable nodeflow.json
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    urls = ", ".join(f"http://{'[' + h + ']' if ':' in h else h}:{config.port}" for h in config.hosts)
+    try:
+        web.run_app(app, host=config.hosts, port=config.port, print=lambda _: log.info("serving on %s", urls),
+                    access_log=logging.getLogger("nodeflow.access") if args.access_log else None)
+    except QueueLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot listen on {urls}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,130 @@
+"""What the server's modules share: the configuration, the typed app state keys, the route
+table entry, and JSON responses in ComfyUI's error shape."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from nodeflow.folders import Folders
+    from nodeflow.queue import Dispatcher, PromptQueue
+    from nodeflow.registry import Registry
+    from nodeflow.server.security import ResourceLimits
+    from nodeflow.server.ws import Hub
+
+
+@dataclass
+class ServerConfig:
+    """Every server option; ``nodeflow serve --help`` describes them."""
+
+    hosts: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    port: int = 8188
+    base_dir: str | None = None
+    input_dir: str | None = None
+    output_dir: str | None = None
+    temp_dir: str | None = None
+    #: The queue/history database; None: BASE/nodeflow.sqlite3; ":memory:" keeps nothing.
+    db_path: str | None = None
+    #: After a crash, queue the prompt that was running again instead of failing it.
+    requeue_interrupted: bool = False
+    max_history: int = 10_000
+    #: When set, every request needs ``Authorization: Bearer <token>``.
+    auth_token: str | None = None
+    #: Origins (``scheme://host[:port]``, or ``*``) whose browser pages may POST and open the
+    #: WebSocket; the server's own origin always may.
+    allow_origins: list[str] = field(default_factory=list)
+    #: Extra Host names accepted while listening on loopback only (DNS-rebinding guard).
+    allow_hosts: list[str] = field(default_factory=list)
+    max_upload_mb: float = 100.0
+    #: width × height × batch_size limit on literal inputs (0: none).
+    max_pixels: int = 4096 * 4096
+    #: Limit on literal ``steps`` inputs (0: none).
+    max_steps: int = 1000
+    #: Send live previews as binary WebSocket frames (off by default, as several clients
+    #: take them for results or crash on them).
+    previews: bool = False
+    preview_size: int = 512
+    #: Node outputs kept in the executor's cache between runs.
+    cache_size: int = 256
+    #: A folder of web frontend files to serve at / (e.g. ComfyUI's frontend build).
+    web_root: str | None = None
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+# -- typed app state ------------------------------------------------------------------------------
+
+CONFIG: web.AppKey[ServerConfig] = web.AppKey("config", ServerConfig)
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+FOLDERS: web.AppKey[Folders] = web.AppKey("folders")
+LIMITS: web.AppKey[ResourceLimits] = web.AppKey("limits")
+#: Set while the app runs (started in cleanup_ctx):
+QUEUE: web.AppKey[PromptQueue] = web.AppKey("queue")
+DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+HUB: web.AppKey[Hub] = web.AppKey("hub")
+API_ROUTES: web.AppKey[list[Route]] = web.AppKey("api_routes")
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route: served at ``path`` and at ``/api`` + ``path``, documented in /openapi.json."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    response: Any = None
+    tag: str = ""
+    query: tuple[tuple[str, str], ...] = ()
+    #: The body is multipart form data (documented by ``body``'s fields).
+    multipart: bool = False
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_fallback)
+
+
+def _fallback(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(text=dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def raw_json(text: str, status: int = 200) -> web.Response:
+    """A response from JSON text already made (e.g. the history, assembled from storage)."""
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def error_body(type_: str, message: str, details: str = "", extra: dict | None = None) -> dict:
+    """ComfyUI's error object: ``{"type", "message", "details", "extra_info"}``."""
+    return {"type": type_, "message": message, "details": details or message, "extra_info": extra or {}}
+
+
+def error_response(status: int, type_: str, message: str, details: str = "", *, node_errors: bool = False,
+                   headers: dict | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": error_body(type_, message, details)}
+    if node_errors:
+        body["node_errors"] = {}
+    return json_response(body, status, headers)

@@ -1,0 +1,314 @@
+"""Files: /view serves images from input/, output/ and temp/; /upload/image and
+/upload/mask store them. Every name goes through ``Folders.io_path``, which refuses ``..``,
+absolute paths and symlinks that lead out of the folder.
+
+Uploads stream into a spooled temporary file, stopping at ``--max-upload-size`` (413); an
+existing name is kept and the new file gets ComfyUI's ``name (1).png`` numbering, unless
+``overwrite`` is "true"/"1", or the existing file has the same bytes (then it is reused).
+Files are created with O_EXCL (numbering is race-free) or replaced atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import mimetypes
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+from aiohttp import BodyPartReader, web
+
+from nodeflow.folders import IO_KINDS, Folders, UnsafePath
+from nodeflow.server.common import CONFIG, FOLDERS, Route, error_response, json_response
+from nodeflow.server.schemas import MaskUploadForm, UploadForm, UploadResponse
+
+#: Served with their own type; anything else (html, svg, js, ...) as a download, so an
+#: uploaded file can never run script in the server's origin.
+SAFE_TYPES = frozenset({
+    "image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/avif",
+    "video/mp4", "video/webm", "video/quicktime", "audio/mpeg", "audio/wav", "audio/x-wav", "audio/flac",
+    "audio/ogg", "application/json", "text/plain",
+})
+_FIELD_LIMIT = 64 * 1024
+_SPOOL_MEMORY = 8 * 1024 * 1024
+
+
+def split_annotation(name: str) -> tuple[str, str | None]:
+    """ComfyUI's annotated names: ``"photo.png [output]"`` -> ("photo.png", "output")."""
+    for kind in IO_KINDS:
+        suffix = f" [{kind}]"
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind
+    return name, None
+
+
+def _resolve(folders: Folders, kind: str, name: str, subfolder: str) -> Path:
+    """``io_path`` with ComfyUI's status codes: unknown type 400, escaping name 403."""
+    if kind not in IO_KINDS:
+        raise web.HTTPBadRequest(text=_err("invalid_type", f"Unknown type {kind!r}; expected one of "
+                                           f"{', '.join(IO_KINDS)}"), content_type="application/json")
+    try:
+        return folders.io_path(kind, name, subfolder)
+    except UnsafePath as exc:
+        raise web.HTTPForbidden(text=_err("forbidden_path", str(exc)), content_type="application/json") from None
+
+
+def _err(type_: str, message: str) -> str:
+    return json.dumps({"error": {"type": type_, "message": message, "details": message, "extra_info": {}}})
+
+
+# -- /view ------------------------------------------------------------------------------------------
+
+
+async def view(request: web.Request) -> web.StreamResponse:
+    query = request.query
+    filename = query.get("filename", "")
+    if not filename:
+        return error_response(400, "missing_filename", "The filename parameter is required")
+    name, annotated = split_annotation(filename)
+    kind = annotated or query.get("type") or "output"
+    path = _resolve(request.app[FOLDERS], kind, name, query.get("subfolder", ""))
+    if not path.is_file():
+        return error_response(404, "not_found", f"No file {filename!r} in {kind}")
+    headers = {"Content-Disposition": _disposition(path.name), "X-Content-Type-Options": "nosniff",
+               "Cache-Control": "no-cache"}
+    preview, channel = query.get("preview"), query.get("channel", "rgba")
+    if preview or channel in ("rgb", "a"):
+        try:
+            body, content_type = await asyncio.to_thread(_transform, path, preview, channel)
+        except Exception as exc:  # noqa: BLE001 - not an image PIL can read
+            return error_response(400, "not_an_image", f"Cannot convert {filename!r}: {exc}")
+        return web.Response(body=body, content_type=content_type, headers=headers)
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if content_type not in SAFE_TYPES:
+        content_type = "application/octet-stream"
+        headers["Content-Disposition"] = "attachment; " + _disposition(path.name)
+    headers["Content-Type"] = content_type
+    return web.FileResponse(path, headers=headers)
+
+
+def _disposition(name: str) -> str:
+    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    text = f'filename="{ascii_name}"'
+    if ascii_name != name:
+        text += f"; filename*=UTF-8''{quote(name)}"
+    return text
+
+
+def _transform(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(path) as img:
+        if preview:
+            # ComfyUI's "format;quality", e.g. "webp;90" or "jpeg;75".
+            parts = preview.split(";")
+            fmt = parts[0].lower() if parts[0].lower() in ("webp", "jpeg", "jpg") else "webp"
+            fmt = "jpeg" if fmt == "jpg" else fmt
+            quality = int(parts[-1]) if parts[-1].isdigit() else 90
+            out = img.convert("RGB") if fmt == "jpeg" and img.mode != "RGB" else img
+            out.save(buffer, format=fmt, quality=max(1, min(quality, 100)))
+            return buffer.getvalue(), f"image/{fmt}"
+        if channel == "rgb":
+            img.convert("RGB").save(buffer, format="PNG")
+        else:  # "a": the alpha channel alone, as an RGBA image (opaque when there is none)
+            alpha = img.getchannel("A") if img.mode == "RGBA" else \
+                img.convert("RGBA").getchannel("A") if "transparency" in img.info else Image.new("L", img.size, 255)
+            out = Image.new("RGBA", img.size)
+            out.putalpha(alpha)
+            out.save(buffer, format="PNG")
+        return buffer.getvalue(), "image/png"
+
+
+# -- uploads ------------------------------------------------------------------------------------------
+
+
+async def upload_image(request: web.Request) -> web.Response:
+    return await _upload(request, mask=False)
+
+
+async def upload_mask(request: web.Request) -> web.Response:
+    return await _upload(request, mask=True)
+
+
+async def _upload(request: web.Request, mask: bool) -> web.Response:
+    limit = request.app[CONFIG].max_upload_bytes
+    if request.content_length is not None and request.content_length > limit + _FIELD_LIMIT:
+        return _too_large(limit)
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError):
+        return error_response(400, "invalid_request", "Expected a multipart/form-data body")
+    fields: dict[str, str] = {}
+    upload: IO[bytes] | None = None
+    filename = ""
+    try:
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "image" and upload is None:
+                filename = part.filename or ""
+                upload = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY)
+                if not await _copy_part(part, upload, limit):
+                    return _too_large(limit)
+            elif part.name in ("overwrite", "subfolder", "type", "original_ref"):
+                buffer = io.BytesIO()
+                if not await _copy_part(part, buffer, _FIELD_LIMIT):
+                    return error_response(400, "invalid_request", f"Form field {part.name!r} is too long")
+                fields[part.name] = buffer.getvalue().decode("utf-8", "replace")
+            else:
+                await part.release()
+        if upload is None or not filename:
+            return error_response(400, "invalid_request", "No file in the form field 'image'")
+        config = _upload_fields(fields, filename, mask)
+        upload.seek(0)
+        name = await asyncio.to_thread(_store, request.app[FOLDERS], upload, **config)
+    finally:
+        if upload is not None:
+            upload.close()
+    return json_response({"name": name, "subfolder": config["subfolder"], "type": config["kind"]})
+
+
+def _too_large(limit: int) -> web.Response:
+    return error_response(413, "too_large", f"The upload exceeds the limit of {limit:,} bytes",
+                          "the server's --max-upload-size sets it")
+
+
+async def _copy_part(part: BodyPartReader, sink: IO[bytes], limit: int) -> bool:
+    size = 0
+    while chunk := await part.read_chunk(256 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return False
+        sink.write(chunk)
+    return True
+
+
+def _upload_fields(fields: dict[str, str], filename: str, mask: bool) -> dict[str, Any]:
+    kind = fields.get("type") or "input"
+    if kind not in IO_KINDS:
+        raise web.HTTPBadRequest(text=_err("invalid_type", f"Unknown type {kind!r}"), content_type="application/json")
+    # The file name is client metadata: keep its last part only.
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    config: dict[str, Any] = {"kind": kind, "subfolder": fields.get("subfolder", ""), "name": name,
+                              "overwrite": fields.get("overwrite", "").lower() in ("true", "1"), "original": None}
+    if mask:
+        try:
+            ref = json.loads(fields.get("original_ref", ""))
+            if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str) or not ref["filename"]:
+                raise ValueError("no filename")
+        except ValueError:
+            raise web.HTTPBadRequest(text=_err("invalid_request", "original_ref must be JSON "
+                                               '{"filename", "subfolder", "type"}'),
+                                     content_type="application/json") from None
+        config["original"] = ref
+    return config
+
+
+def _store(folders: Folders, upload: IO[bytes], *, kind: str, subfolder: str, name: str, overwrite: bool,
+           original: dict | None) -> str:
+    """Write the upload (for a mask: the original with the mask as its alpha); returns the name used."""
+    target = _resolve(folders, kind, name, subfolder)
+    if original is not None:
+        upload = _apply_mask(folders, original, upload)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(upload, out)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target.name
+    stem, suffix = os.path.splitext(target.name)
+    path, n = target, 1
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            if _same_content(path, upload):
+                return path.name  # the same file uploaded again: reuse it
+            path = target.with_name(f"{stem} ({n}){suffix}")
+            n += 1
+            continue
+        try:
+            with os.fdopen(fd, "wb") as out:
+                upload.seek(0)
+                shutil.copyfileobj(upload, out)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path.name
+
+
+def _same_content(path: Path, upload: IO[bytes]) -> bool:
+    try:
+        if not path.is_file():
+            return False
+        upload.seek(0, os.SEEK_END)
+        if path.stat().st_size != upload.tell():
+            return False
+        upload.seek(0)
+        with open(path, "rb") as f:
+            return _digest(f) == _digest(upload)
+    finally:
+        upload.seek(0)
+
+
+def _digest(f: IO[bytes]) -> bytes:
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    return h.digest()
+
+
+def _apply_mask(folders: Folders, ref: dict, upload: IO[bytes]) -> IO[bytes]:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    name, annotated = split_annotation(ref["filename"])
+    kind = annotated or ref.get("type") or "output"
+    original = _resolve(folders, kind, name, ref.get("subfolder") or "")
+    if not original.is_file():
+        raise web.HTTPNotFound(text=_err("not_found", f"No original image {ref['filename']!r} in {kind}"),
+                               content_type="application/json")
+    try:
+        with Image.open(original) as img:
+            info = PngInfo()
+            for key, value in getattr(img, "text", {}).items():
+                info.add_text(key, value)
+            rgba = img.convert("RGBA")
+        with Image.open(upload) as mask_img:
+            alpha = mask_img.convert("RGBA").getchannel("A")
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable images are the client's error
+        raise web.HTTPBadRequest(text=_err("not_an_image", f"Cannot read the image or mask: {exc}"),
+                                 content_type="application/json") from None
+    if alpha.size != rgba.size:
+        alpha = alpha.resize(rgba.size)
+    rgba.putalpha(alpha)
+    out = io.BytesIO()
+    rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
+    out.seek(0)
+    return out
+
+
+ROUTES = [
+    Route("GET", "/view", view, "An image from output/, input/ or temp/", tag="files",
+          query=(("filename", "the file name (may end in ' [output]' etc.)"), ("subfolder", ""),
+                 ("type", "output (default) | input | temp"), ("preview", "webp;90 | jpeg;90: re-encode"),
+                 ("channel", "rgba (default) | rgb | a"))),
+    Route("POST", "/upload/image", upload_image, "Upload an image", UploadForm, UploadResponse, "files",
+          multipart=True),
+    Route("POST", "/upload/mask", upload_mask, "Upload a mask into an image's alpha channel", MaskUploadForm,
+          UploadResponse, "files", multipart=True),
+]

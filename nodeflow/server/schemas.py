@@ -1,0 +1,262 @@
+"""The HTTP API's request and response bodies as pydantic models, and /openapi.json built
+from them and the route table.
+
+Request bodies are parsed with these models (a malformed body gets a clear 400); responses
+are built as plain dicts on the hot paths and documented by the models here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from nodeflow.server.common import Route
+
+# -- requests ---------------------------------------------------------------------------------------
+
+
+class PromptRequest(BaseModel):
+    """POST /prompt. Unknown fields are ignored (clients send more than ComfyUI reads)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: dict[str, Any] | None = Field(None, description="The workflow in ComfyUI's API format")
+    client_id: str | None = Field(None, max_length=256, description="Where the WebSocket events go")
+    extra_data: dict[str, Any] = Field(default_factory=dict, description="e.g. extra_pnginfo (the UI workflow)")
+    front: bool = Field(False, description="Queue before everything pending")
+    number: float | None = Field(None, description="Queue position: lower runs first")
+    prompt_id: str | None = Field(None, min_length=1, max_length=128, description="Chosen by the client (default: a UUID)")
+    partial_execution_targets: list[str] | None = Field(None, description="Run only these output nodes")
+
+
+class QueueAction(BaseModel):
+    """POST /queue and POST /history."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    clear: bool = False
+    delete: list[str] = Field(default_factory=list)
+
+
+class InterruptRequest(BaseModel):
+    """POST /interrupt: the running prompt, or only ``prompt_id`` if it is the running one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt_id: str | None = None
+
+
+class UploadForm(BaseModel):
+    """POST /upload/image (multipart/form-data)."""
+
+    image: bytes = Field(description="The file", json_schema_extra={"format": "binary"})
+    overwrite: Literal["true", "1", "false", "0"] | None = Field(
+        None, description="Replace a file of the same name (else 'name (1).png' ...)")
+    subfolder: str = ""
+    type: Literal["input", "temp", "output"] = "input"
+
+
+class MaskUploadForm(UploadForm):
+    """POST /upload/mask: ``image``'s alpha channel is written into the original's."""
+
+    original_ref: str = Field(description='JSON: {"filename", "subfolder", "type"} of the image to mask')
+
+
+# -- responses ----------------------------------------------------------------------------------------
+
+
+class ComfyError(BaseModel):
+    type: str
+    message: str
+    details: str
+    extra_info: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeErrors(BaseModel):
+    errors: list[ComfyError]
+    dependent_outputs: list[str]
+    class_type: str
+
+
+class ErrorResponse(BaseModel):
+    """ComfyUI's error shape (400 on POST /prompt; other routes give ``error`` alone)."""
+
+    error: ComfyError | None
+    node_errors: dict[str, NodeErrors] = Field(default_factory=dict)
+
+
+class PromptResponse(BaseModel):
+    prompt_id: str
+    number: float
+    node_errors: dict[str, NodeErrors] = Field(description="Outputs that will not run, and why")
+
+
+class ExecInfo(BaseModel):
+    queue_remaining: int
+
+
+class PromptStatus(BaseModel):
+    exec_info: ExecInfo
+
+
+class QueueResponse(BaseModel):
+    """Entries are ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
+
+    queue_running: list[list[Any]]
+    queue_pending: list[list[Any]]
+
+
+class ImageRef(BaseModel):
+    filename: str
+    subfolder: str = ""
+    type: Literal["input", "output", "temp"] = "output"
+
+
+class HistoryStatus(BaseModel):
+    status_str: Literal["success", "error"]
+    completed: bool
+    messages: list[list[Any]] = Field(description="[[event, data], ...]")
+
+
+class HistoryEntry(BaseModel):
+    prompt: list[Any] = Field(description="[number, prompt_id, prompt, extra_data, outputs_to_execute]")
+    outputs: dict[str, dict[str, Any]] = Field(description='{node_id: {"images": [ImageRef, ...], ...}}')
+    status: HistoryStatus
+    meta: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class History(BaseModel):
+    """``{prompt_id: HistoryEntry}``, oldest first."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class UploadResponse(BaseModel):
+    name: str
+    subfolder: str
+    type: str
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["pending", "in_progress", "completed", "failed"]
+    priority: float
+    create_time: int | None = None
+    execution_start_time: int | None = None
+    execution_end_time: int | None = None
+    execution_error: dict[str, Any] | None = None
+    outputs_count: int = 0
+    preview_output: dict[str, Any] | None = None
+    workflow_id: str | None = None
+
+
+class Pagination(BaseModel):
+    offset: int
+    limit: int | None
+    total: int
+    has_more: bool
+
+
+class JobsResponse(BaseModel):
+    jobs: list[Job]
+    pagination: Pagination
+
+
+class SystemInfo(BaseModel):
+    os: str
+    python_version: str
+    embedded_python: bool = False
+    comfyui_version: str
+    pytorch_version: str
+    argv: list[str]
+    ram_total: int
+    ram_free: int
+
+
+class Device(BaseModel):
+    name: str
+    type: str
+    index: int | None
+    vram_total: int
+    vram_free: int
+    torch_vram_total: int
+    torch_vram_free: int
+
+
+class SystemStats(BaseModel):
+    system: SystemInfo
+    devices: list[Device]
+
+
+class Features(BaseModel):
+    supports_preview_metadata: bool
+    max_upload_size: int
+
+
+# -- /openapi.json -------------------------------------------------------------------------------------
+
+
+def openapi(routes: list[Route], version: str) -> dict[str, Any]:
+    """An OpenAPI 3.1 document of the routes (each also served under /api)."""
+    models: list[type[BaseModel]] = []
+    for r in routes:
+        for m in (r.body, r.response):
+            if isinstance(m, type) and issubclass(m, BaseModel) and m not in models:
+                models.append(m)
+    for m in (ErrorResponse, ImageRef):
+        if m not in models:
+            models.append(m)
+    _, schema = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    components = schema.get("$defs", {})
+
+    def ref(model: Any) -> dict[str, Any]:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return {"$ref": f"#/components/schemas/{model.__name__}"}
+        return model if isinstance(model, dict) else {}
+
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": f"{r.method.lower()}{_op_name(r.path)}"}
+        if r.tag:
+            op["tags"] = [r.tag]
+        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in _path_params(r.path)]
+        params += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": text} for name, text in r.query]
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            media = "multipart/form-data" if r.multipart else "application/json"
+            op["requestBody"] = {"required": r.method == "POST" and r.body is not InterruptRequest,
+                                 "content": {media: {"schema": ref(r.body)}}}
+        responses: dict[str, Any] = {"200": {"description": "OK"}}
+        if r.response is not None:
+            responses["200"]["content"] = {"application/json": {"schema": ref(r.response)}}
+        responses["400"] = {"description": "Bad request", "content": {"application/json": {"schema": ref(ErrorResponse)}}}
+        responses["401"] = {"description": "Authentication required (when the server has a token)"}
+        op["responses"] = responses
+        paths.setdefault(_openapi_path(r.path), {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "nodeflow", "version": version,
+                 "description": "ComfyUI's HTTP API, served by nodeflow. Every path is also served under /api."},
+        "paths": paths,
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{}, {"bearer": []}],
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [p[1:-1].split(":")[0] for p in path.split("/") if p.startswith("{")]
+
+
+def _openapi_path(path: str) -> str:
+    return "/".join("{" + p[1:-1].split(":")[0] + "}" if p.startswith("{") else p for p in path.split("/"))
+
+
+def _op_name(path: str) -> str:
+    parts = [p.strip("{}").split(":")[0] for p in path.split("/") if p]
+    return "".join(p[:1].upper() + p[1:] for p in parts) or "Root"

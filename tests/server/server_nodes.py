@@ -1,0 +1,140 @@
+"""Cheap node types for the server tests. A real server process loads this file too
+(``--extra-nodes tests/server/server_nodes.py``)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from PIL import Image
+
+from nodeflow import Bool, Float, Int, Node, Output, Result, Socket, String
+from nodeflow.folders import folders
+
+
+class Const(Node):
+    """Emits an integer."""
+    category = "test"
+    inputs = {"value": Int(default=0, min=-10**9, max=10**9)}
+    outputs = [Output("INT", "value")]
+
+    def run(self, value):
+        return (value,)
+
+
+class Add(Node):
+    category = "test"
+    inputs = {"a": Int(default=0), "b": Int(default=0)}
+    outputs = [Output("INT", "sum")]
+
+    def run(self, a, b):
+        return (a + b,)
+
+
+class Hold(Node):
+    """Takes `steps` steps with progress. Tests can hold it at step 1 with GATE; `seconds`
+    sleeps that long per step (interruptible), for a real server process."""
+    category = "test"
+    inputs = {"x": Socket("INT"), "steps": Int(default=3, min=1, max=100000)}
+    optional = {"seconds": Float(default=0.0, min=0.0, max=600.0), "preview": Bool(default=False)}
+    outputs = [Output("INT")]
+    GATE: threading.Event | None = None
+    STARTED = threading.Event()
+    RUNS = 0
+
+    def run(self, x, steps, seconds=0.0, preview=False):
+        Hold.RUNS += 1
+        for i in range(steps):
+            if i == 1:
+                Hold.STARTED.set()
+                gate = Hold.GATE
+                if gate is not None:
+                    deadline = time.monotonic() + 10
+                    while not gate.wait(0.005) and time.monotonic() < deadline:
+                        self.context.check_interrupted()
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                self.context.check_interrupted()
+                time.sleep(min(0.01, max(end - time.monotonic(), 0)))
+            image = Image.new("RGB", (16, 16), (i * 40 % 256, 80, 160)) if preview else None
+            self.context.progress(i + 1, steps, image)
+        return (x,)
+
+
+class Fail(Node):
+    category = "test"
+    inputs = {"x": Socket("INT")}
+    outputs = [Output("INT")]
+
+    def run(self, x):
+        raise RuntimeError(f"boom at {x}")
+
+
+class Exit(Node):
+    """Raises SystemExit: the worker thread must survive even that."""
+    category = "test"
+    inputs = {"x": Socket("INT")}
+    outputs = [Output("INT")]
+
+    def run(self, x):
+        raise SystemExit(3)
+
+
+class Canvas(Node):
+    category = "test"
+    inputs = {"width": Int(default=512, min=1, max=1 << 20), "height": Int(default=512, min=1, max=1 << 20),
+              "batch_size": Int(default=1, min=1, max=4096)}
+    outputs = [Output("INT")]
+
+    def run(self, width, height, batch_size):
+        return (width * height * batch_size,)
+
+
+class Steps(Node):
+    category = "test"
+    inputs = {"x": Socket("INT"), "steps": Int(default=20, min=1, max=100000)}
+    outputs = [Output("INT")]
+
+    def run(self, x, steps):
+        return (x + steps,)
+
+
+class Show(Node):
+    """An output node without files."""
+    category = "test"
+    inputs = {"value": Socket("*")}
+    outputs = []
+    output_node = True
+
+    def run(self, value):
+        return Result(ui={"text": [str(value)]})
+
+
+class SaveValue(Node):
+    """Writes a small PNG whose colour encodes the value, numbered like ComfyUI's SaveImage
+    (an existing file is never overwritten)."""
+    category = "test"
+    inputs = {"value": Socket("INT")}
+    optional = {"filename_prefix": String(default="test")}
+    outputs = []
+    output_node = True
+
+    def run(self, value, filename_prefix="test"):
+        out = folders().output
+        out.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(re.escape(filename_prefix) + r"_(\d{5})_\.png$")
+        taken = [int(m.group(1)) for p in out.iterdir() if (m := pattern.match(p.name))]
+        counter = max(taken, default=0) + 1
+        while True:
+            name = f"{filename_prefix}_{counter:05}_.png"
+            try:
+                with open(out / name, "xb") as f:
+                    Image.new("RGB", (8, 8), (value % 256, (value // 256) % 256, 7)).save(f, format="PNG")
+                break
+            except FileExistsError:
+                counter += 1
+        return Result(ui={"images": [{"filename": name, "subfolder": "", "type": "output"}]})
+
+
+ALL = [Const, Add, Hold, Fail, Exit, Canvas, Steps, Show, SaveValue]

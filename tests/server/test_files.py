@@ -1,0 +1,180 @@
+"""/view and uploads: formats, numbering, masks, confinement, size limits."""
+
+import io
+import json
+import os
+
+import aiohttp
+from PIL import Image
+
+from server_helpers import async_test, serve
+
+
+def png(color=(255, 0, 0, 255), size=(8, 8), mode="RGBA", text=None):
+    buf = io.BytesIO()
+    img = Image.new(mode, size, color)
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+        img.save(buf, format="PNG", pnginfo=info)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def form(data, name="photo.png", **fields):
+    f = aiohttp.FormData()
+    f.add_field("image", data, filename=name, content_type="image/png")
+    for k, v in fields.items():
+        f.add_field(k, v)
+    return f
+
+
+async def upload(client, data, name="photo.png", path="/upload/image", expect=200, **fields):
+    resp = await client.post(path, data=form(data, name, **fields))
+    body = await resp.json()
+    assert resp.status == expect, body
+    return body
+
+
+@async_test
+async def test_upload_then_view(tmp_path):
+    async with serve(tmp_path) as client:
+        data = png()
+        assert await upload(client, data) == {"name": "photo.png", "subfolder": "", "type": "input"}
+        assert (tmp_path / "input" / "photo.png").read_bytes() == data
+        resp = await client.get("/view", params={"filename": "photo.png", "type": "input"})
+        assert resp.status == 200 and resp.content_type == "image/png" and await resp.read() == data
+        assert 'filename="photo.png"' in resp.headers["Content-Disposition"]
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        # Annotated names, as ComfyUI's LoadImage widgets write them.
+        resp = await client.get("/api/view", params={"filename": "photo.png [input]"})
+        assert resp.status == 200 and await resp.read() == data
+
+
+@async_test
+async def test_upload_numbering_overwrite_dedupe_subfolder(tmp_path):
+    async with serve(tmp_path) as client:
+        await upload(client, png((1, 2, 3, 255)))
+        # Same name, different bytes: numbered like ComfyUI.
+        assert (await upload(client, png((4, 5, 6, 255))))["name"] == "photo (1).png"
+        assert (await upload(client, png((7, 8, 9, 255))))["name"] == "photo (2).png"
+        # Same bytes as an existing file: that file is reused.
+        assert (await upload(client, png((4, 5, 6, 255))))["name"] == "photo (1).png"
+        # overwrite replaces.
+        new = png((10, 11, 12, 255))
+        assert (await upload(client, new, overwrite="true"))["name"] == "photo.png"
+        assert (tmp_path / "input" / "photo.png").read_bytes() == new
+        # Subfolder and type.
+        got = await upload(client, png(), subfolder="pasted", type="temp")
+        assert got == {"name": "photo.png", "subfolder": "pasted", "type": "temp"}
+        assert (tmp_path / "temp" / "pasted" / "photo.png").is_file()
+        # A path in the file name keeps its last part only.
+        body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"../../evil.png\"\r\n"
+                b"Content-Type: image/png\r\n\r\n" + png((1, 1, 1, 255)) + b"\r\n--XyZ--\r\n")
+        resp = await client.post("/upload/image", data=body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+        assert (await resp.json())["name"] == "evil.png"
+        assert (tmp_path / "input" / "evil.png").is_file() and not (tmp_path.parent / "evil.png").exists()
+
+
+@async_test
+async def test_upload_refusals(tmp_path):
+    async with serve(tmp_path, max_upload_mb=0.01) as client:
+        body = await upload(client, b"x" * 20_000, expect=413)
+        assert body["error"]["type"] == "too_large"
+        assert not list((tmp_path / "input").glob("*")) if (tmp_path / "input").exists() else True
+        body = await upload(client, png(), subfolder="../../etc", expect=403)
+        assert body["error"]["type"] == "forbidden_path"
+        body = await upload(client, png(), subfolder="/tmp", expect=403)
+        body = await upload(client, png(), type="models", expect=400)
+        resp = await client.post("/upload/image", json={"image": "nope"})
+        assert resp.status == 400
+        f = aiohttp.FormData(default_to_multipart=True)
+        f.add_field("other", "x")
+        resp = await client.post("/upload/image", data=f)
+        assert resp.status == 400 and "image" in (await resp.json())["error"]["message"]
+
+
+@async_test
+async def test_upload_mask_into_alpha(tmp_path):
+    async with serve(tmp_path) as client:
+        out = tmp_path / "output"
+        out.mkdir()
+        (out / "orig.png").write_bytes(png((200, 100, 50, 255), (8, 8), text={"prompt": "{}"}))
+        mask = io.BytesIO()
+        m = Image.new("RGBA", (4, 4), (0, 0, 0, 255))
+        m.putpixel((0, 0), (0, 0, 0, 0))
+        m.save(mask, format="PNG")
+        ref = json.dumps({"filename": "orig.png", "subfolder": "", "type": "output"})
+        got = await upload(client, mask.getvalue(), name="clipspace-mask.png", path="/upload/mask",
+                           original_ref=ref, subfolder="clipspace", type="input")
+        assert got == {"name": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"}
+        with Image.open(tmp_path / "input" / "clipspace" / "clipspace-mask.png") as img:
+            assert img.mode == "RGBA" and img.size == (8, 8)
+            assert img.getpixel((7, 7)) == (200, 100, 50, 255)
+            assert img.getpixel((0, 0))[3] == 0  # the mask's transparency, scaled up
+            assert img.text.get("prompt") == "{}"  # the original's metadata kept
+        body = await upload(client, mask.getvalue(), path="/upload/mask", expect=404,
+                            original_ref=json.dumps({"filename": "missing.png"}))
+        body = await upload(client, mask.getvalue(), path="/upload/mask", expect=403,
+                            original_ref=json.dumps({"filename": "../../x.png", "type": "output"}))
+        body = await upload(client, mask.getvalue(), path="/upload/mask", expect=400, original_ref="not json")
+
+
+@async_test
+async def test_view_confinement(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT")
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "ok.png").write_bytes(png())
+    os.symlink(secret, tmp_path / "output" / "link.png")
+    os.symlink(tmp_path, tmp_path / "output" / "dirlink")
+    async with serve(tmp_path) as client:
+        for params in ({"filename": "../secret.txt"},
+                       {"filename": str(secret)},
+                       {"filename": "secret.txt", "subfolder": ".."},
+                       {"filename": "secret.txt", "subfolder": str(tmp_path)},
+                       {"filename": "link.png"},  # a symlink out of the folder
+                       {"filename": "secret.txt", "subfolder": "dirlink"},
+                       {"filename": "..\\secret.txt"},
+                       {"filename": "ok.png\x00.txt"}):
+            resp = await client.get("/view", params=params)
+            assert resp.status == 403, params
+            assert "TOP-SECRET" not in await resp.text()
+        resp = await client.get("/view", params={"filename": "ok.png", "type": "models"})
+        assert resp.status == 400
+        resp = await client.get("/view", params={"filename": "nope.png"})
+        assert resp.status == 404
+        resp = await client.get("/view")
+        assert resp.status == 400
+        resp = await client.get("/view", params={"filename": "ok.png"})  # type defaults to output
+        assert resp.status == 200
+
+
+@async_test
+async def test_view_preview_and_channels(tmp_path):
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "a.png").write_bytes(png((10, 20, 30, 128), (32, 16)))
+    (tmp_path / "output" / "page.html").write_text("<script>alert(1)</script>")
+    async with serve(tmp_path) as client:
+        for spec, fmt in (("webp;50", "WEBP"), ("jpeg;90", "JPEG"), ("jpg", "JPEG"), ("bogus", "WEBP")):
+            resp = await client.get("/view", params={"filename": "a.png", "preview": spec})
+            assert resp.status == 200
+            with Image.open(io.BytesIO(await resp.read())) as img:
+                assert img.format == fmt and img.size == (32, 16)
+            assert resp.content_type == f"image/{fmt.lower()}"
+        resp = await client.get("/view", params={"filename": "a.png", "channel": "rgb"})
+        with Image.open(io.BytesIO(await resp.read())) as img:
+            assert img.mode == "RGB" and img.getpixel((0, 0)) == (10, 20, 30)
+        resp = await client.get("/view", params={"filename": "a.png", "channel": "a"})
+        with Image.open(io.BytesIO(await resp.read())) as img:
+            assert img.mode == "RGBA" and img.getpixel((0, 0))[3] == 128
+        # Not an image: never served as HTML.
+        resp = await client.get("/view", params={"filename": "page.html"})
+        assert resp.status == 200 and resp.content_type == "application/octet-stream"
+        assert resp.headers["Content-Disposition"].startswith("attachment")
+        resp = await client.get("/view", params={"filename": "page.html", "preview": "webp"})
+        assert resp.status == 400

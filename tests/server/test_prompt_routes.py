@@ -1,0 +1,280 @@
+"""POST /prompt, the queue, interruption, the history and jobs routes."""
+
+import asyncio
+import threading
+
+from server_helpers import async_test, chain, held, serve, submit, wait_history, wait_started
+from server_nodes import Hold
+
+
+@async_test
+async def test_submit_runs_and_lands_in_history(tmp_path):
+    async with serve(tmp_path) as client:
+        data = await submit(client, chain(value=5), client_id="me", extra_data={"extra_pnginfo": {"x": 1}})
+        assert set(data) == {"prompt_id", "number", "node_errors"} and data["node_errors"] == {}
+        entry = await wait_history(client, data["prompt_id"])
+        number, pid, prompt, extra, outputs = entry["prompt"]
+        assert (number, pid, prompt, outputs) == (data["number"], data["prompt_id"], chain(value=5), ["3"])
+        assert extra["client_id"] == "me" and extra["extra_pnginfo"] == {"x": 1} and "create_time" in extra
+        assert entry["outputs"] == {"3": {"text": ["15"]}}
+        assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+        events = [m[0] for m in entry["status"]["messages"]]
+        assert events == ["execution_start", "execution_cached", "execution_success"]
+        assert entry["meta"]["3"]["node_id"] == "3"
+
+
+@async_test
+async def test_every_route_is_also_under_api_and_answers_json(tmp_path):
+    async with serve(tmp_path) as client:
+        for path in ("/prompt", "/api/prompt"):
+            resp = await client.get(path)
+            assert resp.status == 200 and resp.content_type == "application/json"
+            assert await resp.json() == {"exec_info": {"queue_remaining": 0}}
+        data = await (await client.post("/api/prompt", json={"prompt": chain()})).json()
+        await wait_history(client, data["prompt_id"])
+        for path in ("/queue", "/history", "/api/history", f"/api/history/{data['prompt_id']}", "/api/jobs"):
+            resp = await client.get(path)
+            assert resp.status == 200 and resp.content_type == "application/json", path
+        resp = await client.get("/no/such/route")
+        assert resp.status == 404 and resp.content_type == "application/json"
+        assert (await resp.json())["error"]["type"] == "not_found"
+        resp = await client.delete("/prompt")
+        assert resp.status == 405 and (await resp.json())["error"]["type"] == "method_not_allowed"
+
+
+@async_test
+async def test_invalid_prompt_gets_comfyui_error_shape(tmp_path):
+    async with serve(tmp_path) as client:
+        bad = chain()
+        bad["1"]["inputs"]["value"] = "seven"
+        bad["2"]["inputs"]["b"] = ["99", 0]
+        data = await submit(client, bad, expect=400)
+        assert data["error"]["type"] == "prompt_outputs_failed_validation"
+        assert set(data["error"]) == {"type", "message", "details", "extra_info"}
+        errs = data["node_errors"]
+        assert set(errs) == {"1", "2"}
+        assert errs["1"]["class_type"] == "Const" and errs["1"]["dependent_outputs"] == ["3"]
+        e = errs["1"]["errors"][0]
+        assert e["type"] == "invalid_input_type" and e["extra_info"]["input_name"] == "value"
+        assert e["extra_info"]["received_value"] == "seven"
+        assert errs["2"]["errors"][0]["type"] == "invalid_link"
+        resp = await client.get("/queue")
+        assert (await resp.json())["queue_pending"] == []  # nothing queued
+
+
+@async_test
+async def test_body_errors(tmp_path):
+    async with serve(tmp_path) as client:
+        resp = await client.post("/prompt", data=b"{not json")
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["type"] == "invalid_json" and body["node_errors"] == {}
+        resp = await client.post("/prompt", json={"client_id": "x"})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["type"] == "no_prompt"
+        resp = await client.post("/prompt", json={"prompt": chain(), "front": "sideways"})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["type"] == "invalid_request" and "front" in body["error"]["details"]
+        resp = await client.post("/prompt", json={"prompt": "nodes"})
+        assert resp.status == 400
+        resp = await client.post("/prompt", json={"prompt": {"a": 1, "b": 2}})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["type"] == "invalid_prompt"
+        resp = await client.post("/prompt", json={"prompt": {"1": {"class_type": "Const", "inputs": {"value": 1}}}})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["type"] == "prompt_no_outputs"
+        resp = await client.post("/queue", data=b"[1, 2]")
+        assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_request"
+
+
+@async_test
+async def test_partly_valid_prompt_runs_valid_outputs(tmp_path):
+    async with serve(tmp_path) as client:
+        prompt = chain(**{"4": {"class_type": "Show", "inputs": {"value": ["5", 0]}},
+                          "5": {"class_type": "Const", "inputs": {"value": 10**12}}})
+        data = await submit(client, prompt)
+        assert list(data["node_errors"]) == ["5"]
+        assert data["node_errors"]["5"]["dependent_outputs"] == ["4"]
+        entry = await wait_history(client, data["prompt_id"])
+        assert entry["prompt"][4] == ["3"] and list(entry["outputs"]) == ["3"]
+
+
+@async_test
+async def test_partial_execution_targets(tmp_path):
+    async with serve(tmp_path) as client:
+        prompt = chain(**{"4": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})
+        data = await submit(client, prompt, partial_execution_targets=["4"])
+        entry = await wait_history(client, data["prompt_id"])
+        assert list(entry["outputs"]) == ["4"]
+
+
+@async_test
+async def test_resource_limits_refused_at_validation(tmp_path):
+    async with serve(tmp_path, max_pixels=1024 * 1024, max_steps=50) as client:
+        prompt = {"1": {"class_type": "Canvas", "inputs": {"width": 2048, "height": 1024, "batch_size": 2}},
+                  "2": {"class_type": "Steps", "inputs": {"x": ["1", 0], "steps": 51}},
+                  "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+        data = await submit(client, prompt, expect=400)
+        width = data["node_errors"]["1"]["errors"][0]
+        assert width["type"] == "value_bigger_than_max" and width["extra_info"]["input_name"] == "width"
+        assert "2048 × 1024 × 2 = 4,194,304 pixels" in width["details"]
+        steps = data["node_errors"]["2"]["errors"][0]
+        assert steps["extra_info"]["input_name"] == "steps" and "50" in steps["extra_info"]["expected"]
+        assert data["node_errors"]["1"]["dependent_outputs"] == ["3"]
+        # Within the limits: fine.
+        prompt["1"]["inputs"].update(width=1024, batch_size=1)
+        prompt["2"]["inputs"]["steps"] = 50
+        await submit(client, prompt)
+
+
+@async_test
+async def test_queue_listing_order_front_and_number(tmp_path):
+    Hold.GATE = threading.Event()
+    async with serve(tmp_path) as client:
+        running = await submit(client, held(), client_id="c")
+        await wait_started()
+        a = await submit(client, chain(1))
+        b = await submit(client, chain(2), front=True)
+        c = await submit(client, chain(3), number=0.5)
+        d = await submit(client, chain(4), prompt_id="my-own-id")
+        assert d["prompt_id"] == "my-own-id"
+        dup = await submit(client, chain(5), expect=400, prompt_id="my-own-id")
+        assert dup["error"]["type"] == "duplicate_prompt_id"
+        queue = await (await client.get("/queue")).json()
+        assert [e[1] for e in queue["queue_running"]] == [running["prompt_id"]]
+        assert all(len(e) == 5 for e in queue["queue_running"] + queue["queue_pending"])
+        assert [e[1] for e in queue["queue_pending"]] == [b["prompt_id"], c["prompt_id"], a["prompt_id"], "my-own-id"]
+        assert (await (await client.get("/prompt")).json())["exec_info"]["queue_remaining"] == 5
+
+        resp = await client.post("/queue", json={"delete": [a["prompt_id"], running["prompt_id"]]})
+        assert (await resp.json())["deleted"] == 1  # the running one is not deleted
+        resp = await client.post("/queue", json={"clear": True})
+        assert (await resp.json())["deleted"] == 3
+        queue = await (await client.get("/queue")).json()
+        assert queue["queue_pending"] == [] and len(queue["queue_running"]) == 1
+        Hold.GATE.set()
+        await wait_history(client, running["prompt_id"])
+        hist = await (await client.get("/history")).json()
+        assert list(hist) == [running["prompt_id"]]  # deleted prompts never ran
+
+
+@async_test
+async def test_interrupt_running_prompt(tmp_path):
+    Hold.GATE = threading.Event()
+    async with serve(tmp_path) as client:
+        first = await submit(client, held())
+        second = await submit(client, chain(7))
+        await wait_started()
+        resp = await client.post("/interrupt", json={"prompt_id": second["prompt_id"]})
+        assert (await resp.json())["interrupted"] is False  # not the running one
+        resp = await client.post("/interrupt", json={"prompt_id": first["prompt_id"]})
+        assert (await resp.json())["interrupted"] is True
+        entry = await wait_history(client, first["prompt_id"])
+        assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+        # The queue goes on.
+        entry = await wait_history(client, second["prompt_id"])
+        assert entry["status"]["status_str"] == "success"
+        # An empty body interrupts whatever runs (nothing now).
+        resp = await client.post("/interrupt")
+        assert resp.status == 200 and (await resp.json())["interrupted"] is False
+
+
+@async_test
+async def test_failing_node_error_in_history(tmp_path):
+    async with serve(tmp_path) as client:
+        prompt = chain()
+        prompt["2"] = {"class_type": "Fail", "inputs": {"x": ["1", 0]}}
+        data = await submit(client, prompt)
+        entry = await wait_history(client, data["prompt_id"])
+        assert entry["status"]["status_str"] == "error"
+        event, err = entry["status"]["messages"][-1]
+        assert event == "execution_error"
+        assert err["node_id"] == "2" and err["node_type"] == "Fail" and err["exception_message"] == "boom at 1"
+        assert err["prompt_id"] == data["prompt_id"] and isinstance(err["traceback"], list)
+        # The worker is still alive.
+        data = await submit(client, chain(2))
+        assert (await wait_history(client, data["prompt_id"]))["status"]["completed"]
+
+
+@async_test
+async def test_history_routes(tmp_path):
+    async with serve(tmp_path) as client:
+        ids = []
+        for i in range(4):
+            ids.append((await submit(client, chain(i)))["prompt_id"])
+            await wait_history(client, ids[-1])
+        assert list(await (await client.get("/history")).json()) == ids
+        assert list(await (await client.get("/history?max_items=2")).json()) == ids[2:]
+        assert list(await (await client.get("/history?max_items=1&offset=1")).json()) == ids[1:2]
+        assert await (await client.get("/history/unknown")).json() == {}
+        assert (await client.get("/history?max_items=x")).status == 400
+        await client.post("/history", json={"delete": [ids[0]]})
+        assert list(await (await client.get("/history")).json()) == ids[1:]
+        await client.post("/history", json={"clear": True})
+        assert await (await client.get("/history")).json() == {}
+
+
+@async_test
+async def test_jobs(tmp_path):
+    Hold.GATE = threading.Event()
+    async with serve(tmp_path) as client:
+        ok = await submit(client, chain(1), extra_data={"extra_pnginfo": {"workflow": {"id": "wf-1"}}})
+        await wait_history(client, ok["prompt_id"])
+        bad = chain(2)
+        bad["2"] = {"class_type": "Fail", "inputs": {"x": ["1", 0]}}
+        failed = await submit(client, bad)
+        await wait_history(client, failed["prompt_id"])
+        running = await submit(client, held())
+        await wait_started()
+        pending = await submit(client, chain(3))
+
+        data = await (await client.get("/api/jobs")).json()
+        by_id = {j["id"]: j for j in data["jobs"]}
+        assert by_id[ok["prompt_id"]]["status"] == "completed"
+        assert by_id[ok["prompt_id"]]["workflow_id"] == "wf-1"
+        assert by_id[failed["prompt_id"]]["status"] == "failed"
+        assert by_id[failed["prompt_id"]]["execution_error"]["node_id"] == "2"
+        assert by_id[running["prompt_id"]]["status"] == "in_progress"
+        assert by_id[pending["prompt_id"]]["status"] == "pending"
+        assert data["pagination"] == {"offset": 0, "limit": None, "total": 4, "has_more": False}
+        # Newest first by default.
+        assert data["jobs"][0]["id"] == pending["prompt_id"]
+
+        data = await (await client.get("/api/jobs?status=completed,failed&limit=1&sort_order=asc")).json()
+        assert [j["id"] for j in data["jobs"]] == [ok["prompt_id"]] and data["pagination"]["has_more"] is True
+        assert (await client.get("/api/jobs?status=bogus")).status == 400
+
+        one = await (await client.get(f"/api/jobs/{ok['prompt_id']}")).json()
+        assert one["outputs"] == {"3": {"text": ["11"]}} and one["workflow"]["prompt"] == chain(1)
+        assert (await (await client.get(f"/api/jobs/{pending['prompt_id']}")).json())["status"] == "pending"
+        assert (await client.get("/api/jobs/nope")).status == 404
+        Hold.GATE.set()
+        await wait_history(client, pending["prompt_id"])
+
+
+@async_test
+async def test_large_prompt_validates_off_loop(tmp_path):
+    async with serve(tmp_path) as client:
+        prompt = {"0": {"class_type": "Const", "inputs": {"value": 0}}}
+        for i in range(1, 3000):
+            prompt[str(i)] = {"class_type": "Add", "inputs": {"a": [str(i - 1), 0], "b": 1}}
+        prompt["out"] = {"class_type": "Show", "inputs": {"value": ["2999", 0]}}
+        data = await submit(client, prompt)
+        entry = await wait_history(client, data["prompt_id"], timeout=20)
+        assert entry["outputs"]["out"] == {"text": ["2999"]}
+
+
+@async_test
+async def test_sensitive_extra_data_not_shown(tmp_path):
+    Hold.GATE = threading.Event()
+    async with serve(tmp_path) as client:
+        await submit(client, held())
+        await wait_started()
+        data = await submit(client, chain(), extra_data={"api_key_comfy_org": "s3cret", "keep": 1})
+        queue = await client.get("/queue")
+        assert "s3cret" not in await queue.text()
+        Hold.GATE.set()
+        await wait_history(client, data["prompt_id"])
+        text = await (await client.get("/history")).text()
+        assert "s3cret" not in text and '"keep":1' in text
+        await asyncio.sleep(0)

@@ -1,0 +1,200 @@
+"""The persistent queue and the worker, without HTTP."""
+
+import threading
+import time
+
+import pytest
+
+from nodeflow.queue import (Dispatcher, DuplicatePrompt, LocalBackend, Outcome, PromptQueue, QueueLocked)
+
+from server_helpers import chain, held, make_registry
+from server_nodes import Hold
+
+WF = {"1": {"class_type": "Const", "inputs": {"value": 1}}}
+
+
+def put(q, pid, **kw):
+    return q.put(pid, WF, {"client_id": "c"}, ["1"], **kw)
+
+
+def test_order_number_then_arrival_and_front(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    put(q, "a")
+    put(q, "b")
+    put(q, "c", front=True)
+    put(q, "d", number=0.5)
+    assert [i.prompt_id for i in q.pending()] == ["c", "a", "d", "b"]
+    assert [i.number for i in q.pending()] == [-2, 0, 0.5, 1]
+    assert [q.claim(0).prompt_id for _ in range(1)] == ["c"]
+    assert q.claim(0) is None  # one runs at a time
+    q.close()
+
+
+def test_entries_have_comfyui_shape(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    item = put(q, "a")
+    assert item.to_comfy() == [0, "a", WF, {"client_id": "c"}, ["1"]]
+    assert item.client_id == "c"
+
+
+def test_duplicate_prompt_id_refused(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    put(q, "a")
+    with pytest.raises(DuplicatePrompt):
+        put(q, "a")
+    q.finish(q.claim(0), Outcome("success"))
+    with pytest.raises(DuplicatePrompt):
+        put(q, "a")  # in the history too
+
+
+def test_survives_reopen_and_numbers_continue(tmp_path):
+    path = tmp_path / "q.db"
+    q = PromptQueue(path)
+    for pid in "abc":
+        put(q, pid, sensitive={"api_key_comfy_org": "secret"})
+    first = q.claim(0)
+    q.finish(first, Outcome("success", {"1": {"text": ["x"]}}, [["execution_start", {"prompt_id": "a"}]]))
+    q.claim(0)  # "b" is running when the process dies
+    q._db.close()  # no orderly close: as after a kill
+    q._lock_file.close()
+
+    q2 = PromptQueue(path)
+    assert [i.prompt_id for i in q2.pending()] == ["c"]
+    assert q2.recover() == ["b"]
+    hist = q2.history()
+    assert list(hist) == ["a", "b"]
+    assert hist["a"]["outputs"] == {"1": {"text": ["x"]}}
+    assert hist["a"]["status"] == {"status_str": "success", "completed": True,
+                                   "messages": [["execution_start", {"prompt_id": "a"}]]}
+    assert hist["b"]["status"]["status_str"] == "error"
+    assert "stopped" in hist["b"]["status"]["messages"][0][1]["exception_message"]
+    assert put(q2, "d").number == 3  # numbers continue
+    # Secrets were never written to disk.
+    assert b"secret" not in path.read_bytes() and b"secret" not in (tmp_path / "q.db-wal").read_bytes()
+
+
+def test_recover_can_requeue(tmp_path):
+    path = tmp_path / "q.db"
+    q = PromptQueue(path)
+    put(q, "a")
+    put(q, "b")
+    q.claim(0)
+    q.close()
+    q2 = PromptQueue(path)
+    assert q2.recover(requeue=True) == ["a"]
+    assert [i.prompt_id for i in q2.pending()] == ["a", "b"]
+    assert q2.history() == {}
+
+
+def test_one_process_per_database(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    with pytest.raises(QueueLocked):
+        PromptQueue(tmp_path / "q.db")
+    q.close()
+    PromptQueue(tmp_path / "q.db").close()
+
+
+def test_delete_clear_and_history_limits(tmp_path):
+    q = PromptQueue(tmp_path / "q.db", max_history=3)
+    for pid in "abcdef":
+        put(q, pid)
+    assert q.delete_pending(["b", "zz"]) == 1
+    assert [i.prompt_id for i in q.pending()] == ["a", "c", "d", "e", "f"]
+    for _ in range(4):
+        q.finish(q.claim(0), Outcome("success"))
+    assert list(q.history()) == ["c", "d", "e"]  # trimmed to the newest 3
+    assert list(q.history(max_items=2)) == ["d", "e"]
+    assert list(q.history(max_items=1, offset=0)) == ["c"]
+    assert q.delete_history(["d"]) == 1 and list(q.history()) == ["c", "e"]
+    assert q.clear_pending() == 1 and q.remaining() == 0
+    assert q.clear_history() == 2 and q.history() == {}
+
+
+def test_settings_store(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    q.set_settings({"Comfy.A": 1, "Comfy.B": {"x": [1, 2]}})
+    q.set_settings({"Comfy.A": 2})
+    assert q.settings() == {"Comfy.A": 2, "Comfy.B": {"x": [1, 2]}}
+    assert q.setting("Comfy.B") == {"x": [1, 2]} and q.setting("nope") is None
+
+
+def test_threads_submit_while_worker_drains(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    done = []
+    disp = Dispatcher(q, LocalBackend(make_registry()),
+                      lambda e, d, c: done.append(d["prompt_id"]) if e == "executing" and d["node"] is None else None)
+    disp.start()
+
+    def submit(k):
+        for i in range(25):
+            q.put(f"{k}-{i}", chain(value=k * 100 + i), {}, ["3"])
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 10
+    while len(done) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    disp.stop()
+    assert len(done) == 100 and q.history_count() == 100
+    assert all(e["status"]["status_str"] == "success" for e in q.history().values())
+
+
+class Exploding:
+    """A backend that fails outside any node for some prompts."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def execute(self, item, observer):
+        if item.prompt.get("explode"):
+            raise KeyError("malformed")
+        return self.inner.execute(item, observer)
+
+    def interrupt(self, prompt_id=None):
+        return self.inner.interrupt(prompt_id)
+
+    def close(self):
+        pass
+
+
+def test_worker_survives_anything(tmp_path):
+    q = PromptQueue(tmp_path / "q.db")
+    events = []
+    disp = Dispatcher(q, Exploding(LocalBackend(make_registry())), lambda e, d, c: events.append((e, d)))
+    disp.start()
+    q.put("bad", {**chain(), "explode": {"class_type": "Const", "inputs": {}}}, {}, ["3"])
+    q.put("exit", {"1": {"class_type": "Const", "inputs": {"value": 1}},
+                   "2": {"class_type": "Exit", "inputs": {"x": ["1", 0]}},
+                   "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}, {}, ["3"])
+    q.put("good", chain(), {}, ["3"])
+    deadline = time.monotonic() + 10
+    while q.history_count() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert disp.alive
+    disp.stop()
+    hist = q.history()
+    assert hist["bad"]["status"]["status_str"] == "error"
+    assert "KeyError" in hist["bad"]["status"]["messages"][-1][1]["exception_message"]
+    assert hist["exit"]["status"]["status_str"] == "error"
+    assert hist["good"]["status"]["status_str"] == "success"
+    # Each prompt ends with executing/None, after its error.
+    closing = [d["prompt_id"] for e, d in events if e == "executing" and d["node"] is None]
+    assert closing == ["bad", "exit", "good"]
+
+
+def test_stop_mid_run_leaves_it_for_recovery(tmp_path):
+    path = tmp_path / "q.db"
+    q = PromptQueue(path)
+    Hold.GATE = threading.Event()
+    disp = Dispatcher(q, LocalBackend(make_registry()))
+    disp.start()
+    q.put("long", held(), {}, ["3"])
+    assert Hold.STARTED.wait(5)
+    disp.stop()
+    assert q.history() == {} and q.state_of("long") == "running"
+    q.close()
+    q2 = PromptQueue(path)
+    assert q2.recover(requeue=True) == ["long"]

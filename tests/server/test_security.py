@@ -1,0 +1,122 @@
+"""Auth token, origin and host checks, CORS for allowed origins."""
+
+import aiohttp
+import pytest
+
+from server_helpers import async_test, chain, serve, wait_history
+
+TOKEN = "t0ken-with-enough-entropy"
+
+
+@async_test
+async def test_token_required_everywhere(tmp_path):
+    async with serve(tmp_path, auth_token=TOKEN) as client:
+        for method, path in (("GET", "/prompt"), ("GET", "/api/queue"), ("GET", "/history"), ("GET", "/object_info"),
+                             ("GET", "/view?filename=x.png"), ("POST", "/prompt"), ("POST", "/interrupt"),
+                             ("GET", "/system_stats"), ("GET", "/openapi.json"), ("GET", "/no/such/route")):
+            resp = await client.request(method, path)
+            assert resp.status == 401, path
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            assert (await resp.json())["error"]["type"] == "unauthorized"
+        wrong = {"Authorization": "Bearer nope"}
+        assert (await client.get("/prompt", headers=wrong)).status == 401
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await client.get("/prompt", headers=good)).status == 200
+        resp = await client.post("/prompt", json={"prompt": chain()}, headers=good)
+        pid = (await resp.json())["prompt_id"]
+        # WebSocket: refused without the token; ?token= works (browsers cannot set headers there).
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws?clientId=x")
+        assert info.value.status == 401
+        ws = await client.ws_connect(f"/ws?clientId=x&token={TOKEN}")
+        assert (await ws.receive_json())["type"] == "status"
+        await ws.close()
+        ws = await client.ws_connect("/ws?clientId=y", headers=good)
+        assert (await ws.receive_json())["type"] == "status"
+        await ws.close()
+        resp = await client.get(f"/history/{pid}", headers=good)
+        assert resp.status == 200
+
+
+@async_test
+async def test_query_token_sets_a_strict_cookie(tmp_path):
+    async with serve(tmp_path, auth_token=TOKEN) as client:
+        resp = await client.get(f"/prompt?token={TOKEN}")
+        assert resp.status == 200
+        cookie = resp.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        # The cookie alone now authenticates (the test client keeps it).
+        assert (await client.get("/queue")).status == 200
+
+
+@async_test
+async def test_cross_origin_posts_and_websockets_refused(tmp_path):
+    async with serve(tmp_path) as client:
+        host = f"127.0.0.1:{client.port}"
+        evil = {"Origin": "http://evil.example"}
+        resp = await client.post("/prompt", json={"prompt": chain()}, headers=evil)
+        assert resp.status == 403 and (await resp.json())["error"]["type"] == "forbidden_origin"
+        for path in ("/queue", "/interrupt", "/history", "/upload/image", "/settings"):
+            assert (await client.post(path, json={"clear": True}, headers=evil)).status == 403, path
+        assert (await client.post("/prompt", json={"prompt": chain()}, headers={"Origin": "null"})).status == 403
+        # Same host, other port: another origin.
+        other_port = {"Origin": f"http://127.0.0.1:{client.port + 1}"}
+        assert (await client.post("/prompt", json={"prompt": chain()}, headers=other_port)).status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws", headers=evil)
+        assert info.value.status == 403
+        # Reading is not refused (a browser cannot read the answer cross-origin anyway).
+        assert (await client.get("/queue", headers=evil)).status == 200
+        # The server's own pages, and clients that send no Origin, are fine.
+        resp = await client.post("/prompt", json={"prompt": chain()}, headers={"Origin": f"http://{host}"})
+        assert resp.status == 200
+        await wait_history(client, (await resp.json())["prompt_id"])
+        ws = await client.ws_connect("/ws", headers={"Origin": f"http://{host}"})
+        await ws.close()
+        assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+@async_test
+async def test_allowed_origin_gets_cors(tmp_path):
+    origin = "http://localhost:5173"
+    async with serve(tmp_path, allow_origins=[origin]) as client:
+        resp = await client.options("/prompt", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "content-type"})
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == origin
+        assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+        resp = await client.post("/prompt", json={"prompt": chain()}, headers={"Origin": origin})
+        assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == origin
+        await wait_history(client, (await resp.json())["prompt_id"])
+        ws = await client.ws_connect("/ws", headers={"Origin": origin})
+        await ws.close()
+        assert (await client.post("/prompt", json={"prompt": chain()},
+                                  headers={"Origin": "http://localhost:5174"})).status == 403
+
+
+@async_test
+async def test_preflight_passes_auth_but_the_request_does_not(tmp_path):
+    origin = "https://app.example"
+    async with serve(tmp_path, allow_origins=["*"], auth_token=TOKEN) as client:
+        resp = await client.options("/prompt", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert resp.status == 204
+        assert (await client.post("/prompt", json={"prompt": chain()}, headers={"Origin": origin})).status == 401
+
+
+@async_test
+async def test_dns_rebinding_refused_on_loopback(tmp_path):
+    async with serve(tmp_path, allow_hosts=["studio.local"]) as client:
+        resp = await client.get("/prompt", headers={"Host": f"attacker.example:{client.port}"})
+        assert resp.status == 403 and (await resp.json())["error"]["type"] == "forbidden_host"
+        # Same-origin from the rebound name would pass the origin check: the host check stops it.
+        resp = await client.post("/prompt", json={"prompt": chain()},
+                                 headers={"Host": "attacker.example", "Origin": "http://attacker.example"})
+        assert resp.status == 403
+        for host in (f"localhost:{client.port}", f"127.0.0.1:{client.port}", "[::1]", "studio.local:8188"):
+            assert (await client.get("/prompt", headers={"Host": host})).status == 200, host
+
+
+@async_test
+async def test_no_host_check_when_listening_beyond_loopback(tmp_path):
+    async with serve(tmp_path, hosts=["0.0.0.0"]) as client:
+        assert (await client.get("/prompt", headers={"Host": "gpu-box.lan:8188"})).status == 200

@@ -1,0 +1,185 @@
+"""The WebSocket: ComfyUI's message sequence, routing by client id, previews."""
+
+import io
+import struct
+import threading
+
+from PIL import Image
+
+from server_helpers import WsReader, async_test, chain, held, serve, submit, wait_history, wait_started
+from server_nodes import Hold
+
+
+def kinds(messages):
+    return [t for t, _ in messages]
+
+
+@async_test
+async def test_status_on_connect_and_on_change(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=abc"))
+        assert await ws.next() == ("status", {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "abc"})
+        anon = WsReader(await client.ws_connect("/ws"))
+        _, first = await anon.next()
+        assert len(first["sid"]) == 32  # a generated id
+        data = await submit(client, chain())
+        t, d = await ws.until(lambda t, d: t == "status")
+        assert d == {"status": {"exec_info": {"queue_remaining": 1}}}
+        await ws.until(lambda t, d: t == "status" and d["status"]["exec_info"]["queue_remaining"] == 0)
+        # The other client sees status too (it goes to everyone).
+        await anon.until(lambda t, d: t == "status" and d["status"]["exec_info"]["queue_remaining"] == 0)
+        await wait_history(client, data["prompt_id"])
+
+
+@async_test
+async def test_run_sequence_history_first_then_cached_rerun(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        prompt = {"1": {"class_type": "Const", "inputs": {"value": 2}},
+                  "2": {"class_type": "Hold", "inputs": {"x": ["1", 0], "steps": 3}},
+                  "3": {"class_type": "SaveValue", "inputs": {"value": ["2", 0]}}}
+        pid = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid)
+        assert all(d["prompt_id"] == pid for _, d in messages)
+        assert kinds(messages) == ["execution_start", "execution_cached", "executing", "executing", "progress",
+                                   "progress", "progress", "executing", "executed", "execution_success",
+                                   "executing"]
+        assert messages[1][1]["nodes"] == []
+        assert [d["node"] for t, d in messages if t == "executing"] == ["1", "2", "3", None]
+        assert [(d["value"], d["max"], d["node"]) for t, d in messages if t == "progress"] == \
+            [(1, 3, "2"), (2, 3, "2"), (3, 3, "2")]
+        executed = messages[8][1]
+        assert executed["node"] == "3" and executed["output"]["images"][0]["type"] == "output"
+        # The history entry exists the moment executing/None arrives.
+        entry = (await (await client.get(f"/history/{pid}")).json())[pid]
+        assert entry["outputs"]["3"] == executed["output"]
+        saved = sorted(p.name for p in (tmp_path / "output").iterdir())
+
+        # The same prompt again: everything cached, the output replayed, no new file.
+        pid2 = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid2)
+        assert kinds(messages) == ["execution_start", "execution_cached", "executed", "execution_success",
+                                   "executing"]
+        assert messages[1][1]["nodes"] == ["3"]
+        assert messages[2][1]["output"] == executed["output"]
+        assert sorted(p.name for p in (tmp_path / "output").iterdir()) == saved
+        entry2 = (await (await client.get(f"/history/{pid2}")).json())[pid2]
+        assert entry2["outputs"] == entry["outputs"] and entry2["status"]["completed"]
+
+        # A changed input: a new file, the first one untouched.
+        prompt["1"]["inputs"]["value"] = 3
+        pid3 = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        await ws.until_done(pid3)
+        assert len(list((tmp_path / "output").iterdir())) == 2
+
+
+@async_test
+async def test_interrupted_run_sequence(tmp_path):
+    Hold.GATE = threading.Event()
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        pid = (await submit(client, held(steps=5), client_id="me"))["prompt_id"]
+        await wait_started()
+        await client.post("/interrupt")
+        messages = await ws.until_done(pid)
+        assert kinds(messages)[-2:] == ["execution_interrupted", "executing"]
+        interrupted = messages[-2][1]
+        assert interrupted["node_id"] == "2" and interrupted["node_type"] == "Hold"
+        assert interrupted["executed"] == ["1"] and interrupted["prompt_id"] == pid
+        assert "executed" not in kinds(messages) and "execution_success" not in kinds(messages)
+
+
+@async_test
+async def test_error_run_sequence(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        prompt = chain()
+        prompt["2"] = {"class_type": "Fail", "inputs": {"x": ["1", 0]}}
+        pid = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid)
+        assert kinds(messages)[-2:] == ["execution_error", "executing"]
+        err = messages[-2][1]
+        for key in ("node_id", "node_type", "exception_message", "exception_type", "traceback", "executed",
+                    "current_inputs", "current_outputs", "prompt_id"):
+            assert key in err
+        assert err["node_id"] == "2" and err["exception_message"] == "boom at 1"
+        assert "RuntimeError" in "".join(err["traceback"])
+
+
+@async_test
+async def test_messages_go_to_their_client_or_everyone(tmp_path):
+    async with serve(tmp_path) as client:
+        alice = WsReader(await client.ws_connect("/ws?clientId=alice"))
+        bob = WsReader(await client.ws_connect("/ws?clientId=bob"))
+        await alice.next()
+        await bob.next()
+        pid = (await submit(client, chain(1), client_id="alice"))["prompt_id"]
+        await alice.until_done(pid)
+        await wait_history(client, pid)
+        assert all(t == "status" for t, _ in bob.messages + await bob.quiet())
+
+        # Without client_id, everyone hears about it.
+        pid = (await submit(client, chain(2)))["prompt_id"]
+        await alice.until_done(pid)
+        await bob.until_done(pid)
+
+
+@async_test
+async def test_reconnect_mid_run_learns_current_node(tmp_path):
+    Hold.GATE = threading.Event()
+    async with serve(tmp_path) as client:
+        pid = (await submit(client, held(), client_id="me"))["prompt_id"]
+        await wait_started()
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        assert (await ws.next())[0] == "status"
+        assert await ws.next() == ("executing", {"node": "2", "display_node": "2", "prompt_id": pid})
+        Hold.GATE.set()
+        await ws.until_done(pid)
+
+
+@async_test
+async def test_feature_flags_answered(tmp_path):
+    async with serve(tmp_path) as client:
+        raw = await client.ws_connect("/ws?clientId=me")
+        ws = WsReader(raw)
+        await ws.next()
+        await raw.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+        t, d = await ws.until(lambda t, d: t == "feature_flags")
+        assert d["supports_preview_metadata"] is False and d["max_upload_size"] > 0
+
+
+@async_test
+async def test_previews_off_by_default(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        pid = (await submit(client, held(preview=True), client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid)
+        assert "binary" not in kinds(messages) and kinds(messages).count("progress") == 3
+
+
+@async_test
+async def test_previews_as_binary_frames_when_enabled(tmp_path):
+    async with serve(tmp_path, previews=True) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        pid = (await submit(client, held(preview=True), client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid)
+        frames = [d for t, d in messages if t == "binary"]
+        assert len(frames) == 3
+        event, fmt = struct.unpack(">II", frames[0][:8])
+        assert (event, fmt) == (1, 1)  # preview image, JPEG
+        with Image.open(io.BytesIO(frames[0][8:])) as img:
+            assert img.format == "JPEG" and img.size == (16, 16)
+        # Each frame follows its progress message.
+        order = kinds(messages)
+        assert order.index("binary") == order.index("progress") + 1
+        # Another client does not get them.
+        other = WsReader(await client.ws_connect("/ws?clientId=other"))
+        await other.next()
+        pid = (await submit(client, held(preview=True, value=9), client_id="me"))["prompt_id"]
+        await ws.until_done(pid)
+        assert all(t == "status" for t, _ in other.messages + await other.quiet())
