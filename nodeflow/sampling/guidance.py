@@ -64,6 +64,7 @@ class Entry:
     mult: Tensor | None = None            # (B, C, h, w) weight of this entry's prediction, or None when …
     weight: float = 1.0                   # … it is the same everywhere (no area, no mask): the strength
     crop_kwargs: dict = field(default_factory=dict)   # kwargs cut to the area
+    size: tuple[int, int] = (0, 0)        # (h, w) of the model input: the area's, or the latent's
 
     def active(self, sigma: float) -> bool:
         if self.sigma_start is not None and sigma > self.sigma_start:
@@ -184,6 +185,7 @@ def _finish(entry: Entry, shape) -> None:
         area = (min(h - ay, ah), min(w - ax, aw), ay, ax)
         entry.area = area
     ah, aw, ay, ax = area if area is not None else (h, w, 0, 0)
+    entry.size = (ah, aw)
     mask = meta.get("mask")
     entry.crop_kwargs = {}
     for key, value in entry.kwargs.items():
@@ -247,7 +249,7 @@ def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, 
 
 def _can_batch(a: Entry, b: Entry) -> bool:
     """Whether two entries can share a forward pass."""
-    if (a.area or (None, None))[:2] != (b.area or (None, None))[:2]:
+    if a.size != b.size:
         return False
     s1, s2 = a.cond.shape, b.cond.shape
     if s1 != s2:

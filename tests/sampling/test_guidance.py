@@ -3,7 +3,6 @@
 FakeModel's denoised prediction for a conditioning tensor c is exactly c.mean() at every
 latent cell when σ is one of the training σ, so each expected value is a hand computation."""
 
-import pytest
 import torch
 
 from nodeflow.sampling import CFGDenoiser, DiscreteSchedule
