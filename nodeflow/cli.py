@@ -34,6 +34,9 @@ class CliError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # argparse's REMAINDER drops leading options: hand them over as they are
+        argv = ["serve", "--", *argv[1:]]
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -198,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from nodeflow.server.app import main as serve_main
     except ImportError as exc:
         raise CliError(f"the server is not available: {exc}") from None
-    return serve_main(args.rest)
+    return serve_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 # -- helpers ----------------------------------------------------------------------------------
