@@ -122,3 +122,17 @@ async def test_web_root_served(tmp_path):
         assert (await client.get("/app.js")).status == 200
         # API routes win over static files.
         assert (await client.get("/prompt")).content_type == "application/json"
+
+
+def test_nodeflow_serve_passes_options_to_the_server(capsys):
+    import pytest
+
+    from nodeflow import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--help"])
+    assert info.value.code == 0
+    assert "--auth-token" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--port", "not-a-number"])
+    assert info.value.code == 2 and "--port" in capsys.readouterr().err
