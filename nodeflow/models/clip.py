@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from nodeflow.models import devices, patching
-from nodeflow.models.files import assign_weights
+from nodeflow.models.files import CheckpointError, assign_weights
 from nodeflow.models.tokenizer import BOS, EOS, Chunk, ClipTokenizer
 
 
 def openclip_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP text-tower keys (no ``cond_stage_model.model.`` prefix) -> transformers keys
-    (``text_model.*`` and ``text_projection.weight``). ``logit_scale`` and the like are dropped."""
+    (``text_model.*`` and ``text_projection.weight``). Keys outside the text tower (``logit_scale``,
+    ``attn_mask``, ``visual.*``) are dropped."""
     out: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
         p = "text_model."
@@ -58,7 +59,7 @@ def openclip_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                         out[layer + b + rest[len(a):]] = t
                         break
                 else:
-                    raise ValueError(f"unknown OpenCLIP text key {key!r}")
+                    raise CheckpointError(f"unknown OpenCLIP text-tower key {key!r}")
     return out
 
 

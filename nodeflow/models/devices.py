@@ -4,8 +4,8 @@
   ``--device``) says otherwise.
 - The precision of the UNet and the text encoders is fp16 on GPUs and fp32 on the CPU
   unless ``set_precision("fp32" | "fp16" | "bf16")`` (``--precision``) says otherwise. The VAE
-  decodes in bf16 where the GPU has it, else fp32; it is never run in fp16 unless the user
-  asks, and then a NaN result falls back to fp32 (see ``vae.VAE``).
+  runs in bf16 where the GPU has it, else fp16; a VAE that overflows in half precision
+  (SDXL's, in fp16) gives NaNs, which ``vae.VAE`` detects, redoing the work in fp32.
 - Models wait in CPU memory. ``manager.load(module, device)`` moves one to the GPU when a
   node runs it; when the GPU is short of memory, the least recently used models go back to
   the CPU first. On the CPU all of this is a no-op.
@@ -74,14 +74,16 @@ def compute_dtype(device: torch.device | None = None) -> torch.dtype:
 
 
 def vae_dtype(device: torch.device | None = None) -> torch.dtype:
-    """The VAE's dtype: fp32 on CPU; on GPUs bf16 where supported, else fp32 (SDXL's VAE overflows in fp16).
-    An explicit ``set_precision`` wins (fp16 then relies on the VAE's NaN fallback)."""
+    """The VAE's dtype: fp32 on the CPU (bf16 if ``set_precision("bf16")``); on GPUs bf16 where supported,
+    else fp16, where a VAE that overflows (SDXL's) is redone in fp32 by ``VAE``. ``"fp32"`` forces fp32."""
     device = device or get_device()
-    if _precision is not None:
-        return PRECISIONS[_precision]
+    if _precision == "fp32":
+        return torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if _precision == "bf16" else torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    return torch.float32
+    return torch.float16
 
 
 def module_bytes(module: nn.Module) -> int:

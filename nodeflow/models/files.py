@@ -1,10 +1,17 @@
 """Reading state-dict files: ``.safetensors`` (memory-mapped) and ``.ckpt`` / ``.pt`` / ``.bin``.
 
 ``open_state_dict(path)`` returns a ``TensorFile``: its ``shapes`` are known at once (the
-safetensors header; nothing is read for detection), and ``get(key, dtype)`` materialises
-one tensor, once, straight in the dtype wanted. For safetensors the file is memory-mapped
-and the pages of a tensor are handed back to the OS as soon as it is copied out, so peak
-memory while loading stays near the size of the weights themselves.
+safetensors header; nothing is read for detection), and ``get(key, dtype)`` gives one
+tensor in the dtype wanted, without double copies:
+
+- a tensor already stored in that dtype is a view of the memory-mapped file (a private,
+  copy-on-write mapping): its pages are read on first use and shared with the OS page
+  cache, so loading costs no more memory than the weights themselves;
+- a tensor stored in another dtype is converted once, and the mapped pages it was read
+  from are handed back to the OS at once.
+
+A file must not be rewritten in place while models loaded from it are in use (replacing or
+deleting it is fine).
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)``: a pickle that needs
 anything beyond tensors and plain containers is refused with ``CheckpointError``, and
@@ -46,7 +53,7 @@ class TensorFile:
     dtypes: dict[str, torch.dtype]
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Materialise one tensor on the CPU; floating tensors are converted to ``dtype`` if given."""
+        """One tensor on the CPU (a view of the file where possible); floating ones converted to ``dtype``."""
         raise NotImplementedError
 
     def keys(self) -> Iterator[str]:
@@ -65,11 +72,8 @@ class TensorFile:
         self.close()
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A fresh copy of ``t`` (never a view of the file), floating values in ``dtype``."""
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        return t.to(dtype)
-    return t.clone()
+def _needs_conversion(t_dtype: torch.dtype, dtype: torch.dtype | None) -> bool:
+    return dtype is not None and t_dtype.is_floating_point and t_dtype != dtype
 
 
 class SafetensorsFile(TensorFile):
@@ -92,6 +96,7 @@ class SafetensorsFile(TensorFile):
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON: {e})") from None
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        self._shared = False                                              # zero-copy views handed out
         self.metadata = header.pop("__metadata__", None) or {}
         self._start = 8 + n
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -113,13 +118,18 @@ class SafetensorsFile(TensorFile):
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         file_dtype, shape, begin, end = self._entries[key]
+        convert = _needs_conversion(file_dtype, dtype)
         if end == begin:
-            return torch.empty(shape, dtype=dtype if dtype and file_dtype.is_floating_point else file_dtype)
+            return torch.empty(shape, dtype=dtype if convert else file_dtype)
+        offset = self._start + begin
         view = torch.frombuffer(self._mm, dtype=file_dtype, count=(end - begin) // file_dtype.itemsize,
-                                offset=self._start + begin).reshape(shape)
-        out = _convert(view, dtype)
+                                offset=offset).reshape(shape)
+        if not convert and offset % file_dtype.itemsize == 0:
+            self._shared = True
+            return view                                                   # zero-copy (holds a reference to the map)
+        out = view.to(dtype or file_dtype, copy=True)
         del view
-        self._release(self._start + begin, self._start + end)
+        self._release(offset, self._start + end)
         return out
 
     def _release(self, begin: int, end: int) -> None:
@@ -132,9 +142,10 @@ class SafetensorsFile(TensorFile):
             self._mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
-        if self._mm is not None:
+        """Unmap the file, unless tensors view it: then it is unmapped when the last of them goes."""
+        if self._mm is not None and not self._shared:
             self._mm.close()
-            self._mm = None
+        self._mm = None
 
 
 class TorchFile(TensorFile):
@@ -172,7 +183,8 @@ class TorchFile(TensorFile):
                                   f"checkpoint): {str(e).splitlines()[0]}") from None
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _convert(self._tensors[key], dtype)
+        t = self._tensors[key]
+        return t.to(dtype) if _needs_conversion(t.dtype, dtype) else t
 
     def close(self) -> None:
         self._tensors = {}
@@ -189,7 +201,7 @@ class DictFile(TensorFile):
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._tensors[key]
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return t.to(dtype) if _needs_conversion(t.dtype, dtype) else t
 
 
 def open_state_dict(path: str | os.PathLike) -> TensorFile:

@@ -260,7 +260,7 @@ class VAE:
 
         for attempt in range(2):
             devices.manager.load(self.model, self.device)
-            with torch.inference_mode():
+            with torch.no_grad():
                 try:
                     if tile_size:
                         out = tiled(run_tile, x, tile, overlap, scale, out_channels)

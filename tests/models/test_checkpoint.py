@@ -220,3 +220,22 @@ def test_pickle_needing_code_is_refused_and_not_run(tmp_path):
     with pytest.raises(CheckpointError, match=r"refused to load.*references .*open.*was not executed"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_safetensors_reader_maps_or_converts_once(tmp_path):
+    from safetensors.torch import save_file
+
+    from nodeflow.models.files import SafetensorsFile
+
+    tensors = {"a.half": torch.randn(3, 5).half(), "b.float": torch.randn(7), "c.int": torch.arange(4)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    with SafetensorsFile(tmp_path / "t.safetensors") as f:
+        assert f.shapes == {"a.half": (3, 5), "b.float": (7,), "c.int": (4,)}
+        as_is = f.get("b.float")                                      # a view of the mapped file
+        converted = f.get("a.half", torch.float32)                    # converted once
+        ints = f.get("c.int", torch.float16)                          # integers keep their dtype
+    assert torch.equal(as_is, tensors["b.float"]) and converted.dtype == torch.float32
+    assert torch.equal(converted, tensors["a.half"].float()) and torch.equal(ints, tensors["c.int"])
+    as_is.mul_(2)                                                     # a private mapping: the file is unchanged
+    with SafetensorsFile(tmp_path / "t.safetensors") as f:
+        assert torch.equal(f.get("b.float"), tensors["b.float"])
