@@ -87,6 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     common(n)
     n.set_defaults(func=cmd_nodes)
 
+    d = sub.add_parser("demo", help="make a picture offline with nodeflow's own small demo model")
+    d.add_argument("--prompt", default="a red circle on a blue background",
+                   help="what to draw: a red/green/blue/yellow/purple circle or square on a background colour")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--cfg", type=float, default=5.0)
+    d.add_argument("--batch", type=int, default=4, help="how many pictures")
+    d.add_argument("--train", action="store_true",
+                   help="train the demo model from scratch (a few minutes on a CPU) instead of using the shipped one")
+    d.add_argument("--quiet", "-q", action="store_true")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--output-dir", metavar="DIR")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
     s = sub.add_parser("serve", help="start the HTTP + WebSocket server (ComfyUI's API)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="server options, see `nodeflow serve --help`")
     s.set_defaults(func=cmd_serve)
@@ -99,13 +114,46 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     folders = folders_mod.configure(args.base_dir, output_dir=args.output_dir)
     _configure_devices(args.device, args.precision)
+    return _run_prompt(_load(args.workflow, args.overrides), args.workflow, folders, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Make sure the demo checkpoint exists, then run workflows/txt2img.json on it."""
+    from nodeflow.train import assets
+
+    folders = folders_mod.configure(args.base_dir, output_dir=args.output_dir)
+    target = folders.model_dirs("checkpoints")[0] / assets.DEMO_CHECKPOINT
+    if args.train or not target.is_file():
+        if args.train or not assets.install_shipped(target):
+            print(f"training the demo model into {target} (a few minutes on the CPU) ...", file=sys.stderr)
+            from nodeflow.train.demo import train
+
+            train(target, log=(lambda m: None) if args.quiet else None)
+        elif not args.quiet:
+            print(f"installed the demo model at {target}", file=sys.stderr)
+    workflow = _find_workflow("txt2img.json")
+    overrides = [f"4.ckpt_name={assets.DEMO_CHECKPOINT}", "5.width=64", "5.height=64", f"5.batch_size={args.batch}",
+                 f"6.text={json.dumps(args.prompt)}", '7.text=""', f"3.seed={args.seed}", f"3.steps={args.steps}",
+                 f"3.cfg={args.cfg}", '3.sampler_name="euler"', '3.scheduler="normal"', '9.filename_prefix="demo"']
+    args.overrides = overrides
+    return _run_prompt(_load(workflow, overrides), workflow, folders, args)
+
+
+def _find_workflow(name: str) -> Path:
+    here = Path(__file__).resolve().parents[1] / "workflows" / name
+    for candidate in (Path.cwd() / "workflows" / name, here):
+        if candidate.is_file():
+            return candidate
+    raise CliError(f"cannot find workflows/{name} (looked in {Path.cwd()} and {here.parent.parent})")
+
+
+def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespace) -> int:
     registry = _registry()
-    prompt = _load(args.workflow, args.overrides)
     executor = Executor(registry)
     graph = parse(prompt)
     report = validate(graph, registry)
     if not report.ok:
-        _print_errors(report, args.workflow)
+        _print_errors(report, source)
         return EXIT_FAILED
     if report.errors:
         print(f"warning: running the valid outputs only; {len(report.errors)} problem(s):", file=sys.stderr)
