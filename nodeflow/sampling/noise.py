@@ -21,6 +21,7 @@ Per-step noise of the DPM-Solver++ SDE samplers (``BrownianTreeNoiseSampler``)
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -209,7 +210,9 @@ class BrownianTreeNoiseSampler:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         lo, hi, sign = (t0, t1, 1.0) if t0 < t1 else (t1, t0, -1.0)
         if self._torchsde_tree is not None:         # exactly ComfyUI's arithmetic
-            w = self._torchsde_tree(lo.to(self._tree_device), hi.to(self._tree_device))
+            with warnings.catch_warnings():         # float32 end points trip torchsde's range check
+                warnings.filterwarnings("ignore", message="Should have", category=UserWarning)
+                w = self._torchsde_tree(lo.to(self._tree_device), hi.to(self._tree_device))
             w = w.to(device=self.device, dtype=self.dtype) * sign
             return w / (t1 - t0).abs().sqrt().to(self.device)
         w = self._tree(float(hi)) - self._tree(float(lo))
