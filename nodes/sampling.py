@@ -62,7 +62,7 @@ class _Sampling:
                 preview = latent_to_rgb_preview(denoised[:1], family=family)[0]
             except (ValueError, RuntimeError):  # a preview is a nicety: never fail the run for it
                 preview = None
-            self.context.progress(step + 1, total, preview)
+            self.context.progress(step, total, preview)
 
         return callback
 
