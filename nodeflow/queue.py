@@ -496,6 +496,8 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``free(unload_models, free_memory) -> bool`` releases cached models/memory.
+
 
 class LocalBackend:
     """Runs prompts in this process on an ``Executor`` (whose output cache lives across runs).
@@ -528,6 +530,13 @@ class LocalBackend:
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         return self.executor.interrupt(prompt_id)
+
+    def free(self, unload_models: bool = False, free_memory: bool = False) -> bool:
+        """Drop the cached node outputs (and with them the models they hold)."""
+        if unload_models or free_memory:
+            self.executor.cache.clear()
+            return True
+        return False
 
     def close(self) -> None:
         pass
@@ -598,6 +607,11 @@ class Dispatcher:
     @property
     def current(self) -> QueueItem | None:
         return self._current
+
+    def free(self, unload_models: bool = False, free_memory: bool = False) -> bool:
+        """Ask the backend to release cached models and memory (ComfyUI's POST /free)."""
+        free = getattr(self.backend, "free", None)
+        return bool(free(unload_models, free_memory)) if free is not None else False
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Interrupt the running prompt (only if it is ``prompt_id``, when given)."""

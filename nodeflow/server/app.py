@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -59,7 +60,10 @@ def create_app(config: ServerConfig | None = None, registry: Registry | None = N
     app[API_ROUTES] = ROUTES
     for route in ROUTES:
         for prefix in ("", "/api"):
-            app.router.add_route(route.method, prefix + route.path, route.handler)
+            if route.method == "GET":
+                app.router.add_get(prefix + route.path, route.handler)  # HEAD too
+            else:
+                app.router.add_route(route.method, prefix + route.path, route.handler)
     if config.web_root:
         _serve_frontend(app, Path(config.web_root))
     app.cleanup_ctx.append(_worker(backend))
@@ -233,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    # The event loop shares the GIL with the worker thread: hand it over sooner than the
+    # default 5 ms, or every socket write of the loop may wait that long behind a busy run.
+    sys.setswitchinterval(0.0005)
     extra = _split(args.extra_nodes) + _split([os.environ.get("NODEFLOW_EXTRA_NODES", "")])
     registry = build_registry(extra, builtin=not args.no_builtin_nodes)
     if not all(is_loopback_host(h) for h in config.hosts) and not config.auth_token:
@@ -249,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     access_log=logging.getLogger("nodeflow.access") if args.access_log else None)
     except QueueLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        path = config.db_path or default_db_path(app[FOLDERS].base)
+        print(f"error: cannot use the queue database {path}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"error: cannot listen on {urls}: {exc.strerror or exc}", file=sys.stderr)

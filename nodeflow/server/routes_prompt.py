@@ -8,6 +8,7 @@ error shape. Large prompts are validated off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from typing import Any
@@ -16,14 +17,19 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from nodeflow.graph import Graph, ValidationReport, WorkflowError, parse, validate
+from nodeflow.node import Node
 from nodeflow.queue import SENSITIVE_EXTRA_DATA_KEYS, DuplicatePrompt, QueueItem
+from nodeflow.registry import Registry
 from nodeflow.server.common import (DISPATCHER, HUB, LIMITS, QUEUE, REGISTRY, Route, error_body, error_response,
                                     json_response, raw_json)
-from nodeflow.server.schemas import (History, HistoryEntry, InterruptRequest, JobsResponse, PromptRequest,
-                                     PromptResponse, PromptStatus, QueueAction, QueueResponse)
+from nodeflow.server.schemas import (FreeRequest, History, HistoryEntry, InterruptRequest, JobsResponse,
+                                     PromptRequest, PromptResponse, PromptStatus, QueueAction, QueueResponse)
 from nodeflow.server.security import apply_limits
+from nodeflow.spec import Combo
 
-#: Prompts with more nodes than this are validated in a worker thread, not on the event loop.
+#: Prompts with more nodes than this are validated in a worker thread, not on the event loop;
+#: so are prompts with a node whose validation may read the disk (file-listing choices,
+#: custom ``validate_inputs``). Small in-memory validations (tens of µs) run inline.
 INLINE_VALIDATION_MAX_NODES = 64
 
 
@@ -41,7 +47,7 @@ async def post_prompt(request: web.Request) -> web.Response:
 
     targets = req.partial_execution_targets
     try:
-        if len(req.prompt) > INLINE_VALIDATION_MAX_NODES:
+        if _validate_in_thread(app[REGISTRY], req.prompt):
             graph, report = await asyncio.to_thread(_check, app, req.prompt, targets)
         else:
             graph, report = _check(app, req.prompt, targets)
@@ -65,6 +71,24 @@ async def post_prompt(request: web.Request) -> web.Response:
         return error_response(400, "duplicate_prompt_id", "Duplicate prompt id", str(exc), node_errors=True)
     app[HUB].queue_changed()
     return json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": answer["node_errors"]})
+
+
+def _validate_in_thread(registry: Registry, prompt: dict) -> bool:
+    if len(prompt) > INLINE_VALIDATION_MAX_NODES:
+        return True
+    for node in prompt.values():
+        cls = registry.get(node.get("class_type")) if isinstance(node, dict) \
+            and isinstance(node.get("class_type"), str) else None
+        if cls is not None and _may_touch_disk(cls):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _may_touch_disk(cls: type[Node]) -> bool:
+    if cls.validate_inputs.__func__ is not Node.validate_inputs.__func__:
+        return True
+    return any(isinstance(spec, Combo) and callable(spec.choices) for spec, _ in cls.all_inputs().values())
 
 
 def _check(app: web.Application, prompt: dict, targets: list[str] | None) -> tuple[Graph, ValidationReport]:
@@ -115,6 +139,12 @@ async def post_interrupt(request: web.Request) -> web.Response:
     action = await _action(request, InterruptRequest, empty_ok=True)
     interrupted = request.app[DISPATCHER].interrupt(action.prompt_id or None)
     return json_response({"interrupted": interrupted})
+
+
+async def post_free(request: web.Request) -> web.Response:
+    action = await _action(request, FreeRequest, empty_ok=True)
+    freed = await asyncio.to_thread(request.app[DISPATCHER].free, action.unload_models, action.free_memory)
+    return json_response({"freed": freed})
 
 
 async def _action(request: web.Request, model: Any, empty_ok: bool = False) -> Any:
@@ -295,6 +325,7 @@ ROUTES = [
     Route("GET", "/queue", get_queue, "Running and pending prompts", response=QueueResponse, tag="queue"),
     Route("POST", "/queue", post_queue, "Clear the queue or delete pending prompts", QueueAction, tag="queue"),
     Route("POST", "/interrupt", post_interrupt, "Interrupt the running prompt", InterruptRequest, tag="queue"),
+    Route("POST", "/free", post_free, "Release cached models and memory", FreeRequest, tag="queue"),
     Route("GET", "/history", get_history, "Finished prompts, oldest first", response=History, tag="history",
           query=(("max_items", "the newest N"), ("offset", "skip this many"))),
     Route("GET", "/history/{prompt_id}", get_history_item, "One finished prompt ({} if unknown)",

@@ -48,6 +48,15 @@ class InterruptRequest(BaseModel):
     prompt_id: str | None = None
 
 
+class FreeRequest(BaseModel):
+    """POST /free (ComfyUI's): release cached models and memory between prompts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    unload_models: bool = False
+    free_memory: bool = False
+
+
 class UploadForm(BaseModel):
     """POST /upload/image (multipart/form-data)."""
 

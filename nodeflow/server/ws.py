@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import struct
 import threading
@@ -39,6 +40,10 @@ class Connection:
     def __init__(self, sid: str, ws: web.WebSocketResponse) -> None:
         self.sid, self.ws = sid, ws
         self.outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue(OUTBOX_LIMIT)
+        self.writer: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start writing (after the handshake); messages posted before wait in the outbox."""
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def post(self, message: str | bytes) -> None:
@@ -46,7 +51,8 @@ class Connection:
             self.outbox.put_nowait(message)
         except asyncio.QueueFull:
             log.warning("client %s does not keep up with its messages; disconnecting it", self.sid)
-            self.writer.cancel()
+            if self.writer is not None:
+                self.writer.cancel()
             asyncio.get_running_loop().create_task(self.ws.close(code=1008, message=b"too slow"))
 
     async def _write(self) -> None:
@@ -60,6 +66,8 @@ class Connection:
             log.debug("websocket %s: %s", self.sid, exc)
 
     async def close(self) -> None:
+        if self.writer is None:
+            return
         if not self.writer.done():
             if self.outbox.full():
                 self.writer.cancel()
@@ -211,17 +219,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     hub, dispatcher = app[HUB], app[DISPATCHER]
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
-    await ws.prepare(request)
     sid = request.query.get("clientId") or uuid.uuid4().hex
+    # Known to the hub before the handshake completes: a client may submit the moment it
+    # is connected, and must not miss the first events of that prompt.
     conn = hub.connect(sid, ws)
     try:
-        conn.post(hub.status_message(sid))
+        conn.post(hub.status_message(sid))  # the first message
         running = dispatcher.current
         if running is not None and running.client_id == sid and dispatcher.current_node is not None:
             # A client that reconnects mid-run learns where its prompt is.
             conn.post(dumps({"type": "executing", "data": {"node": dispatcher.current_node,
                                                            "display_node": dispatcher.current_node,
                                                            "prompt_id": running.prompt_id}}))
+        await ws.prepare(request)
+        conn.start()
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 _client_message(conn, msg.data, app)
@@ -235,8 +246,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 def _client_message(conn: Connection, text: str, app: web.Application) -> None:
     """ComfyUI's frontend announces its feature flags; we answer with ours."""
-    import json
-
     try:
         message = json.loads(text)
     except ValueError:

@@ -278,3 +278,17 @@ async def test_sensitive_extra_data_not_shown(tmp_path):
         text = await (await client.get("/history")).text()
         assert "s3cret" not in text and '"keep":1' in text
         await asyncio.sleep(0)
+
+
+@async_test
+async def test_free_clears_the_cache(tmp_path):
+    async with serve(tmp_path) as client:
+        prompt = held(steps=1)
+        await wait_history(client, (await submit(client, prompt))["prompt_id"])
+        await wait_history(client, (await submit(client, prompt))["prompt_id"])
+        assert Hold.RUNS == 1  # cached
+        resp = await client.post("/api/free", json={"unload_models": True})
+        assert (await resp.json())["freed"] is True
+        await wait_history(client, (await submit(client, prompt))["prompt_id"])
+        assert Hold.RUNS == 2
+        assert (await (await client.post("/free")).json())["freed"] is False

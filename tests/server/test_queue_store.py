@@ -198,3 +198,27 @@ def test_stop_mid_run_leaves_it_for_recovery(tmp_path):
     q.close()
     q2 = PromptQueue(path)
     assert q2.recover(requeue=True) == ["long"]
+
+
+def test_prompt_invalid_at_run_time_fails_cleanly(tmp_path):
+    """A queued prompt that no longer validates (e.g. queued by an older server, or its nodes
+    are gone) fails with a clear error; a malformed link never reaches the executor."""
+    q = PromptQueue(tmp_path / "q.db")
+    events = []
+    disp = Dispatcher(q, LocalBackend(make_registry()), lambda e, d, c: events.append((e, d)))
+    broken = chain()
+    broken["2"]["inputs"]["a"] = ["1", 0, "extra"]  # a malformed link
+    q.put("broken", broken, {}, ["3"])
+    q.put("good", chain(), {}, ["3"])
+    disp.start()
+    deadline = time.monotonic() + 10
+    while q.history_count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    disp.stop()
+    hist = q.history()
+    err = hist["broken"]["status"]["messages"][-1][1]
+    assert hist["broken"]["status"]["status_str"] == "error"
+    assert err["node_id"] == "2" and "no longer valid" in err["exception_message"]
+    assert "Bad link" in err["exception_message"]
+    assert hist["good"]["status"]["status_str"] == "success"
+    assert ("execution_error", err) in events
