@@ -2,7 +2,7 @@
 
 POST /prompt validates before queueing: a prompt with some valid outputs is queued with
 the others reported in ``node_errors`` (200); one with none is refused (400) in ComfyUI's
-error shape. Large prompts are validated off the event loop.
+error shape. Validation that is large or may read the disk runs off the event loop.
 """
 
 from __future__ import annotations

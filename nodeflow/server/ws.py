@@ -41,15 +41,19 @@ class Connection:
         self.sid, self.ws = sid, ws
         self.outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue(OUTBOX_LIMIT)
         self.writer: asyncio.Task | None = None
+        self.dropped = False
 
     def start(self) -> None:
         """Start writing (after the handshake); messages posted before wait in the outbox."""
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def post(self, message: str | bytes) -> None:
+        if self.dropped:
+            return
         try:
             self.outbox.put_nowait(message)
         except asyncio.QueueFull:
+            self.dropped = True
             log.warning("client %s does not keep up with its messages; disconnecting it", self.sid)
             if self.writer is not None:
                 self.writer.cancel()

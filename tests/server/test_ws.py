@@ -1,5 +1,6 @@
 """The WebSocket: ComfyUI's message sequence, routing by client id, previews."""
 
+import asyncio
 import io
 import struct
 import threading
@@ -183,3 +184,22 @@ async def test_previews_as_binary_frames_when_enabled(tmp_path):
         pid = (await submit(client, held(preview=True, value=9), client_id="me"))["prompt_id"]
         await ws.until_done(pid)
         assert all(t == "status" for t, _ in other.messages + await other.quiet())
+
+
+@async_test
+async def test_a_client_that_does_not_keep_up_is_dropped(monkeypatch):
+    from nodeflow.server import ws as ws_module
+
+    class FakeWs:
+        closed_with = None
+
+        async def close(self, code, message):
+            self.closed_with = code
+
+    monkeypatch.setattr(ws_module, "OUTBOX_LIMIT", 2)
+    fake = FakeWs()
+    conn = ws_module.Connection("slow", fake)  # never started: nothing is written
+    for i in range(5):
+        conn.post(f"m{i}")
+    await asyncio.sleep(0)
+    assert conn.dropped and fake.closed_with == 1008 and conn.outbox.qsize() == 2
