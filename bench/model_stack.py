@@ -78,8 +78,9 @@ def prepare(workdir: Path) -> None:
         (folder / sub / "config.json").write_text(json.dumps(config, indent=1))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / sub / name))
 
-    write("unet", diffusers_unet_config(UNetConfig()), ldm_unet_to_diffusers(unet), "diffusion_pytorch_model.safetensors")
-    write("vae", diffusers_vae_config(VAEConfig()), ldm_vae_to_diffusers(vae), "diffusion_pytorch_model.safetensors")
+    weights = "diffusion_pytorch_model.safetensors"
+    write("unet", diffusers_unet_config(UNetConfig()), ldm_unet_to_diffusers(unet), weights)
+    write("vae", diffusers_vae_config(VAEConfig()), ldm_vae_to_diffusers(vae), weights)
     text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                           bos_token_id=49406, eos_token_id=49407)
@@ -221,7 +222,8 @@ def main() -> None:
               f"({(r['peak_rss'] - r['rss_before']) / size:.2f}x counting only what loading added)")
     ours, theirs = loads["ours"], loads["diffusers"]
     print(f"load ratio ours/diffusers: call {ours['seconds'] / theirs['seconds']:.2f}, "
-          f"ready {ours['ready_seconds'] / theirs['ready_seconds']:.2f}, peak RSS {ours['peak_rss'] / theirs['peak_rss']:.2f}")
+          f"ready {ours['ready_seconds'] / theirs['ready_seconds']:.2f}, "
+          f"peak RSS {ours['peak_rss'] / theirs['peak_rss']:.2f}")
 
     s = run_child(args.workdir, "speed", "--repeats", str(args.repeats), "--vae-repeats", str(args.vae_repeats))
     for name, label in (("unet", "UNet forward, 64x64 latent, batch 2"), ("vae_decode", "VAE decode to 512x512")):

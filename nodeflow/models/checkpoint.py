@@ -109,7 +109,8 @@ def detect(shapes: dict[str, tuple], get=None, *, prediction_type: str | None = 
     has_vae = f"{VAE_PREFIX}encoder.conv_in.weight" in shapes
     if unet:
         if "input_blocks.0.0.weight" not in unet:
-            raise CheckpointError(f"{where}: the UNet is incomplete: no 'model.diffusion_model.input_blocks.0.0.weight'")
+            raise CheckpointError(f"{where}: the UNet is incomplete: "
+                                  "no 'model.diffusion_model.input_blocks.0.0.weight'")
         in_channels = unet["input_blocks.0.0.weight"][1]
         context = next((s[1] for k, s in unet.items() if k.endswith("attn2.to_k.weight")), 0)
         adm = unet.get("label_emb.0.0.weight", (0, 0))[1]
@@ -147,7 +148,8 @@ def detect(shapes: dict[str, tuple], get=None, *, prediction_type: str | None = 
             prediction_type = "eps"
     if prediction_type not in ("eps", "v"):
         raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
-    family = base + ("_v" if base == "sd2" and prediction_type == "v" else "") + ("_inpaint" if in_channels == 9 else "")
+    family = base + ("_v" if base == "sd2" and prediction_type == "v" else "")
+    family += "_inpaint" if in_channels == 9 else ""
     return Layout(family, base, prediction_type, bool(unet), has_vae, towers)
 
 
@@ -305,7 +307,8 @@ def load_vae(path, *, device=None, dtype: torch.dtype | None = None, scale_facto
         keys = list(f.keys())
         prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
         parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-        sd = {k[len(prefix):]: f.get(k, dtype) for k in keys if k.startswith(prefix) and k[len(prefix):].startswith(parts)}
+        sd = {k[len(prefix):]: f.get(k, dtype) for k in keys
+              if k.startswith(prefix) and k[len(prefix):].startswith(parts)}
     if any(".down_blocks." in k or ".up_blocks." in k for k in sd):
         sd = diffusers_vae_to_ldm(sd)
     if "encoder.conv_in.weight" not in sd and "decoder.conv_in.weight" not in sd:

@@ -53,8 +53,9 @@ def openclip_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
                     out[f"{layer}self_attn.{name}.{kind}"] = part
             else:
-                for a, b in (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("attn.out_proj.", "self_attn.out_proj."),
-                             ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")):
+                for a, b in (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+                             ("attn.out_proj.", "self_attn.out_proj."), ("mlp.c_fc.", "mlp.fc1."),
+                             ("mlp.c_proj.", "mlp.fc2.")):
                     if rest.startswith(a):
                         out[layer + b + rest[len(a):]] = t
                         break
@@ -212,7 +213,7 @@ class TextEncoder:
                 empty, hidden = hidden[-1], hidden[:-1]
                 hidden = empty + (hidden - empty) * weights[..., None]
             conds.append(hidden.reshape(1, -1, hidden.shape[-1]))                       # (1, 77*k, D)
-            pooled = pool[0:1].float().cpu()                                             # the last tower's: bigG on SDXL
+            pooled = pool[0:1].float().cpu()               # the first chunk's, of the last tower (bigG on SDXL)
         if len({c.shape[1] for c in conds}) != 1:
             raise ValueError("the towers tokenized the prompt into different numbers of chunks")
         return torch.cat(conds, dim=-1), pooled

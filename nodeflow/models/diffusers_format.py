@@ -24,7 +24,8 @@ _RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.
            ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
 _VAE_RESNET = [("nin_shortcut.", "conv_shortcut.")]
 _VAE_ATTN = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
-_VAE_ATTN_OLD = [("group_norm.", "norm."), ("query.", "q."), ("key.", "k."), ("value.", "v."), ("proj_attn.", "proj_out.")]
+_VAE_ATTN_OLD = [("group_norm.", "norm."), ("query.", "q."), ("key.", "k."), ("value.", "v."),   # older diffusers
+                 ("proj_attn.", "proj_out.")]
 
 
 def _count(keys, pattern: str) -> int:

@@ -24,7 +24,7 @@ def base_family(family: str) -> str:
 
 
 def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """SD's "scaled linear" schedule: betas linear in sqrt from 0.00085 to 0.012; ᾱ_t = Π(1 - β). (1000,) float32."""
+    """SD's "scaled linear" schedule: β linear in sqrt from 0.00085 to 0.012; ᾱ_t = Π(1 - β), (1000,) float32."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
 

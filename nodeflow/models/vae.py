@@ -65,7 +65,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3)
+                   for conv in (self.q, self.k, self.v))                           # (B, 1, HW, C): one head
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
@@ -191,7 +192,8 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
         ch, in_channels = shapes["encoder.conv_in.weight"][:2]
         levels = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
         ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
-        num_res_blocks = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        num_res_blocks = 1 + max(int(m.group(1)) for k in shapes
+                                 if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
         return VAEConfig(in_channels=in_channels, out_ch=shapes["decoder.conv_out.weight"][0], ch=ch,
                          ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                          z_channels=shapes["decoder.conv_in.weight"][1],

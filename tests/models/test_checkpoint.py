@@ -122,7 +122,8 @@ def test_sdxl_size_conditioning(sdxl, refiner_path):
     refiner = load_checkpoint(refiner_path, components=("model",)).model
     y = refiner.condition_kwargs({"pooled_output": pooled}, 1, 64, 64)["y"]
     assert y.shape == (1, 128 + 5 * 256)
-    assert not torch.equal(y, refiner.condition_kwargs({"pooled_output": pooled, "aesthetic_score": 2.5}, 1, 64, 64)["y"])
+    other_score = refiner.condition_kwargs({"pooled_output": pooled, "aesthetic_score": 2.5}, 1, 64, 64)["y"]
+    assert not torch.equal(y, other_score)
 
 
 def test_sd1_has_no_extra_conditioning(sd1):
@@ -185,7 +186,8 @@ def test_truncated_ckpt(tmp_path, sd1_ckpt_path):
 
 
 def test_unknown_model_names_what_was_expected(tmp_path):
-    path = testing.save({"encoder.layer.0.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)}, tmp_path / "x.safetensors")
+    path = testing.save({"encoder.layer.0.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)},
+                        tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.diffusion_model\..*found 'encoder\.layer\.\*'"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not a VAE: expected keys like 'encoder.conv_in.weight'"):

@@ -31,7 +31,8 @@ def meta_state(module_fn):
                               "middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768)}),
     (SD21, 686, 865_910_724, {"input_blocks.1.1.proj_in.weight": (320, 320),
                               "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}),
-    (SDXL, 1680, 2_567_463_684, {"label_emb.0.0.weight": (1280, 2816), "output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+    (SDXL, 1680, 2_567_463_684, {"label_emb.0.0.weight": (1280, 2816),
+                                 "output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
                                  "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048)}),
     (REFINER, None, None, {"label_emb.0.0.weight": (1536, 2560)}),
 ])
