@@ -114,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     folders = folders_mod.configure(args.base_dir, output_dir=args.output_dir)
     _configure_devices(args.device, args.precision)
-    return _run_prompt(_load(args.workflow, args.overrides), args.workflow, folders, args)
+    from nodeflow.loader import editor_workflow
+
+    ui = editor_workflow(args.workflow)
+    extra = {"extra_pnginfo": {"workflow": ui}} if ui is not None else None
+    return _run_prompt(_load(args.workflow, args.overrides), args.workflow, folders, args, extra)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -147,7 +151,8 @@ def _find_workflow(name: str) -> Path:
     raise CliError(f"cannot find workflows/{name} (looked in {Path.cwd()} and {here.parent.parent})")
 
 
-def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespace) -> int:
+def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespace,
+                extra_data: dict | None = None) -> int:
     registry = _registry()
     executor = Executor(registry)
     graph = parse(prompt)
@@ -165,7 +170,7 @@ def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespac
 
     def work() -> None:
         try:
-            box["result"] = executor.execute(graph, report, observer=progress)
+            box["result"] = executor.execute(graph, report, observer=progress, extra_data=extra_data)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             box["exc"] = exc
 

@@ -59,3 +59,23 @@ def _api_format(data: Any, path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise WorkflowError(f"{path} holds JSON {type(data).__name__}, not a workflow object")
     return data
+
+
+def editor_workflow(path: Path) -> dict[str, Any] | None:
+    """The editor (UI-format) workflow a file carries, if any: the file itself when it is
+    UI-format JSON, or a PNG's ``workflow`` chunk. Saved images embed it again, so they
+    reopen in the editor with their layout."""
+    try:
+        raw = path.read_bytes()
+        if raw.startswith(PNG_MAGIC):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                text = dict(getattr(im, "text", {}) or im.info).get("workflow")
+            data = load_json(text) if isinstance(text, str) else None
+        else:
+            data = load_json(raw.decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, WorkflowError, ValueError):
+        return None
+    return data if is_ui_format(data) else None
+

@@ -1,6 +1,8 @@
 """The VAE between pixels and latents: decode, encode, and encode for inpainting.
 
 LATENT values are raw VAE latents (the model scales them while sampling), as in ComfyUI.
+The VAE handle falls back to working in tiles by itself when the device runs out of memory;
+the tiled nodes ask for tiles from the start.
 """
 
 from __future__ import annotations
@@ -8,37 +10,6 @@ from __future__ import annotations
 import math
 
 from nodeflow import Int, Node, Output, Socket
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def decode(vae, samples, tile_size: int | None = None, overlap: int = 64):
-    """Decode, falling back to tiles when the device runs out of memory."""
-    tiled = getattr(vae, "decode_tiled", None)
-    if tile_size is not None and tiled is not None:
-        return tiled(samples, tile_size=tile_size, overlap=overlap)
-    try:
-        return vae.decode(samples)
-    except (RuntimeError, MemoryError) as exc:
-        if tiled is None or not _is_oom(exc):
-            raise
-        return tiled(samples, tile_size=512, overlap=64)
-
-
-def encode(vae, pixels, tile_size: int | None = None, overlap: int = 64):
-    tiled = getattr(vae, "encode_tiled", None)
-    if tile_size is not None and tiled is not None:
-        return tiled(pixels, tile_size=tile_size, overlap=overlap)
-    try:
-        return vae.encode(pixels)
-    except (RuntimeError, MemoryError) as exc:
-        if tiled is None or not _is_oom(exc):
-            raise
-        return tiled(pixels, tile_size=512, overlap=64)
 
 
 def _crop_to_8(pixels):
@@ -59,11 +30,13 @@ class VAEDecode(Node):
     outputs = [Output("IMAGE")]
 
     def run(self, samples, vae):
-        return (decode(vae, samples["samples"]),)
+        return (vae.decode(samples["samples"]),)
 
 
 class VAEDecodeTiled(Node):
-    """Decodes latents tile by tile, for large images on small GPUs."""
+    """Decodes latents tile by tile, for large images on small GPUs. ``tile_size`` is in
+    pixels; tiles overlap by an eighth of their size and are blended (``overlap`` is accepted
+    for ComfyUI workflows but the blend width follows the tile size)."""
 
     category = "latent"
     display_name = "VAE Decode (Tiled)"
@@ -73,7 +46,7 @@ class VAEDecodeTiled(Node):
     outputs = [Output("IMAGE")]
 
     def run(self, samples, vae, tile_size, overlap):
-        return (decode(vae, samples["samples"], tile_size, min(overlap, tile_size // 4)),)
+        return (vae.decode(samples["samples"], tile_size=max(8, tile_size // 8)),)
 
 
 class VAEEncode(Node):
@@ -85,11 +58,11 @@ class VAEEncode(Node):
     outputs = [Output("LATENT")]
 
     def run(self, pixels, vae):
-        return ({"samples": encode(vae, _crop_to_8(pixels))},)
+        return ({"samples": vae.encode(_crop_to_8(pixels))},)
 
 
 class VAEEncodeTiled(Node):
-    """Encodes images tile by tile."""
+    """Encodes images tile by tile (``tile_size`` in pixels; see VAEDecodeTiled for ``overlap``)."""
 
     category = "latent"
     display_name = "VAE Encode (Tiled)"
@@ -99,7 +72,7 @@ class VAEEncodeTiled(Node):
     outputs = [Output("LATENT")]
 
     def run(self, pixels, vae, tile_size, overlap):
-        return ({"samples": encode(vae, _crop_to_8(pixels), tile_size, min(overlap, tile_size // 4))},)
+        return ({"samples": vae.encode(_crop_to_8(pixels), tile_size=max(8, tile_size // 8))},)
 
 
 class VAEEncodeForInpaint(Node):
@@ -131,5 +104,5 @@ class VAEEncodeForInpaint(Node):
             grown = F.conv2d(hard, kernel, padding=pad).clamp(0, 1)[:, :, :h, :w]
         keep = (1.0 - hard).permute(0, 2, 3, 1)  # [B, H, W, 1]
         pixels = (pixels - 0.5) * keep + 0.5
-        latent = encode(vae, pixels)
+        latent = vae.encode(pixels)
         return ({"samples": latent, "noise_mask": grown.round()},)
