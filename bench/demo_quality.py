@@ -53,6 +53,7 @@ def main() -> None:
           " (target < 5)")
     print(f"prompt adherence: {r.adherence:.0%} of {n} images (target >= 80%); "
           f"unconditional baseline: {r.unconditional:.0%} (chance 10%)")
+    print(f"  the colour asked for: {r.colour_adherence:.0%}; the shape asked for: {r.shape_adherence:.0%}")
     for name, acc in r.per_class.items():
         print(f"  {name:16s} {acc:.0%}")
     print(f"Frechet distance (classifier features), generated vs real: {r.frechet:.1f} "
@@ -61,8 +62,7 @@ def main() -> None:
         from PIL import Image
 
         args.grid.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid(r.images, args.per_class)).resize(
-            (args.per_class * 96, 10 * 96), Image.NEAREST).save(args.grid)
+        Image.fromarray(grid(r.images, args.per_class)).save(args.grid, optimize=True)
         print(f"saved {args.grid}")
 
 

@@ -88,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     n.set_defaults(func=cmd_nodes)
 
     d = sub.add_parser("demo", help="make a picture offline with nodeflow's own small demo model")
-    d.add_argument("--prompt", default="a red circle on a blue background",
-                   help="what to draw: a red/green/blue/yellow/purple circle or square on a background colour")
+    d.add_argument("--prompt", default="a yellow triangle on a black background",
+                   help="what to draw: a red/green/blue/yellow/purple circle or triangle on a "
+                        "white/black/gray/pink/cyan background")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--cfg", type=float, default=5.0)

@@ -7,7 +7,11 @@ stages:
 
 1. the autoencoder, on reconstruction with a light KL term, then rescaled so that its
    latents have the spread SD 1.x's fixed latent scale (0.18215) expects;
-2. the UNet and the text encoder together, on SD's ε-prediction loss with its
+2. the text encoder alone, briefly, on reading captions: a linear probe on its end-of-text
+   and padding states must name the colour, shape and background the caption describes.
+   SD's text encoder comes pretrained (CLIP); ours must learn first that the shape word
+   matters, else the UNet learns colour (a large loss term) long before shape (a small one);
+3. the UNet and the text encoder together, on SD's ε-prediction loss with its
    scaled-linear noise schedule, the caption dropped 10 % of the time (so classifier-free
    guidance has an unconditional model to push against).
 
@@ -38,7 +42,7 @@ from nodeflow.models.tokenizer import EOS, ClipTokenizer
 from nodeflow.models.unet import UNet, UNetConfig
 from nodeflow.models.vae import AutoencoderKL, VAEConfig
 from nodeflow.train.assets import DEMO_CHECKPOINT
-from nodeflow.train.shapes import dataset
+from nodeflow.train.shapes import attribute_labels, dataset
 
 LATENT_SCALE = 0.18215  # SD 1.x's: the VAE is rescaled to it, not the other way round
 
@@ -54,11 +58,18 @@ class DemoConfig:
     vae_crop: int = 32                      # the VAE is convolutional: train it on random crops (4x cheaper)
     text_width: int = 64                    # CLIP hidden size (heads are 64 wide: one head)
     text_layers: int = 2
-    vae_steps: int = 800
+    #: The 49,408-row token table stays at its random initialisation: the few words the demo
+    #: uses get distinct random vectors anyway, and updating the whole table costs more than the UNet.
+    train_token_embedding: bool = False
+    vae_steps: int = 1000
     vae_batch: int = 16
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 3000
+    vae_init_logvar: float = -10.0          # posterior σ ≈ 0.007 at the start (see train_vae)
+    text_steps: int = 300
+    text_batch: int = 64
+    text_lr: float = 1e-3
+    unet_steps: int = 2000
     unet_batch: int = 32
     min_snr_gamma: float = 5.0              # loss weight min(SNR, γ)/SNR (Hang et al. 2023): faster convergence
     unet_lr: float = 1e-3
@@ -93,6 +104,8 @@ def train_vae(cfg: DemoConfig, images: torch.Tensor, log=_log) -> AutoencoderKL:
     """Stage 1: reconstruction + KL on images (N, 3, H, W) in -1..1."""
     g = torch.Generator().manual_seed(cfg.seed)
     vae = AutoencoderKL(cfg.vae)
+    with torch.no_grad():  # start with a narrow posterior: noise σ = 1 would drown the mean at first
+        vae.quant_conv.bias[cfg.vae.embed_dim:] = cfg.vae_init_logvar
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
     t0 = time.monotonic()
@@ -134,13 +147,42 @@ def rescale_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return latents * k
 
 
-def train_diffusion(cfg: DemoConfig, latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor,
-                    log=_log) -> tuple[UNet, ClipTextModel]:
-    """Stage 2: ε-prediction on the SD schedule, the UNet and the text tower together."""
+def pretrain_text(cfg: DemoConfig, text: ClipTextModel, ids: torch.Tensor, labels: torch.Tensor,
+                  log=_log) -> ClipTextModel:
+    """Stage 2: the text tower learns to carry each caption's attributes into its end-of-text
+    and padding states (which every image position can attend to). ``labels`` (N, 3) holds
+    colour, shape and background indices, -100 where the caption does not say."""
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    from nodeflow.train.shapes import BACKGROUNDS, COLOURS, SHAPES
+
+    sizes = (len(COLOURS), len(SHAPES), len(BACKGROUNDS))
+    head = torch.nn.Linear(cfg.text_width, sum(sizes))
+    params = [p for p in (*text.parameters(), *head.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.text_lr, weight_decay=0.01)
+    t0 = time.monotonic()
+    for step in range(cfg.text_steps):
+        idx = torch.randint(len(ids), (cfg.text_batch,), generator=g)
+        tok = ids[idx]
+        hidden, _ = text(tok, -1, True)                   # (B, 77, width)
+        tail = tok == EOS                                 # end-of-text and the padding after it
+        logits = head(hidden[tail]).split(sizes, dim=-1)  # (tail tokens, classes) per attribute
+        target = labels[idx].repeat_interleave(tail.sum(1), dim=0)
+        loss = sum(F.cross_entropy(lg, target[:, k]) for k, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.text_steps - 1:
+            log(f"text {step:5d}/{cfg.text_steps}  loss {loss.item():.4f}  {time.monotonic() - t0:.0f}s")
+    return text
+
+
+def train_diffusion(cfg: DemoConfig, text: ClipTextModel, latents: torch.Tensor, ids: torch.Tensor,
+                    empty: torch.Tensor, log=_log) -> tuple[UNet, ClipTextModel]:
+    """Stage 3: ε-prediction on the SD schedule, the UNet and the text tower together."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    unet, text = UNet(cfg.unet), text_model(cfg)
+    unet = UNet(cfg.unet)
     alphas = sd_alphas_cumprod()
-    params = list(unet.parameters()) + list(text.parameters())
+    params = [p for p in (*unet.parameters(), *text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.unet_lr, total_steps=cfg.unet_steps, pct_start=0.05)
     x_all = latents * LATENT_SCALE
@@ -194,11 +236,16 @@ def train(out: Path, cfg: DemoConfig | None = None, dtype: torch.dtype = torch.f
     tokenizer = ClipTokenizer(EOS)
     ids = tokenize(tokenizer, [s.caption for s in data])
     empty = tokenize(tokenizer, [""])[0]
+    labels = torch.tensor([attribute_labels(s) for s in data])
     log(f"data: {len(data)} images, {time.monotonic() - t0:.0f}s")
 
     vae = train_vae(cfg, images, log)
     latents = rescale_latents(vae, images)
-    unet, text = train_diffusion(cfg, latents, ids, empty, log)
+    text = text_model(cfg)
+    if not cfg.train_token_embedding:
+        text.transformer.get_input_embeddings().weight.requires_grad_(False)
+    text = pretrain_text(cfg, text, ids, labels, log)
+    unet, text = train_diffusion(cfg, text, latents, ids, empty, log)
 
     sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in
           sd1_state_dict(unet, vae, text).items()}
@@ -215,12 +262,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train nodeflow's demo model on the CPU.")
     ap.add_argument("--out", type=Path, default=Path("models/checkpoints") / DEMO_CHECKPOINT)
     ap.add_argument("--vae-steps", type=int, default=DemoConfig.vae_steps)
+    ap.add_argument("--text-steps", type=int, default=DemoConfig.text_steps)
     ap.add_argument("--unet-steps", type=int, default=DemoConfig.unet_steps)
     ap.add_argument("--images", type=int, default=DemoConfig.images)
+    ap.add_argument("--unet-channels", type=int, default=64, help="UNet width (a multiple of 32)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fp32", action="store_true", help="save float32 weights (default float16)")
     args = ap.parse_args(argv)
-    cfg = DemoConfig(vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images, seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DemoConfig(vae_steps=args.vae_steps, text_steps=args.text_steps, unet_steps=args.unet_steps, images=args.images, seed=args.seed)
+    cfg.unet.model_channels = args.unet_channels
     train(args.out, cfg, torch.float32 if args.fp32 else torch.float16)
     return 0
 

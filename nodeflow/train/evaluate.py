@@ -5,11 +5,14 @@ For each of the ten classes, ``per_class`` images are generated from the canonic
 and the shape classifier (fitted on real training images) says what it sees. Adherence is
 the fraction recognised as what the prompt asked for; the same images generated from an
 empty prompt give the unconditional baseline (chance is 10 %). The Fréchet distance compares
-the classifier's features of the generated images with those of real ones.
+the classifier's features of the generated images with those of real drawings of what the
+prompts describe.
 """
 
 from __future__ import annotations
 
+import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +22,17 @@ import numpy as np
 from nodeflow import Executor, Workflow, default_registry
 from nodeflow import folders as folders_mod
 from nodeflow.train.metrics import ShapeClassifier, features, frechet_distance
-from nodeflow.train.shapes import CLASSES, dataset, prompt_for
+from nodeflow.train.shapes import CLASSES, dataset, draw, prompt_for
 
 
 @dataclass
 class Report:
     adherence: float             # conditional images recognised as the asked class
+    colour_adherence: float      # ... whose recognised colour is the asked one
+    shape_adherence: float       # ... whose recognised shape is the asked one
     unconditional: float         # empty-prompt images "recognised" as the class assigned to them
-    frechet: float               # classifier-feature Fréchet distance, generated vs real
-    frechet_real: float          # the same between two real sets: the floor of the measure
+    frechet: float               # classifier-feature Fréchet distance, generated vs real drawings of the prompts
+    frechet_real: float          # the same between two real sets of that size: the floor of the measure
     seconds_per_image: float
     per_class: dict[str, float]
     images: np.ndarray           # [N, H, W, 3] uint8, the conditional images, class by class
@@ -38,7 +43,8 @@ def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int
     """Images [len(prompts) * per_prompt, H, W, 3] uint8 for each prompt, through the node graph."""
     checkpoint = Path(checkpoint).resolve()
     previous = folders_mod._current
-    folders_mod.configure(checkpoint.parent, extra_models={"checkpoints": [str(checkpoint.parent)]})
+    scratch = tempfile.TemporaryDirectory(prefix="nodeflow-eval-")  # previews land here, not beside the checkpoint
+    folders_mod.configure(scratch.name, extra_models={"checkpoints": [str(checkpoint.parent)]})
     try:
         executor = Executor(default_registry())
         out = []
@@ -59,6 +65,7 @@ def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int
         return np.concatenate(out)
     finally:
         folders_mod._current = previous
+        scratch.cleanup()
 
 
 def evaluate(checkpoint: Path, *, per_class: int = 10, seed: int = 0, steps: int = 20, cfg: float = 5.0,
@@ -74,12 +81,20 @@ def evaluate(checkpoint: Path, *, per_class: int = 10, seed: int = 0, steps: int
     hits = predicted == asked
     uncond = generate(checkpoint, [""], per_prompt=len(images), seed=seed + 1000, steps=steps, cfg=1.0)
     uncond_hits = classifier.predict(list(uncond)) == asked
+    # The Fréchet reference is what the prompts describe: real drawings of the same classes on
+    # the same (white) background, as many per class as were generated, twice over for the floor.
+    rng = random.Random(seed + 77)
+    reference = [draw(c, s, "white", images.shape[1], rng) for _ in range(2 * per_class) for c, s in CLASSES]
     gen_f = np.stack([features(im) for im in images])
-    real_f = np.stack([features(s.image) for s in real])
+    real_f = np.stack([features(im) for im in reference])
     half = len(real_f) // 2
+    colours = np.array([c for c, _ in CLASSES])
+    shapes = np.array([s for _, s in CLASSES])
     return Report(
         adherence=float(hits.mean()), unconditional=float(uncond_hits.mean()),
-        frechet=frechet_distance(gen_f, real_f), frechet_real=frechet_distance(real_f[:half], real_f[half:]),
+        colour_adherence=float((colours[predicted] == colours[asked]).mean()),
+        shape_adherence=float((shapes[predicted] == shapes[asked]).mean()),
+        frechet=frechet_distance(gen_f, real_f[:half]), frechet_real=frechet_distance(real_f[:half], real_f[half:]),
         seconds_per_image=seconds,
         per_class={f"{c} {s}": float(hits[asked == k].mean()) for k, (c, s) in enumerate(CLASSES)},
         images=images)

@@ -10,13 +10,14 @@ from nodeflow.train.shapes import CLASSES, COLOURS, dataset, draw, sample
 
 def test_drawn_images_have_the_asked_colour_and_shape():
     rng = random.Random(0)
-    img = draw("red", "square", "white", 64, rng)
+    img = draw("red", "triangle", "white", 64, rng)
     f = features(img)
     assert np.allclose(f[:3], COLOURS["red"], atol=15)
     assert np.allclose(f[3:6], (235, 235, 235), atol=1)
-    assert f[6] > 0.9  # a square fills its bounding box
+    assert abs(f[6] - 0.5) < 0.08  # a triangle fills half its bounding box
+    assert abs(f[9] - 2 / 3) < 0.05  # and its mass sits two thirds of the way down
     circle = features(draw("blue", "circle", "black", 64, rng))
-    assert abs(circle[6] - np.pi / 4) < 0.06
+    assert abs(circle[6] - np.pi / 4) < 0.06 and abs(circle[9] - 0.5) < 0.03
 
 
 def test_captions_vary_and_name_the_class():
