@@ -12,14 +12,16 @@ Per-step noise of ancestral samplers (``default_noise_sampler``)
     shape per call. Same device type ⇒ same numbers as ComfyUI.
 
 Per-step noise of the DPM-Solver++ SDE samplers (``BrownianTreeNoiseSampler``)
-    Increments of one Brownian motion W indexed by σ, sampled lazily on a binary tree so
-    that W(σ) is a function of (seed, σ) — a finer schedule refines the same path. ComfyUI uses
+    Increments of one Brownian motion W indexed by σ, sampled lazily on a binary tree whose
+    nodes are seeded by their position, so that W(σ) never depends on the order of the
+    queries, and overlapping increments are correlated as they must be. ComfyUI uses
     ``torchsde.BrownianTree``; when torchsde is importable we use it the same way, and the
     noise is ComfyUI's. Without it, our own tree (same law, different numbers) is used.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections import OrderedDict
@@ -33,6 +35,7 @@ __all__ = ["prepare_noise", "default_noise_sampler", "BrownianTreeNoiseSampler",
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]   # (σ, σ_next) -> standard normal, x's shape
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
+_KNOT_TOLERANCE = 4e-6   # in log σ: a query this close to a knot is that knot (float32 round-off)
 
 
 def prepare_noise(latent: Tensor, seed: int, batch_index: Sequence[int] | None = None) -> Tensor:
@@ -78,39 +81,55 @@ def _splitmix64(value: int) -> int:
 
 class _VirtualBrownianTree:
     """W on [t0, t1] (0 < t0 < t1) with W(t0) = 0, sampled on demand by recursive bisection
-    (a "virtual Brownian tree", Li et al. 2020, arXiv:2001.01328). A node splits its
-    interval [a, b] at the midpoint in log t, m = √(ab), and draws W there from the Brownian
-    bridge, which is exact for any split point:
+    (a "virtual Brownian tree", Li et al. 2020, arXiv:2001.01328). A node splits its interval
+    [a, b] at a point m and draws W there from the Brownian bridge, which is exact for any m:
 
         W(m) | W(a), W(b)  ~  N(W(a) + (m−a)/(b−a) · (W(b)−W(a)),  (m−a)(b−m)/(b−a))
 
-    Splitting in log t keeps the tree shallow for the geometric spacing of noise schedules.
-    After ``depth`` levels a query point u is drawn from the bridge over its final interval.
-    Every draw comes from a generator seeded by a hash of (seed, level, position), so the path
-    depends only on the seed, never on the order of the queries; the joint law of the values
-    returned is exactly Brownian as long as no two queried points share a final interval (the
-    depth is chosen from the schedule to make sure of that).
+    The upper levels split at the *knots* — the points the sampler will ask for (the schedule
+    and its sub-steps), the median knot first — so a knot is a node of the tree and a run
+    that walks down the schedule creates about one node per knot: one normal draw per query
+    instead of one per level. A point between two knots is reached by bisecting that interval
+    in log t for ``depth`` more levels, then drawing from the bridge over the final interval.
+    Every draw comes from a generator seeded by a hash of (seed, node), so W is a function of
+    (seed, knots, t), never of the order of the queries; the joint law of the values returned
+    is exactly Brownian as long as no two queried points that are not knots share a final
+    interval.
     """
 
-    def __init__(self, shape, t0: float, t1: float, seed: int, device, dtype, depth: int, cache_size: int = 48):
+    def __init__(self, shape, t0: float, t1: float, seed: int, device, dtype, knots: Sequence[float] = (),
+                 depth: int = 16, cache_size: int = 64):
         self.shape, self.depth = tuple(shape), int(depth)
-        self.t0, self.t1 = float(t0), float(t1)
-        self.log_t0, self.log_span = math.log(self.t0), math.log(self.t1) - math.log(self.t0)
         self.device, self.dtype = torch.device(device), dtype
         self.seed = int(seed) & _U64
         self.generator = torch.Generator(device=self.device)
-        self.nodes: OrderedDict[tuple[int, int], Tensor] = OrderedDict()     # (level, k) -> W at the split point
-        self.values: OrderedDict[float, Tensor] = OrderedDict()              # recent query results
+        inner = sorted({float(k) for k in knots if t0 < float(k) < t1})
+        self.points = [float(t0)] + inner + [float(t1)]     # node i of the top tree sits at points[i]
+        self.log_points = [math.log(v) for v in self.points]
+        self.nodes: OrderedDict[tuple, Tensor] = OrderedDict()     # node key -> W there
+        self.values: OrderedDict[float, Tensor] = OrderedDict()    # recent query results
         self.cache_size = cache_size
         self.w0 = torch.zeros(self.shape, dtype=dtype, device=self.device)
-        self.w1 = self._normal(0, 0) * math.sqrt(self.t1 - self.t0)
+        self.w1 = self._normal(0, 0, 0) * math.sqrt(self.points[-1] - self.points[0])
 
-    def _normal(self, level: int, position: int) -> Tensor:
-        self.generator.manual_seed(_splitmix64(self.seed ^ _splitmix64((level << 56) ^ position)))
+    def _normal(self, *node: int) -> Tensor:
+        key = 0
+        for part in node:
+            key = _splitmix64(key ^ (part & _U64))
+        self.generator.manual_seed(_splitmix64(self.seed ^ key))
         return torch.randn(self.shape, dtype=self.dtype, device=self.device, generator=self.generator)
 
-    def _time(self, u: float) -> float:
-        return math.exp(self.log_t0 + u * self.log_span)
+    def _bridge(self, key: tuple, t: float, ta: float, tb: float, wa: Tensor, wb: Tensor, cache: bool) -> Tensor:
+        if cache:
+            w = self.nodes.get(key)
+            if w is not None:
+                self.nodes.move_to_end(key)
+                return w
+        std = math.sqrt((t - ta) * (tb - t) / (tb - ta))
+        w = torch.lerp(wa, wb, (t - ta) / (tb - ta)).add_(self._normal(*key), alpha=std)
+        if cache:
+            self._remember(self.nodes, key, w, self.cache_size)
+        return w
 
     @staticmethod
     def _remember(cache: OrderedDict, key, value, size: int) -> None:
@@ -118,48 +137,52 @@ class _VirtualBrownianTree:
         if len(cache) > size:
             cache.popitem(last=False)
 
+    def _knot(self, t: float) -> int | None:
+        """The index of the knot at t (to float32 rounding of the sampler's arithmetic), if any."""
+        i = bisect.bisect_left(self.points, t)
+        log_t = math.log(t)
+        for j in (i - 1, i):
+            if 0 <= j < len(self.points) and abs(self.log_points[j] - log_t) < _KNOT_TOLERANCE:
+                return j
+        return None
+
     def __call__(self, t: float) -> Tensor:
-        t = min(max(float(t), self.t0), self.t1)
-        if t == self.t0:
-            return self.w0
-        if t == self.t1:
-            return self.w1
+        t = min(max(float(t), self.points[0]), self.points[-1])
         if t in self.values:
             return self.values[t]
-        u = (math.log(t) - self.log_t0) / self.log_span
-        a, b, wa, wb = 0.0, 1.0, self.w0, self.w1
-        ta, tb = self.t0, self.t1
-        for level in range(1, self.depth + 1):
-            m = 0.5 * (a + b)
-            key = (level, int(m * (1 << level)))                 # m = k / 2^level, k odd
-            wm = self.nodes.get(key)
-            tm = self._time(m)
-            if wm is None:
-                std = math.sqrt((tm - ta) * (tb - tm) / (tb - ta))
-                wm = torch.lerp(wa, wb, (tm - ta) / (tb - ta)).add_(self._normal(level, key[1]), alpha=std)
-                self._remember(self.nodes, key, wm, self.cache_size)
+        target = self._knot(t)
+        lo, hi = 0, len(self.points) - 1
+        w_lo, w_hi = self.w0, self.w1
+        # down the knot tree: to the knot itself, or to the two knots around t
+        while hi - lo > 1 and target not in (lo, hi):
+            mid = (lo + hi) // 2
+            w_mid = self._bridge((1, mid), self.points[mid], self.points[lo], self.points[hi], w_lo, w_hi, True)
+            if target == mid:
+                lo, w_lo = mid, w_mid
+                break
+            if t < self.points[mid]:
+                hi, w_hi = mid, w_mid
             else:
-                self.nodes.move_to_end(key)
-            if u < m:
-                b, wb, tb = m, wm, tm
-            else:
-                a, wa, ta = m, wm, tm
-        std = math.sqrt((t - ta) * (tb - t) / (tb - ta))
-        w = torch.lerp(wa, wb, (t - ta) / (tb - ta)).add_(self._normal(self.depth + 1, int(a * (1 << self.depth))), alpha=std)
+                lo, w_lo = mid, w_mid
+        if target is not None:
+            w = w_lo if target == lo else w_hi
+        else:
+            # between knots lo and hi: bisect in log t, then the bridge over the final interval
+            ta, tb = self.points[lo], self.points[hi]
+            log_a, span = self.log_points[lo], self.log_points[hi] - self.log_points[lo]
+            u = (math.log(t) - log_a) / span
+            a, b, wa, wb = 0.0, 1.0, w_lo, w_hi
+            for level in range(1, self.depth + 1):
+                m = 0.5 * (a + b)
+                tm = math.exp(log_a + m * span)
+                wm = self._bridge((2, lo, level, int(m * (1 << level))), tm, ta, tb, wa, wb, True)
+                if u < m:
+                    b, wb, tb = m, wm, tm
+                else:
+                    a, wa, ta = m, wm, tm
+            w = self._bridge((3, lo, int(a * (1 << self.depth))), t, ta, tb, wa, wb, False)
         self._remember(self.values, t, w, 8)
         return w
-
-
-def _tree_depth(t0: float, t1: float, points: Sequence[float] | None) -> int:
-    """Enough levels (in log t) that distinct query points land in distinct final intervals."""
-    span = math.log(t1) - math.log(t0) if t0 > 0 and t1 > t0 else 0.0
-    if not points or span <= 0:
-        return 16
-    us = sorted({math.log(p) for p in points if t0 <= p <= t1})
-    gaps = [b - a for a, b in zip(us, us[1:]) if b > a]
-    if not gaps:
-        return 8
-    return max(4, min(40, math.ceil(math.log2(span / min(gaps))) + 1))
 
 
 class BrownianTreeNoiseSampler:
@@ -168,8 +191,8 @@ class BrownianTreeNoiseSampler:
     exactly as Brownian increments are (which SDE solvers with sub-steps rely on).
 
     ``cpu=True`` draws on the CPU and moves the result (ComfyUI's ``dpmpp_*_sde``);
-    ``cpu=False`` draws on x's device (the ``_gpu`` variants). ``sigmas`` (optional) lets the
-    built-in tree size itself to the schedule.
+    ``cpu=False`` draws on x's device (the ``_gpu`` variants). ``sigmas`` (optional): the
+    schedule, whose points and geometric midpoints become knots of the built-in tree.
     """
 
     def __init__(self, x: Tensor, sigma_min, sigma_max, seed: int | None = None, *, cpu: bool = True,
@@ -195,13 +218,12 @@ class BrownianTreeNoiseSampler:
                 self._tree_device = tree_device
         if self._torchsde_tree is None:
             t0 = max(t0, 1e-6 * t1, 1e-12)          # the built-in tree works in log σ
-            points = None
+            knots = []
             if sigmas is not None:
                 s = [float(v) for v in sigmas if float(v) > 0]
-                # sub-step points of the two-stage SDE solvers: geometric midpoints
-                points = s + [math.sqrt(a * b) for a, b in zip(s, s[1:])]
-            self._tree = _VirtualBrownianTree(x.shape, t0, t1, seed, tree_device, torch.float32,
-                                              depth=_tree_depth(t0, t1, points))
+                # and the sub-step points of the two-stage SDE solvers: geometric midpoints
+                knots = s + [math.sqrt(a * b) for a, b in zip(s, s[1:])]
+            self._tree = _VirtualBrownianTree(x.shape, t0, t1, seed, tree_device, torch.float32, knots=knots)
 
     def __call__(self, sigma, sigma_next) -> Tensor:
         t0 = torch.as_tensor(sigma).detach().to("cpu", torch.float32).reshape(())

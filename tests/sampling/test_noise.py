@@ -79,3 +79,26 @@ def test_brownian_tree_uses_torchsde_like_comfyui_when_available():
     s, s_next = torch.tensor(3.5), torch.tensor(2.25)
     expected = ref(s_next, s) * -1 / (s_next - s).abs().sqrt()
     assert torch.equal(ours(s, s_next), expected)
+
+
+def test_brownian_tree_increments_along_a_schedule_are_independent_standard_normals():
+    """The schedule's points are knots of the tree: the noise of consecutive steps (and of the
+    two half-steps of the two-stage solvers) must still be independent N(0, 1)."""
+    sigmas = torch.tensor([14.6, 8.0, 4.1, 2.0, 0.9, 0.4, 0.1, 0.03])
+    tree = _tree(shape=(64, 16, 16), sigmas=sigmas)
+    s = [float(v) for v in sigmas]
+    mids = [math.sqrt(a * b) for a, b in zip(s, s[1:])]
+    steps = [tree(a, b) for a, b in zip(s, s[1:])]
+    halves = [tree(a, m) for a, m in zip(s, mids)] + [tree(m, b) for m, b in zip(mids, s[1:])]
+    off_knot = tree(3.0, 2.5)                                # between knots: bisection below them
+    for z in steps + halves + [off_knot]:
+        assert abs(float(z.mean())) < 0.02 and abs(float(z.var()) - 1) < 0.03
+    for i, j in [(0, 1), (2, 3), (5, 6)]:
+        assert abs(float((steps[i] * steps[j]).mean())) < 0.03
+    # a whole step is the sum of its halves, scaled back to W's increments
+    a, m, b = s[2], mids[2], s[3]
+    assert torch.allclose(tree(a, m) * math.sqrt(a - m) + tree(m, b) * math.sqrt(m - b),
+                          steps[2] * math.sqrt(a - b), atol=1e-4)
+    # the off-knot point lies in [4.1, 2.0]: correlated with that step as Brownian increments are
+    corr = float((off_knot * tree(4.1, 2.0)).mean())
+    assert corr == pytest.approx(math.sqrt(0.5 / 2.1), abs=0.03)
