@@ -13,17 +13,24 @@ variables ``NODEFLOW_OUTPUT_DIR``, ``NODEFLOW_INPUT_DIR``, ``NODEFLOW_TEMP_DIR``
 
 A file name from a workflow or a request never escapes its folder: absolute names and
 ``..`` are refused, and for the writable folders (input, output, temp) the resolved path,
-symlinks followed, must stay inside the folder too. Model folders may hold symlinks that
+symlinks followed, must stay inside the folder too (``confined_path``), and must name a
+file, not the folder itself (``InvalidFileName``). Model folders may hold symlinks that
 the user made on purpose (to a big disk, say); names there are checked lexically.
+``Folders.clear_temp`` empties temp/ (the server does at start-up) without following links.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+log = logging.getLogger(__name__)
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -37,6 +44,15 @@ IO_KINDS = ("input", "output", "temp")
 
 class UnsafePath(ValueError):
     """A file name that would leave its folder."""
+
+
+class InvalidFileName(UnsafePath):
+    """A name that cannot be a file in the folder: empty, ``.``, ``..``, a folder's own name
+    (``sub/.``), a NUL byte, or a part longer than the file system allows (255 bytes)."""
+
+
+#: The longest file or folder name (one path part, UTF-8 bytes) on common file systems.
+MAX_NAME_BYTES = 255
 
 
 @dataclass
@@ -83,6 +99,15 @@ class Folders:
             names.update(_walk(root, extensions))
         return sorted(names, key=str.lower)
 
+    def list_models_by_dir(self, kind: str, extensions: tuple[str, ...] = MODEL_EXTENSIONS) -> list[tuple[str, int]]:
+        """``(name, index)`` of each model file of a kind, ``index`` being the position in
+        ``model_dirs(kind)`` of the folder it is found in first (as ``model_path`` finds it)."""
+        seen: dict[str, int] = {}
+        for index, root in enumerate(self.model_dirs(kind)):
+            for name in _walk(root, extensions):
+                seen.setdefault(name, index)
+        return sorted(seen.items(), key=lambda item: item[0].lower())
+
     def model_path(self, kind: str, name: str) -> Path:
         """The file ``name`` in the first folder of ``kind`` that has it.
         Raises FileNotFoundError naming what exists."""
@@ -104,17 +129,81 @@ class Folders:
         return getattr(self, kind)
 
     def io_path(self, kind: str, name: str, subfolder: str = "") -> Path:
-        """A path inside input/, output/ or temp/, resolved and confined (symlinks followed)."""
-        root = self.io_dir(kind)
-        rel = safe_relative(subfolder, allow_empty=True) / safe_relative(name)
-        real_root = root.resolve()
-        target = (root / rel).resolve()
-        if target != real_root and real_root not in target.parents:
-            raise UnsafePath(f"{name!r} leaves the {kind} folder")
-        return target
+        """A file's path inside input/, output/ or temp/, resolved and confined (symlinks
+        followed). ``name`` must name a file, never the folder itself (``"."``, ``"sub/."``):
+        ``InvalidFileName`` then; ``UnsafePath`` for a name that leaves the folder."""
+        return confined_path(self.io_dir(kind), name, subfolder, what=f"the {kind} folder")
 
     def list_images(self, kind: str = "input") -> list[str]:
         return sorted(_walk(self.io_dir(kind), IMAGE_EXTENSIONS), key=str.lower)
+
+    def clear_temp(self, keep: tuple[str | os.PathLike, ...] = ()) -> int:
+        """Delete what temp/ holds (ComfyUI does so at start-up); returns how many entries
+        went. Symlinks are removed, never followed. Nothing happens when temp/ is itself a
+        symlink, a shared folder (``/tmp``, the home folder, ...), or when it holds (or is)
+        the base, input, output or a model folder, or any path in ``keep`` (e.g. the queue
+        database): a misconfigured temp folder must not wipe anything else."""
+        temp = Path(self.temp)
+        if not temp.is_dir():
+            return 0
+        real = temp.resolve()
+        shared = {Path("/"), Path("/tmp"), Path("/var/tmp"), Path.home(), Path(tempfile.gettempdir())}
+        precious = [self.base, self.input, self.output, *keep, *(p for ps in self.models.values() for p in ps)]
+        if temp.is_symlink() or real in {p.resolve() for p in shared} or any(
+                Path(p).resolve() == real or real in Path(p).resolve().parents for p in precious):
+            log.warning("not emptying the temp folder %s: it is a link, a shared folder, or holds other folders",
+                        temp)
+            return 0
+        removed = 0
+        for entry in os.scandir(real):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass  # in use or not ours: leave it
+        return removed
+
+
+def confined_path(root: Path, name: str, subfolder: str = "", what: str = "its folder") -> Path:
+    """The file ``subfolder/name`` in ``root``, resolved (symlinks followed) and confined to
+    it: ``UnsafePath`` for a name that leaves ``root``, ``InvalidFileName`` for one that does
+    not name a file (``""``, ``"."``, ``"sub/."``, a part over 255 bytes)."""
+    rel = safe_relative(subfolder, allow_empty=True) / safe_relative(name)
+    check_file_name(name.replace("\\", "/").rsplit("/", 1)[-1])
+    for part in rel.parts:
+        _check_part_length(part)
+    real_root = root.resolve()
+    target = (root / rel).resolve()
+    if real_root not in target.parents:
+        if target == real_root:
+            raise InvalidFileName(f"{name!r} names {what} itself, not a file")
+        raise UnsafePath(f"{name!r} leaves {what}")
+    return target
+
+
+def check_file_name(name: str) -> str:
+    """``name`` if it is a plain file name (one path part), else ``InvalidFileName``: empty,
+    ``.``, ``..``, a path separator, a NUL byte or over 255 bytes are refused."""
+    if not isinstance(name, str):
+        raise InvalidFileName(f"a file name must be a string, not {type(name).__name__}")
+    if name in ("", ".", ".."):
+        raise InvalidFileName(f"{name!r} is not a file name" if name else "empty file name")
+    if "/" in name or "\\" in name:
+        raise InvalidFileName(f"{name!r} is not a plain file name (it holds a path separator)")
+    if "\0" in name:
+        raise InvalidFileName("NUL byte in file name")
+    _check_part_length(name)
+    return name
+
+
+def _check_part_length(part: str) -> None:
+    size = len(part.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidFileName(f"the name {part[:40]!r}... is {size} bytes long; at most {MAX_NAME_BYTES} bytes "
+                              "per file or folder name")
 
 
 def safe_relative(name: str, allow_empty: bool = False) -> PurePosixPath:

@@ -24,9 +24,11 @@ Queue entries and history entries have ComfyUI's shapes: an entry is the 5-eleme
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -34,7 +36,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,27 @@ class DuplicatePrompt(QueueError):
 
 class QueueLocked(QueueError):
     """Another process already serves this queue database."""
+
+
+class InvalidNumber(QueueError):
+    """A queue ``number`` that is not a finite number within ±``MAX_NUMBER``."""
+
+
+#: The largest queue ``number`` in magnitude: 2**53, the last integer a float (and a
+#: JavaScript client) holds exactly; SQLite stores it as it is.
+MAX_NUMBER = 2 ** 53
+
+
+def check_number(number: Any) -> int | float:
+    """``number`` as the queue stores it (an int when it is integral); ``InvalidNumber``
+    for a bool, a non-number, NaN, an infinity or a magnitude over ``MAX_NUMBER``."""
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise InvalidNumber(f"number must be a number, not {type(number).__name__}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise InvalidNumber(f"number must be finite, not {number}")
+    if abs(number) > MAX_NUMBER:
+        raise InvalidNumber(f"number {number:g} is out of range: at most {MAX_NUMBER:,} in magnitude")
+    return _number(number)
 
 
 @dataclass
@@ -127,6 +150,34 @@ CREATE INDEX IF NOT EXISTS prompts_history ON prompts (finished_seq) WHERE finis
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+#: Columns that let the jobs view filter and sort in SQL, without decoding any JSON; added
+#: to databases made before them (and filled from the JSON) when a queue opens one.
+_JOB_COLUMNS = (
+    ("create_time", "INTEGER"),              # extra_data.create_time (ms), as the submitter set it
+    ("workflow_id", "TEXT"),                 # extra_data.extra_pnginfo.workflow.id
+    ("status_str", "TEXT"),                  # 'success' | 'error' once done
+    ("exec_start", "INTEGER"),               # timestamps (ms) of execution_start and of the end event
+    ("exec_end", "INTEGER"),
+)
+#: Covers every column the jobs view filters and sorts on: it reads the index alone, never
+#: the rows (whose JSON runs over many pages).
+_JOB_INDEX = ("CREATE INDEX IF NOT EXISTS prompts_jobs ON prompts (create_time, number, prompt_id, status_str, "
+              "workflow_id, exec_start, exec_end) WHERE state = 'done'")
+
+#: Rows deleted per transaction when clearing: the lock is let go in between (for a moment,
+#: so that a waiting thread gets it), so that a submission waits for one small batch at
+#: most, never for the whole history.
+_DELETE_BATCH = 50
+_DELETE_PAUSE = 0.001
+
+#: The writer connection leaves checkpointing the WAL to others (unless the WAL passes 40 MB):
+#: SQLite would do it inside a commit, under the queue's lock, for up to a tenth of a second
+#: on a big history. The worker thread and long deletions do it on the reader connection,
+#: outside that lock, at most this often (s).
+_CHECKPOINT_INTERVAL = 1.0
+#: ... and this often while deleting in bulk, which fills the WAL fast.
+_BULK_CHECKPOINT_INTERVAL = 0.05
+
 
 def default_db_path(base_dir: str | os.PathLike) -> Path:
     return Path(base_dir) / "nodeflow.sqlite3"
@@ -149,6 +200,37 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+def workflow_id(extra_data: dict) -> str | None:
+    """The id of the editor workflow a prompt came from (``extra_pnginfo.workflow.id``)."""
+    info = extra_data.get("extra_pnginfo")
+    workflow = info.get("workflow") if isinstance(info, dict) else None
+    wid = workflow.get("id") if isinstance(workflow, dict) else None
+    return wid if isinstance(wid, str) else None
+
+
+def _create_time(extra_data: dict) -> int | None:
+    value = extra_data.get("create_time")
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and abs(value) < 2 ** 62 else None
+
+
+def _run_times(messages: Iterable) -> tuple[int | None, int | None]:
+    """Timestamps of ``execution_start`` and of the event that ended the run, from a
+    history entry's status messages."""
+    start = end = None
+    for message in messages or ():
+        if not isinstance(message, (list, tuple)) or len(message) != 2 or not isinstance(message[1], dict):
+            continue
+        event, stamp = message[0], message[1].get("timestamp")
+        if not isinstance(stamp, int) or isinstance(stamp, bool):
+            continue
+        if event == "execution_start":
+            start = stamp
+        elif event in ("execution_success", "execution_error", "execution_interrupted"):
+            end = stamp
+    return start, end
+
+
 class PromptQueue:
     """Pending prompts, the running one and the history, persisted in SQLite. Thread-safe.
 
@@ -156,6 +238,9 @@ class PromptQueue:
     process. One process owns a database file at a time (a lock file next to it says so).
     The database is written through on every change; the pending prompts are also held in
     memory (a heap in run order), so taking the next one and listing them read no rows.
+    Long reads use a second connection, and long deletions go a batch at a time, so a
+    ``put`` never waits long for the lock. Opening a big database from an older version
+    adds columns to it first: open one off the event loop.
     """
 
     def __init__(self, path: str | os.PathLike = ":memory:", *, max_history: int = 10_000) -> None:
@@ -173,20 +258,36 @@ class PromptQueue:
         # in the WAL file before it returns; the WAL is fsynced at checkpoints.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        # See _CHECKPOINT_INTERVAL; the writer checkpoints itself only when the WAL is past 40 MB
+        # (a long prompt running while many are submitted), as a safety net.
+        self._db.execute("PRAGMA wal_autocheckpoint=10000")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._repair_numbers()
+        # Long reads (the history, the jobs view) go through a second connection under their
+        # own lock: WAL lets them run beside the writer, so they never hold up a submission.
+        self._read_lock = threading.Lock()
+        self._reader = self._db
+        if self.path != ":memory:":
+            self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._reader.execute("PRAGMA busy_timeout=5000")
+            self._reader.execute("PRAGMA query_only=1")
+        self._last_checkpoint = 0.0
         #: Pending prompts: id -> (seq, item); the heap orders (number, seq, id), lazily pruned.
         self._items: dict[str, tuple[int, QueueItem]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._running: QueueItem | None = None
         self._running_seq = 0
-        top = self._db.execute("SELECT MAX(number) FROM prompts WHERE number >= 0").fetchone()[0]
-        self._next_number = int(top) + 1 if top is not None else 0
+        top = self._db.execute("SELECT MAX(number) FROM prompts WHERE number >= 0 AND number <= ?",
+                               (MAX_NUMBER,)).fetchone()[0]
+        self._next_number = int(top) + 1 if isinstance(top, (int, float)) and math.isfinite(top) else 0
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM prompts").fetchone()[0]
         self._finished_seq = self._db.execute("SELECT COALESCE(MAX(finished_seq), 0) FROM prompts").fetchone()[0]
         self._done = self._db.execute("SELECT COUNT(*) FROM prompts WHERE state = 'done'").fetchone()[0]
         for row in self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs FROM prompts "
                                     "WHERE state = 'pending'").fetchall():
             self._add_pending(row[0], self._item(row[1:]))
+        self._trim_history()  # --max-history may have been lowered since
 
     def _take_lock(self) -> Any:
         handle = open(self.path + ".lock", "a+")  # noqa: SIM115 - held for the queue's lifetime
@@ -201,12 +302,46 @@ class PromptQueue:
             raise QueueLocked(f"another nodeflow server is using {self.path}") from None
         return handle
 
+    def _migrate(self) -> None:
+        """Add the jobs view's columns to a database made before them, filled from the JSON."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(prompts)")}
+        missing = [(name, decl) for name, decl in _JOB_COLUMNS if name not in have]
+        if missing:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for name, decl in missing:
+                    self._db.execute(f"ALTER TABLE prompts ADD COLUMN {name} {decl}")
+                last = 0
+                while rows := self._db.execute("SELECT seq, extra_data, status FROM prompts WHERE seq > ? "
+                                               "ORDER BY seq LIMIT 500", (last,)).fetchall():
+                    self._db.executemany("UPDATE prompts SET create_time = ?, workflow_id = ?, status_str = ?, "
+                                         "exec_start = ?, exec_end = ? WHERE seq = ?",
+                                         [_job_columns(extra, status) + (seq,) for seq, extra, status in rows])
+                    last = rows[-1][0]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            log.info("added the jobs columns to %s", self.path)
+        self._db.execute(_JOB_INDEX)
+
+    def _repair_numbers(self) -> None:
+        """Bring stored numbers out of range (infinities from an older server) back within
+        ±MAX_NUMBER, so that they order as before and read back as valid JSON."""
+        n = self._db.execute("UPDATE prompts SET number = CASE WHEN number IS NULL THEN 0 WHEN number > 0 THEN ? "
+                             "ELSE ? END WHERE number IS NULL OR number > ? OR number < ? OR number != number",
+                             (MAX_NUMBER, -MAX_NUMBER, MAX_NUMBER, -MAX_NUMBER)).rowcount
+        if n:
+            log.warning("%d queue number(s) in %s were out of range; set to ±%d", n, self.path, MAX_NUMBER)
+
     def close(self) -> None:
-        with self._cond:
+        with self._cond, self._read_lock:
             if self._closed:
                 return
             self._closed = True
             self._cond.notify_all()
+            if self._reader is not self._db:
+                self._reader.close()
             self._db.close()
             if self._lock_file is not None:
                 self._lock_file.close()
@@ -223,6 +358,8 @@ class PromptQueue:
         """Queue a validated prompt. Without ``number`` it gets the next one (negated with
         ``front``, so it runs before everything queued). ``sensitive`` and ``prepared`` stay
         in memory with the item (see ``QueueItem``). Raises ``DuplicatePrompt``."""
+        if number is not None:
+            number = check_number(number)
         with self._cond:
             self._check_open()
             if number is None:
@@ -235,11 +372,14 @@ class PromptQueue:
             seq = self._seq + 1
             try:
                 self._db.execute(
-                    "INSERT INTO prompts (seq, prompt_id, number, state, prompt, extra_data, outputs, created) "
-                    "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
-                    (seq, prompt_id, number, _dumps(prompt), _dumps(extra_data), _dumps(item.outputs), time.time()))
-            except sqlite3.IntegrityError:
-                raise DuplicatePrompt(f"prompt id {prompt_id!r} is already queued or in the history") from None
+                    "INSERT INTO prompts (seq, prompt_id, number, state, prompt, extra_data, outputs, created, "
+                    "create_time, workflow_id) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                    (seq, prompt_id, number, _dumps(prompt), _dumps(extra_data), _dumps(item.outputs), time.time(),
+                     _create_time(extra_data), workflow_id(extra_data)))
+            except sqlite3.IntegrityError as exc:
+                if _duplicate_id(exc):
+                    raise DuplicatePrompt(f"prompt id {prompt_id!r} is already queued or in the history") from None
+                raise QueueError(f"cannot queue prompt {prompt_id!r}: {exc}") from exc
             self._seq = seq
             self._add_pending(seq, item)
             self._cond.notify()
@@ -278,19 +418,22 @@ class PromptQueue:
             meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
                     for n in outcome.outputs}
         status_text, result_text, meta_text = _dumps(status), _dumps(outcome.outputs), _dumps(meta)
+        start, end = _run_times(outcome.messages)
         with self._cond:
             self._check_open()
             self._finished_seq += 1
             cur = self._db.execute(
-                "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = ?, meta = ? "
-                "WHERE prompt_id = ?",
-                (time.time(), self._finished_seq, status_text, result_text, meta_text, item.prompt_id))
+                "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = ?, meta = ?, "
+                "status_str = ?, exec_start = ?, exec_end = ? WHERE prompt_id = ?",
+                (time.time(), self._finished_seq, status_text, result_text, meta_text, outcome.status_str, start, end,
+                 item.prompt_id))
             if cur.rowcount:
                 self._done += 1
             if self._running is not None and self._running.prompt_id == item.prompt_id:
                 self._running = None
             self._trim_history()
             self._cond.notify_all()
+        self._checkpoint()
 
     def wake(self) -> None:
         """Wake threads waiting in ``claim`` (to see their ``stop`` event)."""
@@ -327,29 +470,42 @@ class PromptQueue:
                 self._finished_seq += 1
                 self._db.execute(
                     "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = '{}', "
-                    "meta = '{}' WHERE seq = ?", (now, self._finished_seq, _dumps(status), seq))
+                    "meta = '{}', status_str = 'error', exec_start = NULL, exec_end = ? WHERE seq = ?",
+                    (now, self._finished_seq, _dumps(status), error["timestamp"], seq))
                 self._done += 1
             self._cond.notify_all()
             return [row[2] for row in rows]
 
     def delete_pending(self, prompt_ids: Iterable[str]) -> int:
+        """Delete these pending prompts (the running one stays). May take a while for many:
+        call it off an event loop."""
         with self._cond:
             self._check_open()
-            n = 0
-            for pid in map(str, prompt_ids):
-                entry = self._items.pop(pid, None)
-                if entry is not None:
-                    self._db.execute("DELETE FROM prompts WHERE seq = ?", (entry[0],))
-                    n += 1
-            return n
+            seqs = [entry[0] for pid in dict.fromkeys(map(str, prompt_ids))
+                    if (entry := self._items.pop(pid, None)) is not None]
+        self._delete_seqs(seqs)
+        return len(seqs)
 
     def clear_pending(self) -> int:
+        """Delete every pending prompt. May take a while for many: call it off an event loop."""
         with self._cond:
             self._check_open()
-            n = self._db.execute("DELETE FROM prompts WHERE state = 'pending'").rowcount
+            seqs = [seq for seq, _ in self._items.values()]
             self._items.clear()
             self._heap.clear()
-            return n
+        self._delete_seqs(seqs)
+        return len(seqs)
+
+    def _delete_seqs(self, seqs: list[int]) -> None:
+        # The prompts are already out of the in-memory queue: no one can claim them meanwhile.
+        for i in range(0, len(seqs), _DELETE_BATCH):
+            with self._cond:
+                self._check_open()
+                batch = seqs[i:i + _DELETE_BATCH]
+                self._db.executemany("DELETE FROM prompts WHERE seq = ?", [(seq,) for seq in batch])
+            self._pause()
+        if seqs:
+            self._checkpoint(every=0)
 
     # -- reading the queue --------------------------------------------------------------------------
 
@@ -398,16 +554,15 @@ class PromptQueue:
                      prompt_id: str | None = None) -> str:
         """The history as a JSON object text ``{prompt_id: entry}``, oldest first, built from
         the stored JSON without decoding it. ``max_items`` alone gives the newest ones."""
-        with self._cond:
-            self._check_open()
+        with self._reading() as db:
             if prompt_id is not None:
-                rows = self._db.execute(_HISTORY_SELECT + " AND prompt_id = ?", (prompt_id,)).fetchall()
+                rows = db.execute(_HISTORY_SELECT + " AND prompt_id = ?", (prompt_id,)).fetchall()
             else:
                 if offset is None or offset < 0:
                     offset = max(self._done - max_items, 0) if max_items is not None else 0
                 limit = max_items if max_items is not None else -1
-                rows = self._db.execute(_HISTORY_SELECT + " ORDER BY finished_seq LIMIT ? OFFSET ?",
-                                        (limit, offset)).fetchall()
+                rows = db.execute(_HISTORY_SELECT + " ORDER BY finished_seq LIMIT ? OFFSET ?",
+                                  (limit, offset)).fetchall()
         parts = []
         for number, pid, prompt, extra, outputs, status, result, meta in rows:
             key = json.dumps(pid)
@@ -422,20 +577,87 @@ class PromptQueue:
     def history_count(self) -> int:
         return self._done
 
+    def history_jobs(self, *, failed: bool | None = None, workflow: str | None = None, by_duration: bool = False,
+                     descending: bool = True, limit: int | None = None) -> tuple[int, list[tuple]]:
+        """The history as the jobs view sorts it, without decoding any entry: ``(total,
+        keys)``, ``keys`` being at most ``limit`` tuples ``(sort key, prompt_id)`` in order.
+        ``failed``: only the failed (True) or the successful (False) ones; ``workflow``:
+        only those of that editor workflow id. The sort key is ``(create_time, number,
+        prompt_id)``, or with ``by_duration`` ``(run time in ms, create_time, number,
+        prompt_id)``; the jobs still queued sort by the same keys."""
+        where, params = "state = 'done'", []
+        if failed is not None:
+            where += " AND status_str = 'error'" if failed else " AND COALESCE(status_str, '') != 'error'"
+        if workflow is not None:
+            where += " AND workflow_id = ?"
+            params.append(workflow)
+        direction = "DESC" if descending else "ASC"
+        order = ", ".join(f"{c} {direction}" for c in ("create_time", "number", "prompt_id"))
+        if by_duration:
+            order = f"duration {direction}, {order}"
+        with self._reading() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM prompts WHERE {where}", params).fetchone()[0]
+            rows = db.execute(
+                "SELECT CASE WHEN exec_start IS NOT NULL AND exec_end IS NOT NULL THEN exec_end - exec_start ELSE 0 END "
+                f"AS duration, COALESCE(create_time, 0) AS ct, number, prompt_id FROM prompts WHERE {where} "
+                f"ORDER BY {order} LIMIT ?", (*params, -1 if limit is None else limit)).fetchall()
+        keys = [((d, ct, _number(n), pid) if by_duration else (ct, _number(n), pid), pid) for d, ct, n, pid in rows]
+        return total, keys
+
+    def history_summaries(self, prompt_ids: Iterable[str]) -> dict[str, dict]:
+        """What the jobs view shows of these history entries: ``{prompt_id: {"number",
+        "create_time", "workflow_id", "exec_start", "exec_end", "status", "outputs"}}`` (only
+        the status and the outputs are decoded; the workflow is not read)."""
+        ids = list(dict.fromkeys(prompt_ids))
+        found: dict[str, dict] = {}
+        with self._reading() as db:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                rows = db.execute("SELECT prompt_id, number, create_time, workflow_id, exec_start, exec_end, status, "
+                                  f"result FROM prompts WHERE state = 'done' AND prompt_id IN "
+                                  f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                for pid, number, ct, wid, start, end, status, result in rows:
+                    found[pid] = {"number": _number(number), "create_time": ct, "workflow_id": wid,
+                                  "exec_start": start, "exec_end": end,
+                                  "status": json.loads(status) if status else {},
+                                  "outputs": json.loads(result) if result else {}}
+        return found
+
     def delete_history(self, prompt_ids: Iterable[str]) -> int:
-        with self._cond:
-            self._check_open()
-            n = sum(self._db.execute("DELETE FROM prompts WHERE prompt_id = ? AND state = 'done'",
-                                     (str(pid),)).rowcount for pid in prompt_ids)
-            self._done -= n
-            return n
+        """Delete these history entries. May take a while for many: call it off an event loop."""
+        ids = list(dict.fromkeys(map(str, prompt_ids)))
+        n = 0
+        for i in range(0, len(ids), _DELETE_BATCH):
+            with self._cond:
+                self._check_open()
+                cur = self._db.executemany("DELETE FROM prompts WHERE prompt_id = ? AND state = 'done'",
+                                           [(pid,) for pid in ids[i:i + _DELETE_BATCH]])
+                self._done -= cur.rowcount
+                n += cur.rowcount
+            self._pause()
+        self._checkpoint(every=0)
+        return n
 
     def clear_history(self) -> int:
+        """Delete the whole history (what finished before the call), a batch of rows per
+        transaction. It takes a while for a long history: call it off an event loop."""
         with self._cond:
             self._check_open()
-            n = self._db.execute("DELETE FROM prompts WHERE state = 'done'").rowcount
-            self._done = 0
-            return n
+            last = self._finished_seq
+        n = 0
+        while True:
+            with self._cond:
+                self._check_open()
+                deleted = self._db.execute(
+                    "DELETE FROM prompts WHERE seq IN (SELECT seq FROM prompts WHERE finished_seq IS NOT NULL "
+                    "AND finished_seq <= ? AND state = 'done' ORDER BY finished_seq LIMIT ?)",
+                    (last, _DELETE_BATCH)).rowcount
+                self._done -= deleted
+                n += deleted
+            if deleted < _DELETE_BATCH:
+                self._checkpoint(every=0)
+                return n
+            self._pause()
 
     def _trim_history(self) -> None:
         excess = self._done - self.max_history
@@ -475,6 +697,60 @@ class PromptQueue:
         if self._closed:
             raise QueueError("the queue is closed")
 
+    def _pause(self) -> None:
+        """Between two batches of a bulk deletion: let waiting threads have the lock, and
+        keep the WAL short."""
+        time.sleep(_DELETE_PAUSE)
+        self._checkpoint(every=_BULK_CHECKPOINT_INTERVAL)
+
+    def _checkpoint(self, every: float = _CHECKPOINT_INTERVAL) -> None:
+        """Copy the WAL into the database (a passive checkpoint: writers go on meanwhile),
+        unless one ran less than ``every`` seconds ago. Called without the queue's lock."""
+        now = time.monotonic()
+        if self._reader is self._db or now - self._last_checkpoint < every:
+            return
+        self._last_checkpoint = now
+        with self._read_lock:
+            if not self._closed:
+                try:
+                    self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy, say: the next one catches up
+                    log.debug("checkpoint of %s skipped: %s", self.path, exc)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for long reads, held for the duration of the ``with``."""
+        if self._reader is self._db:  # ":memory:": one connection, the writer's lock
+            with self._cond:
+                self._check_open()
+                yield self._db
+        else:
+            with self._read_lock:
+                self._check_open()
+                yield self._reader
+
+
+def _duplicate_id(exc: sqlite3.IntegrityError) -> bool:
+    """Whether an IntegrityError is the unique constraint on ``prompt_id`` (and not, say, a
+    NOT NULL one)."""
+    return "UNIQUE" in str(exc) and "prompt_id" in str(exc)
+
+
+def _job_columns(extra_text: str, status_text: str | None) -> tuple:
+    try:
+        extra = json.loads(extra_text)
+    except ValueError:
+        extra = {}
+    try:
+        status = json.loads(status_text) if status_text else None
+    except ValueError:
+        status = None
+    extra = extra if isinstance(extra, dict) else {}
+    status = status if isinstance(status, dict) else None
+    start, end = _run_times(status.get("messages") if status else ())
+    status_str = status.get("status_str") if status else None
+    return _create_time(extra), workflow_id(extra), status_str if isinstance(status_str, str) else None, start, end
+
 
 _HISTORY_SELECT = ("SELECT number, prompt_id, prompt, extra_data, outputs, status, result, meta FROM prompts "
                    "WHERE finished_seq IS NOT NULL AND state = 'done'")
@@ -504,7 +780,12 @@ class LocalBackend:
 
     A prompt queued by this process runs on the graph its submitter validated
     (``item.prepared``); one from before a restart is validated again first (the installed
-    nodes or the files it names may have changed)."""
+    nodes or the files it names may have changed).
+
+    Events pass through ``rewrite_event`` on their way out (and into the history): here
+    ``execution_cached`` gets ComfyUI's meaning, every node of the prompt that did not run
+    because its output was cached (the executor names only the cached nodes it needed,
+    not those upstream of them). Subclasses may rewrite more."""
 
     def __init__(self, registry: Any, cache: Any = None) -> None:
         from nodeflow.executor import Executor
@@ -525,8 +806,24 @@ class LocalBackend:
             if not report.ok:
                 return _invalid_outcome(item, report, observer)
         extra = {**item.extra_data, **item.sensitive}
-        result = self.executor.execute(graph, report, prompt_id=item.prompt_id, observer=observer, extra_data=extra)
-        return Outcome(result.status, dict(result.ui), list(result.messages), result.error)
+        rewritten: dict[int, dict] = {}  # id(the executor's data) -> what was sent instead
+
+        def watch(event: str, data: dict) -> None:
+            new = self.rewrite_event(event, data, graph, report)
+            if new is not data:
+                rewritten[id(data)] = new
+            observer(event, new)
+
+        result = self.executor.execute(graph, report, prompt_id=item.prompt_id, observer=watch, extra_data=extra)
+        messages = [[event, rewritten.get(id(data), data)] for event, data in result.messages]
+        error = next((data for event, data in messages if event == "execution_error"), result.error)
+        return Outcome(result.status, dict(result.ui), messages, error)
+
+    def rewrite_event(self, event: str, data: dict, graph: Any, report: Any) -> dict:
+        """The event as clients and the history see it: ``data`` itself, or a new dict."""
+        if event == "execution_cached" and data.get("nodes"):
+            return {**data, "nodes": all_cached(graph, report, data["nodes"])}
+        return data
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         return self.executor.interrupt(prompt_id)
@@ -540,6 +837,33 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+
+def all_cached(graph: Any, report: Any, cached: Iterable[str]) -> list[str]:
+    """Every node the outputs depend on that will not run, given the cached nodes the
+    executor needs (``cached``): those, and what lies upstream of them and nothing else
+    needs. In run order. This is what ComfyUI's ``execution_cached`` lists."""
+    cached = set(cached)
+
+    def upstream(stop: set[str]) -> set[str]:
+        seen: set[str] = set()
+        stack = list(report.outputs)
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in graph.nodes:
+                continue
+            seen.add(n)
+            if n not in stop:
+                stack.extend(link.node for _, link in graph.nodes[n].links())
+        return seen
+
+    skipped = upstream(set()) - (upstream(cached) - cached)
+    order = getattr(report, "order", None) or []  # validation's topological order, where it gives one
+    if not skipped <= set(order):
+        import networkx as nx
+
+        order = list(nx.topological_sort(report.dag)) if report.dag is not None else list(graph.nodes)
+    return [n for n in order if n in skipped]
 
 
 def _invalid_outcome(item: QueueItem, report: Any, observer: Callable[[str, dict], None]) -> Outcome:

@@ -5,9 +5,11 @@
 
 ``create_app(config, registry)`` builds the aiohttp application: ComfyUI's routes (each
 also under ``/api``), the security middlewares, and a ``cleanup_ctx`` that opens the
-persistent queue, recovers from a crash, and runs the worker thread for the app's lifetime.
-Handlers are plain functions in ``routes_prompt``, ``routes_files``, ``routes_info`` and
-``ws``; they find what they need in the typed app state (``common``).
+persistent queue, recovers from a crash, empties temp/ (as ComfyUI does), applies
+``--device``/``--precision``, and runs the worker thread for the app's lifetime (all of the
+start-up work off the event loop). Handlers are plain functions in ``routes_prompt``,
+``routes_files``, ``routes_user``, ``routes_info`` and ``ws``; they find what they need in
+the typed app state (``common``).
 """
 
 from __future__ import annotations
@@ -27,25 +29,33 @@ from aiohttp import web
 
 from nodeflow import folders as folders_mod
 from nodeflow.cache import OutputCache
-from nodeflow.queue import Backend, Dispatcher, LocalBackend, PromptQueue, QueueLocked, default_db_path
+from nodeflow.queue import Backend, Dispatcher, PromptQueue, QueueLocked, default_db_path
 from nodeflow.registry import Registry
-from nodeflow.server import routes_files, routes_info, routes_prompt, ws
+from nodeflow.server import routes_files, routes_info, routes_prompt, routes_user, ws
+from nodeflow.server.backend import ServerBackend, apply_devices
 from nodeflow.server.common import (API_ROUTES, CONFIG, DISPATCHER, FOLDERS, HUB, LIMITS, QUEUE, REGISTRY, Route,
-                                    ServerConfig, error_response)
-from nodeflow.server.security import ResourceLimits, auth_middleware, is_loopback_host, origin_middleware
+                                    ServerConfig, describe_error, error_response)
+from nodeflow.server.security import (AccessLogger, ResourceLimits, auth_middleware, is_loopback_host,
+                                      origin_middleware)
 from nodeflow.server.ws import Hub, ThreadEmitter
 
 log = logging.getLogger("nodeflow.server")
 
 BackendFactory = Callable[[Registry, ServerConfig], Backend]
 
-ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_info.ROUTES, *ws.ROUTES]
+ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_user.ROUTES, *routes_info.ROUTES,
+                       *ws.ROUTES]
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (e.g. ``--device cuda`` without CUDA)."""
 
 
 def create_app(config: ServerConfig | None = None, registry: Registry | None = None, *,
                backend: BackendFactory | None = None) -> web.Application:
     """The application. ``registry`` defaults to the built-in nodes and installed packages;
-    ``backend`` makes the backend that runs prompts (default: ``LocalBackend``)."""
+    ``backend`` makes the backend that runs prompts (default: ``ServerBackend``, which
+    checks each node's resolved inputs against the resource limits before it runs)."""
     config = config or ServerConfig()
     folders = folders_mod.configure(config.base_dir, input_dir=config.input_dir, output_dir=config.output_dir,
                                     temp_dir=config.temp_dir)
@@ -75,15 +85,17 @@ def _worker(make_backend: BackendFactory | None):
     async def worker(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
         path = config.db_path or str(default_db_path(app[FOLDERS].base))
-        queue = PromptQueue(path, max_history=config.max_history)
-        recovered = queue.recover(requeue=config.requeue_interrupted)
-        if recovered:
-            log.warning("%d prompt(s) were running when the server stopped: %s (%s)", len(recovered),
-                        ", ".join(recovered), "queued again" if config.requeue_interrupted else "marked failed")
+        # Opening a big database may migrate it; with the recovery and temp/, off the loop.
+        queue = await asyncio.to_thread(_open_queue, path, config, app[FOLDERS])
+        try:
+            await asyncio.to_thread(apply_devices, config.device, config.precision)
+        except ValueError as exc:
+            queue.close()
+            raise StartupError(str(exc)) from None
         hub = Hub(queue.remaining)
         emitter = ThreadEmitter(hub, asyncio.get_running_loop(), config.previews, config.preview_size)
         backend = make_backend(app[REGISTRY], config) if make_backend else \
-            LocalBackend(app[REGISTRY], OutputCache(config.cache_size))
+            ServerBackend(app[REGISTRY], app[LIMITS], OutputCache(config.cache_size))
         dispatcher = Dispatcher(queue, backend, emitter, emitter.queue_changed)
         app[QUEUE], app[HUB], app[DISPATCHER] = queue, hub, dispatcher
         dispatcher.start()
@@ -95,6 +107,24 @@ def _worker(make_backend: BackendFactory | None):
             queue.close()
 
     return worker
+
+
+def _open_queue(path: str, config: ServerConfig, folders: folders_mod.Folders) -> PromptQueue:
+    queue = PromptQueue(path, max_history=config.max_history)
+    try:
+        recovered = queue.recover(requeue=config.requeue_interrupted)
+        if recovered:
+            log.warning("%d prompt(s) were running when the server stopped: %s (%s)", len(recovered),
+                        ", ".join(recovered), "queued again" if config.requeue_interrupted else "marked failed")
+        # Only once this server owns the database (another one on the same base would hold the
+        # lock): temp/ is ours to empty.
+        removed = folders.clear_temp(keep=(path,) if path != ":memory:" else ())
+        if removed:
+            log.info("emptied the temp folder (%d entries)", removed)
+    except BaseException:
+        queue.close()
+        raise
+    return queue
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -118,7 +148,9 @@ async def json_errors(request: web.Request, handler):
         raise
     except Exception as exc:  # noqa: BLE001
         log.exception("error in %s %s", request.method, request.path)
-        return error_response(500, "server_error", "Internal server error", f"{type(exc).__name__}: {exc}")
+        folders = request.app.get(FOLDERS)
+        roots = (folders.base, folders.input, folders.output, folders.temp) if folders is not None else ()
+        return error_response(500, "server_error", "Internal server error", describe_error(exc, roots))
 
 
 _ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -201,21 +233,33 @@ def parser() -> argparse.ArgumentParser:
                      help="a Host name accepted while listening on loopback only; repeatable")
     sec.add_argument("--max-upload-size", type=float, default=100.0, metavar="MB", help="upload limit (default 100)")
     sec.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
-                     help="limit on width × height × batch_size literals (default 4096×4096; 0: none)")
+                     help="pixels a node may make or take: width × height × batch_size, LATENT and IMAGE sizes "
+                     "(default 4096×4096; 0: none)")
     sec.add_argument("--max-steps", type=int, default=1000, metavar="N",
-                     help="limit on 'steps' literals (default 1000; 0: none)")
+                     help="limit on 'steps' inputs, literal or linked (default 1000; 0: none)")
     run = p.add_argument_group("nodes and events")
     run.add_argument("--extra-nodes", action="append", default=[], metavar="MODULE|FILE.py",
                      help="register the nodes of a module or file (repeatable; also $NODEFLOW_EXTRA_NODES, "
                      "comma-separated)")
     run.add_argument("--no-builtin-nodes", action="store_true",
                      help="do not load the built-in nodes and installed node packages")
+    run.add_argument("--device", metavar="DEVICE", type=_device,
+                     help="cuda, cuda:1, mps or cpu for the models (default: the best available)")
+    run.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                     help="model precision (default: fp16 on GPUs, fp32 on the CPU)")
     run.add_argument("--preview", action="store_true", help="send live previews as binary WebSocket frames")
     run.add_argument("--preview-size", type=int, default=512, metavar="PX")
     run.add_argument("--web-root", metavar="DIR", help="serve a web frontend's files at /")
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.add_argument("--verbose", "-v", action="store_true")
     return p
+
+
+def _device(text: str) -> str:
+    kind, _, index = text.strip().lower().partition(":")
+    if kind not in ("cuda", "mps", "cpu") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cuda, cuda:N, mps or cpu")
+    return text.strip().lower()
 
 
 def _split(values: Sequence[str]) -> list[str]:
@@ -229,7 +273,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         requeue_interrupted=args.requeue_interrupted, max_history=args.max_history, auth_token=args.auth_token or None,
         allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,
-        previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root)
+        previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root,
+        device=args.device, precision=args.precision)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,8 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     urls = ", ".join(f"http://{'[' + h + ']' if ':' in h else h}:{config.port}" for h in config.hosts)
     try:
         web.run_app(app, host=config.hosts, port=config.port, print=lambda _: log.info("serving on %s", urls),
-                    access_log=logging.getLogger("nodeflow.access") if args.access_log else None)
-    except QueueLocked as exc:
+                    access_log=logging.getLogger("nodeflow.access") if args.access_log else None,
+                    access_log_class=AccessLogger)
+    except (QueueLocked, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:

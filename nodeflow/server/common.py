@@ -4,8 +4,10 @@ table entry, and JSON responses in ComfyUI's error shape."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -41,9 +43,10 @@ class ServerConfig:
     #: Extra Host names accepted while listening on loopback only (DNS-rebinding guard).
     allow_hosts: list[str] = field(default_factory=list)
     max_upload_mb: float = 100.0
-    #: width × height × batch_size limit on literal inputs (0: none).
+    #: Pixels one node may make or take: width × height × batch_size inputs, LATENT and IMAGE
+    #: sizes (checked on literals at validation, on resolved inputs at run time; 0: none).
     max_pixels: int = 4096 * 4096
-    #: Limit on literal ``steps`` inputs (0: none).
+    #: Limit on ``steps`` inputs, literal or linked (0: none).
     max_steps: int = 1000
     #: Send live previews as binary WebSocket frames (off by default, as several clients
     #: take them for results or crash on them).
@@ -53,6 +56,10 @@ class ServerConfig:
     cache_size: int = 256
     #: A folder of web frontend files to serve at / (e.g. ComfyUI's frontend build).
     web_root: str | None = None
+    #: The model stack's device ("cuda", "cuda:1", "mps", "cpu") and precision ("fp32",
+    #: "fp16", "bf16"); None: automatic. Applied when the worker starts.
+    device: str | None = None
+    precision: str | None = None
 
     @property
     def max_upload_bytes(self) -> int:
@@ -128,3 +135,26 @@ def error_response(status: int, type_: str, message: str, details: str = "", *, 
     if node_errors:
         body["node_errors"] = {}
     return json_response(body, status, headers)
+
+
+# -- error texts without server paths ------------------------------------------------------------
+
+#: An absolute POSIX or Windows path (up to the first blank or quote).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"<>,;:()\[\]]+)|\b[A-Za-z]:\\[^\s'\"<>,;()\[\]]*")
+
+
+def describe_error(exc: BaseException, roots: Iterable[str | os.PathLike] = ()) -> str:
+    """``"Type: message"`` for an HTTP error body, with no absolute server path in it: an
+    ``OSError`` gives its ``strerror`` (not its file names); elsewhere a path under one of
+    ``roots`` becomes relative to it, and any other absolute path shrinks to its last part."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {redact_paths(str(exc), roots)}"
+
+
+def redact_paths(text: str, roots: Iterable[str | os.PathLike] = ()) -> str:
+    """``text`` with paths under ``roots`` made relative and other absolute paths cut to
+    their last part."""
+    for root in sorted({str(r) for r in roots if str(r) not in ("", "/")}, key=len, reverse=True):
+        text = text.replace(root.rstrip("/\\") + os.sep, "").replace(root, ".")
+    return _ABSOLUTE_PATH.sub(lambda m: re.split(r"[/\\]", m.group(0).rstrip("/\\"))[-1] or "/", text)

@@ -5,17 +5,26 @@ absolute paths and symlinks that lead out of the folder.
 Uploads stream into a spooled temporary file, stopping at ``--max-upload-size`` (413); an
 existing name is kept and the new file gets ComfyUI's ``name (1).png`` numbering, unless
 ``overwrite`` is "true"/"1", or the existing file has the same bytes (then it is reused).
-Files are created with O_EXCL (numbering is race-free) or replaced atomically.
+Files are created with O_EXCL (numbering is race-free) or replaced atomically, with the
+usual mode (0666 less the umask, 0644 typically) either way.
+
+The upload's file name is client metadata: its last part is kept, and must be a plain file
+name (not empty, ``.`` or ``..``, at most 255 bytes). Names that cannot be stored (a folder
+of that name, a subfolder that is a file, ...) answer 400; error bodies never show server
+paths.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import errno
 import io
 import json
+import logging
 import mimetypes
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,9 +33,11 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
-from nodeflow.folders import IO_KINDS, Folders, UnsafePath
-from nodeflow.server.common import CONFIG, FOLDERS, Route, error_response, json_response
+from nodeflow.folders import IO_KINDS, Folders, InvalidFileName, UnsafePath, check_file_name
+from nodeflow.server.common import CONFIG, FOLDERS, Route, describe_error, error_response, json_response
 from nodeflow.server.schemas import MaskUploadForm, UploadForm, UploadResponse
+
+log = logging.getLogger(__name__)
 
 #: Served with their own type; anything else (html, svg, js, ...) as a download, so an
 #: uploaded file can never run script in the server's origin.
@@ -37,6 +48,8 @@ SAFE_TYPES = frozenset({
 })
 _FIELD_LIMIT = 64 * 1024
 _SPOOL_MEMORY = 8 * 1024 * 1024
+#: Mode of new files, less the umask (what open() gives).
+FILE_MODE = 0o666
 
 
 def split_annotation(name: str) -> tuple[str, str | None]:
@@ -49,12 +62,15 @@ def split_annotation(name: str) -> tuple[str, str | None]:
 
 
 def _resolve(folders: Folders, kind: str, name: str, subfolder: str) -> Path:
-    """``io_path`` with ComfyUI's status codes: unknown type 400, escaping name 403."""
+    """``io_path`` with ComfyUI's status codes: unknown type or not a file name 400,
+    escaping name 403."""
     if kind not in IO_KINDS:
         raise web.HTTPBadRequest(text=_err("invalid_type", f"Unknown type {kind!r}; expected one of "
                                            f"{', '.join(IO_KINDS)}"), content_type="application/json")
     try:
         return folders.io_path(kind, name, subfolder)
+    except InvalidFileName as exc:
+        raise web.HTTPBadRequest(text=_err("invalid_filename", str(exc)), content_type="application/json") from None
     except UnsafePath as exc:
         raise web.HTTPForbidden(text=_err("forbidden_path", str(exc)), content_type="application/json") from None
 
@@ -83,7 +99,8 @@ async def view(request: web.Request) -> web.StreamResponse:
         try:
             body, content_type = await asyncio.to_thread(_transform, path, preview, channel)
         except Exception as exc:  # noqa: BLE001 - not an image PIL can read
-            return error_response(400, "not_an_image", f"Cannot convert {filename!r}: {exc}")
+            return error_response(400, "not_an_image", f"Cannot convert {filename!r}",
+                                  describe_error(exc, _roots(request.app[FOLDERS])))
         return web.Response(body=body, content_type=content_type, headers=headers)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if content_type not in SAFE_TYPES:
@@ -168,11 +185,38 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
             return error_response(400, "invalid_request", "No file in the form field 'image'")
         config = _upload_fields(fields, filename, mask)
         upload.seek(0)
-        name = await asyncio.to_thread(_store, request.app[FOLDERS], upload, **config)
+        try:
+            name = await asyncio.to_thread(_store, request.app[FOLDERS], upload, **config)
+        except OSError as exc:
+            return _store_error(exc, config, request.app[FOLDERS])
     finally:
         if upload is not None:
             upload.close()
     return json_response({"name": name, "subfolder": config["subfolder"], "type": config["kind"]})
+
+
+def _roots(folders: Folders) -> list[Path]:
+    """The folders whose paths error texts show relative to them."""
+    return [folders.base, folders.input, folders.output, folders.temp]
+
+
+def _store_error(exc: OSError, config: dict[str, Any], folders: Folders) -> web.Response:
+    """An upload the file system refused: the client's mistake (400) where it is one, in
+    words that name the upload, never a server path."""
+    where = f"{config['kind']}/{config['subfolder'].strip('/') + '/' if config['subfolder'] else ''}"
+    name = config["name"]
+    if exc.errno == errno.EISDIR:
+        return error_response(400, "invalid_filename", f"{where}{name} is a folder",
+                              "choose another file name (or leave overwrite off to get a numbered name)")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return error_response(400, "invalid_subfolder", f"The subfolder {config['subfolder']!r} is not a folder",
+                              "a file of that name is in the way; choose another subfolder")
+    if exc.errno == errno.ENAMETOOLONG:
+        return error_response(400, "invalid_filename", "The file name or subfolder is too long")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return error_response(507, "insufficient_storage", "No space left to store the upload")
+    log.error("cannot store upload %s%s: %s", where, name, exc)
+    return error_response(500, "server_error", "Cannot store the upload", describe_error(exc, _roots(folders)))
 
 
 def _too_large(limit: int) -> web.Response:
@@ -194,8 +238,13 @@ def _upload_fields(fields: dict[str, str], filename: str, mask: bool) -> dict[st
     kind = fields.get("type") or "input"
     if kind not in IO_KINDS:
         raise web.HTTPBadRequest(text=_err("invalid_type", f"Unknown type {kind!r}"), content_type="application/json")
-    # The file name is client metadata: keep its last part only.
+    # The file name is client metadata: keep its last part only, a plain file name.
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    try:
+        check_file_name(name)
+    except InvalidFileName as exc:
+        raise web.HTTPBadRequest(text=_err("invalid_filename", f"Invalid file name: {exc}"),
+                                 content_type="application/json") from None
     config: dict[str, Any] = {"kind": kind, "subfolder": fields.get("subfolder", ""), "name": name,
                               "overwrite": fields.get("overwrite", "").lower() in ("true", "1"), "original": None}
     if mask:
@@ -219,20 +268,22 @@ def _store(folders: Folders, upload: IO[bytes], *, kind: str, subfolder: str, na
         upload = _apply_mask(folders, original, upload)
     target.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        fd, tmp = _create_temporary(target.parent)
         try:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(upload, out)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return target.name
     stem, suffix = os.path.splitext(target.name)
     path, n = target, 1
     while True:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
         except FileExistsError:
             if _same_content(path, upload):
                 return path.name  # the same file uploaded again: reuse it
@@ -247,6 +298,17 @@ def _store(folders: Folders, upload: IO[bytes], *, kind: str, subfolder: str, na
             path.unlink(missing_ok=True)
             raise
         return path.name
+
+
+def _create_temporary(folder: Path) -> tuple[int, Path]:
+    """A new hidden file in ``folder`` to be renamed over the target, with the mode a new
+    file gets (``mkstemp`` would make it 0600)."""
+    while True:
+        path = folder / f".upload-{secrets.token_hex(8)}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE), path
+        except FileExistsError:
+            continue
 
 
 def _same_content(path: Path, upload: IO[bytes]) -> bool:
@@ -291,7 +353,8 @@ def _apply_mask(folders: Folders, ref: dict, upload: IO[bytes]) -> IO[bytes]:
     except web.HTTPException:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable images are the client's error
-        raise web.HTTPBadRequest(text=_err("not_an_image", f"Cannot read the image or mask: {exc}"),
+        raise web.HTTPBadRequest(text=_err("not_an_image", "Cannot read the image or mask: "
+                                           + describe_error(exc, _roots(folders))),
                                  content_type="application/json") from None
     if alpha.size != rgba.size:
         alpha = alpha.resize(rgba.size)

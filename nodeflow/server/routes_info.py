@@ -12,6 +12,7 @@ import importlib.util
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +43,45 @@ async def models_of(request: web.Request) -> web.Response:
         return error_response(404, "not_found", f"Unknown model folder {kind!r}",
                               f"known: {', '.join(MODEL_KINDS)}")
     return json_response(await asyncio.to_thread(request.app[FOLDERS].list_models, kind))
+
+
+async def experiment_models(request: web.Request) -> web.Response:
+    """ComfyUI's model folder list: ``[{"name": kind, "folders": [path, ...]}]``. A folder
+    under the base directory is shown relative to it; extra folders (``nodeflow.json``) as
+    configured."""
+    folders = request.app[FOLDERS]
+    return json_response([{"name": kind, "folders": [_shown_path(p, folders.base) for p in folders.model_dirs(kind)]}
+                          for kind in MODEL_KINDS])
+
+
+def _shown_path(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+async def experiment_models_of(request: web.Request) -> web.Response:
+    """ComfyUI's file list of a model folder: ``[{"name", "pathIndex", "modified", "size"}]``,
+    ``pathIndex`` being the folder's position in ``/experiment/models``' ``folders``."""
+    kind = request.match_info["folder"]
+    if kind not in MODEL_KINDS:
+        return error_response(404, "not_found", f"Unknown model folder {kind!r}", f"known: {', '.join(MODEL_KINDS)}")
+    return json_response(await asyncio.to_thread(_model_files, request.app[FOLDERS], kind))
+
+
+def _model_files(folders: Any, kind: str) -> list[dict[str, Any]]:
+    dirs = folders.model_dirs(kind)
+    files = []
+    for name, index in folders.list_models_by_dir(kind):
+        entry: dict[str, Any] = {"name": name, "pathIndex": index}
+        try:
+            stat = (dirs[index] / name).stat()
+            entry.update(modified=stat.st_mtime, size=stat.st_size)
+        except OSError:
+            pass
+        files.append(entry)
+    return files
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -121,7 +161,7 @@ async def users(request: web.Request) -> web.Response:
 
 
 async def get_settings(request: web.Request) -> web.Response:
-    return json_response(request.app[QUEUE].settings())
+    return json_response(await asyncio.to_thread(request.app[QUEUE].settings))
 
 
 async def post_settings(request: web.Request) -> web.Response:
@@ -131,12 +171,12 @@ async def post_settings(request: web.Request) -> web.Response:
         values = None
     if not isinstance(values, dict):
         return error_response(400, "invalid_request", "Settings must be a JSON object")
-    request.app[QUEUE].set_settings(values)
+    await asyncio.to_thread(request.app[QUEUE].set_settings, values)
     return json_response({})
 
 
 async def get_setting(request: web.Request) -> web.Response:
-    return json_response(request.app[QUEUE].setting(request.match_info["setting_id"]))
+    return json_response(await asyncio.to_thread(request.app[QUEUE].setting, request.match_info["setting_id"]))
 
 
 async def post_setting(request: web.Request) -> web.Response:
@@ -144,16 +184,13 @@ async def post_setting(request: web.Request) -> web.Response:
         value = await request.json()
     except ValueError:
         return error_response(400, "invalid_request", "The setting's value must be JSON")
-    request.app[QUEUE].set_settings({request.match_info["setting_id"]: value})
+    await asyncio.to_thread(request.app[QUEUE].set_settings, {request.match_info["setting_id"]: value})
     return json_response({})
 
 
-async def userdata_list(request: web.Request) -> web.Response:
-    return json_response([])
-
-
-async def userdata_file(request: web.Request) -> web.Response:
-    return error_response(404, "not_found", "No such user data file")
+async def empty_object(request: web.Request) -> web.Response:
+    """Features nodeflow does not have, as an empty answer (global subgraphs, node replacements)."""
+    return json_response({})
 
 
 async def i18n(request: web.Request) -> web.Response:
@@ -180,8 +217,11 @@ ROUTES = [
     Route("POST", "/settings", post_settings, "Store frontend settings", tag="frontend"),
     Route("GET", "/settings/{setting_id}", get_setting, "One setting (null if unset)", tag="frontend"),
     Route("POST", "/settings/{setting_id}", post_setting, "Store one setting", tag="frontend"),
-    Route("GET", "/userdata", userdata_list, "User data files (none are kept)", tag="frontend"),
-    Route("GET", "/userdata/{file:.+}", userdata_file, "A user data file (404)", tag="frontend"),
+    Route("GET", "/experiment/models", experiment_models, "Model folders and where they are", tag="info"),
+    Route("GET", "/experiment/models/{folder}", experiment_models_of, "The model files of a folder, with their "
+          "folder's index", tag="info"),
+    Route("GET", "/global_subgraphs", empty_object, "Subgraph blueprints (none)", tag="frontend"),
+    Route("GET", "/node_replacements", empty_object, "Node replacements (none)", tag="frontend"),
     Route("GET", "/i18n", i18n, "Translations of node packages (none)", tag="frontend"),
     Route("GET", "/openapi.json", openapi_json, "This document", tag="info"),
 ]

@@ -2,7 +2,9 @@
 
 POST /prompt validates before queueing: a prompt with some valid outputs is queued with
 the others reported in ``node_errors`` (200); one with none is refused (400) in ComfyUI's
-error shape. Validation that is large or may read the disk runs off the event loop.
+error shape. Validation that is large or may read the disk runs off the event loop, and so
+does every database call that may take long (clearing, deleting, reading the history).
+The jobs view filters, sorts and pages the history in SQL and decodes only the page.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from pydantic import ValidationError
 
 from nodeflow.graph import Graph, ValidationReport, WorkflowError, parse, validate
 from nodeflow.node import Node
-from nodeflow.queue import SENSITIVE_EXTRA_DATA_KEYS, DuplicatePrompt, QueueItem
+from nodeflow.queue import SENSITIVE_EXTRA_DATA_KEYS, DuplicatePrompt, QueueError, QueueItem, workflow_id
 from nodeflow.registry import Registry
-from nodeflow.server.common import (DISPATCHER, HUB, LIMITS, QUEUE, REGISTRY, Route, error_body, error_response,
-                                    json_response, raw_json)
+from nodeflow.server.common import (DISPATCHER, HUB, LIMITS, QUEUE, REGISTRY, Route, dumps, error_body,
+                                    error_response, json_response, raw_json)
 from nodeflow.server.schemas import (FreeRequest, History, HistoryEntry, InterruptRequest, JobsResponse,
                                      PromptRequest, PromptResponse, PromptStatus, QueueAction, QueueResponse)
 from nodeflow.server.security import apply_limits
@@ -69,6 +71,8 @@ async def post_prompt(request: web.Request) -> web.Response:
                               sensitive=sensitive, prepared=(graph, report))
     except DuplicatePrompt as exc:
         return error_response(400, "duplicate_prompt_id", "Duplicate prompt id", str(exc), node_errors=True)
+    except QueueError as exc:  # e.g. a number out of range, from a caller that skipped the schema
+        return error_response(400, "invalid_request", "Cannot queue the prompt", str(exc), node_errors=True)
     app[HUB].queue_changed()
     return json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": answer["node_errors"]})
 
@@ -127,9 +131,9 @@ async def post_queue(request: web.Request) -> web.Response:
     action = await _action(request, QueueAction)
     queue, deleted = request.app[QUEUE], 0
     if action.clear:
-        deleted += queue.clear_pending()
+        deleted += await asyncio.to_thread(queue.clear_pending)
     if action.delete:
-        deleted += queue.delete_pending(action.delete)
+        deleted += await asyncio.to_thread(queue.delete_pending, action.delete)
     if deleted:
         request.app[HUB].queue_changed()
     return json_response({"deleted": deleted})
@@ -162,7 +166,7 @@ async def _action(request: web.Request, model: Any, empty_ok: bool = False) -> A
 
 async def get_history(request: web.Request) -> web.Response:
     query = request.query
-    max_items = _int_query(query, "max_items")
+    max_items = _int_query(query, "max_items", minimum=0)
     offset = _int_query(query, "offset")
     text = await asyncio.to_thread(request.app[QUEUE].history_json, max_items, offset)
     return raw_json(text)
@@ -177,20 +181,27 @@ async def post_history(request: web.Request) -> web.Response:
     action = await _action(request, QueueAction)
     queue, deleted = request.app[QUEUE], 0
     if action.clear:
-        deleted += queue.clear_history()
+        deleted += await asyncio.to_thread(queue.clear_history)
     if action.delete:
-        deleted += queue.delete_history(action.delete)
+        deleted += await asyncio.to_thread(queue.delete_history, action.delete)
     return json_response({"deleted": deleted})
 
 
-def _int_query(query: Any, name: str) -> int | None:
+def _int_query(query: Any, name: str, minimum: int | None = None) -> int | None:
+    """An integer query parameter (None when absent or empty); 400 in ComfyUI's error shape
+    when it is not one, or is below ``minimum``."""
     if name not in query or query[name] == "":
         return None
     try:
-        return int(query[name])
+        value = int(query[name])
     except ValueError:
-        raise web.HTTPBadRequest(text=f'{{"error": "{name} must be an integer"}}',
-                                 content_type="application/json") from None
+        value = None
+    if value is None or (minimum is not None and value < minimum):
+        expected = "an integer" if minimum is None else f"an integer of at least {minimum}"
+        raise web.HTTPBadRequest(text=dumps({"error": error_body("invalid_query", f"{name} must be {expected}",
+                                                                 f"{name}={query[name][:100]!r}")}),
+                                 content_type="application/json")
+    return value
 
 
 # -- jobs (recent ComfyUI frontends read the queue and history this way) -----------------------------
@@ -210,37 +221,47 @@ async def get_jobs(request: web.Request) -> web.Response:
     if sort_by not in ("created_at", "execution_duration") or sort_order not in ("asc", "desc"):
         return error_response(400, "invalid_sort", "sort_by must be created_at or execution_duration, "
                               "sort_order asc or desc")
-    limit = _int_query(query, "limit")
-    if limit is not None and limit <= 0:
-        return error_response(400, "invalid_limit", "limit must be a positive integer")
+    limit = _int_query(query, "limit", minimum=1)
     offset = max(_int_query(query, "offset") or 0, 0)
-    workflow_id = query.get("workflow_id")
+    workflow = query.get("workflow_id") or None
+    by_duration, descending = sort_by == "execution_duration", sort_order == "desc"
 
+    # The queued jobs are in memory, the finished ones in SQLite: sort each by the same key,
+    # take the first offset + limit of each, merge, and decode only the history rows shown.
     queue = request.app[QUEUE]
-    jobs: list[dict] = []
-    if "in_progress" in statuses:
-        jobs += [_queued_job(i, "in_progress") for i in queue.running()]
-    if "pending" in statuses:
-        jobs += [_queued_job(i, "pending") for i in queue.pending()]
-    if "completed" in statuses or "failed" in statuses:
-        for pid, entry in (await asyncio.to_thread(queue.history)).items():
-            job = _history_job(pid, entry)
-            if job["status"] in statuses:
-                jobs.append(job)
-    if workflow_id:
-        jobs = [j for j in jobs if j.get("workflow_id") == workflow_id]
-    if sort_by == "execution_duration":
-        def key(j: dict) -> float:
-            start, end = j.get("execution_start_time"), j.get("execution_end_time")
-            return end - start if start and end else 0
-    else:
-        def key(j: dict) -> tuple:
-            return j.get("create_time") or 0, j.get("priority") or 0
-    jobs.sort(key=key, reverse=sort_order == "desc")
-    total = len(jobs)
-    page = jobs[offset:offset + limit] if limit is not None else jobs[offset:]
-    return json_response({"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": total,
+    queued = [(i, "in_progress") for i in queue.running()] if "in_progress" in statuses else []
+    queued += [(i, "pending") for i in queue.pending()] if "pending" in statuses else []
+    queued = [(i, s) for i, s in queued if workflow is None or workflow_id(i.extra_data) == workflow]
+    keyed: list[tuple[tuple, str, Any]] = [(_queued_key(i, by_duration), i.prompt_id, (i, s)) for i, s in queued]
+    total = len(keyed)
+    done = {"completed", "failed"} & set(statuses)
+    if done:
+        failed = None if len(done) == 2 else "failed" in done
+        count, keys = await asyncio.to_thread(queue.history_jobs, failed=failed, workflow=workflow,
+                                              by_duration=by_duration, descending=descending,
+                                              limit=None if limit is None else offset + limit)
+        total += count
+        keyed += [(key, pid, None) for key, pid in keys]
+    keyed.sort(key=lambda k: k[0], reverse=descending)
+    page = keyed[offset:offset + limit] if limit is not None else keyed[offset:]
+    wanted = [pid for _, pid, queued_job in page if queued_job is None]
+    rows = await asyncio.to_thread(queue.history_summaries, wanted) if wanted else {}
+    jobs = []
+    for _, pid, queued_job in page:
+        if queued_job is not None:
+            jobs.append(_queued_job(*queued_job))
+        elif pid in rows:  # (deleted meanwhile otherwise)
+            jobs.append(_history_job(pid, rows[pid]))
+    return json_response({"jobs": jobs, "pagination": {"offset": offset, "limit": limit, "total": total,
                                                        "has_more": offset + len(page) < total}})
+
+
+def _queued_key(item: QueueItem, by_duration: bool) -> tuple:
+    """The sort key of a queued job, as ``PromptQueue.history_jobs`` makes them."""
+    created = item.extra_data.get("create_time")
+    created = created if isinstance(created, int) and not isinstance(created, bool) else 0
+    key = (created, item.number, item.prompt_id)
+    return (0, *key) if by_duration else key
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -248,7 +269,12 @@ async def get_job(request: web.Request) -> web.Response:
     queue = request.app[QUEUE]
     entry = (await asyncio.to_thread(queue.history, None, None, pid)).get(pid)
     if entry is not None:
-        return json_response(_history_job(pid, entry, full=True))
+        summary = (await asyncio.to_thread(queue.history_summaries, [pid])).get(pid)
+        if summary is not None:
+            _, _, prompt, extra, _ = entry["prompt"]
+            return json_response({**_history_job(pid, summary), "outputs": entry.get("outputs") or {},
+                                  "execution_status": entry.get("status") or {},
+                                  "workflow": {"prompt": prompt, "extra_data": extra}})
     for item in queue.running():
         if item.prompt_id == pid:
             return json_response(_queued_job(item, "in_progress"))
@@ -258,12 +284,6 @@ async def get_job(request: web.Request) -> web.Response:
     return error_response(404, "not_found", "Job not found")
 
 
-def _workflow_id(extra: dict) -> str | None:
-    info = extra.get("extra_pnginfo")
-    workflow = info.get("workflow") if isinstance(info, dict) else None
-    return workflow.get("id") if isinstance(workflow, dict) else None
-
-
 def _prune(job: dict) -> dict:
     return {k: v for k, v in job.items() if v is not None}
 
@@ -271,31 +291,23 @@ def _prune(job: dict) -> dict:
 def _queued_job(item: QueueItem, status: str) -> dict:
     return _prune({"id": item.prompt_id, "status": status, "priority": item.number,
                    "create_time": item.extra_data.get("create_time"), "outputs_count": 0,
-                   "workflow_id": _workflow_id(item.extra_data)})
+                   "workflow_id": workflow_id(item.extra_data)})
 
 
-def _history_job(pid: str, entry: dict, full: bool = False) -> dict:
-    number, _, prompt, extra, _ = entry["prompt"]
-    status = entry.get("status") or {}
-    start = end = error = None
+def _history_job(pid: str, row: dict) -> dict:
+    """A finished job from ``PromptQueue.history_summaries``' row."""
+    status = row["status"] if isinstance(row["status"], dict) else {}
+    error = None
     for event, data in status.get("messages", []):
-        if not isinstance(data, dict):
-            continue
-        if event == "execution_start":
-            start = data.get("timestamp")
-        elif event in ("execution_success", "execution_error", "execution_interrupted"):
-            end = data.get("timestamp")
-            if event == "execution_error":
-                error = data
-    outputs = entry.get("outputs") or {}
+        if event == "execution_error" and isinstance(data, dict):
+            error = data
+    outputs = row["outputs"] if isinstance(row["outputs"], dict) else {}
     count, preview = _outputs_summary(outputs)
-    job = _prune({"id": pid, "status": "completed" if status.get("status_str") != "error" else "failed",
-                  "priority": number, "create_time": extra.get("create_time"), "execution_start_time": start,
-                  "execution_end_time": end, "execution_error": error, "outputs_count": count,
-                  "preview_output": preview, "workflow_id": _workflow_id(extra)})
-    if full:
-        job.update(outputs=outputs, execution_status=status, workflow={"prompt": prompt, "extra_data": extra})
-    return job
+    return _prune({"id": pid, "status": "completed" if status.get("status_str") != "error" else "failed",
+                   "priority": row["number"], "create_time": row["create_time"],
+                   "execution_start_time": row["exec_start"], "execution_end_time": row["exec_end"],
+                   "execution_error": error, "outputs_count": count, "preview_output": preview,
+                   "workflow_id": row["workflow_id"]})
 
 
 def _outputs_summary(outputs: dict) -> tuple[int, dict | None]:

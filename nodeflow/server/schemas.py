@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from nodeflow.queue import MAX_NUMBER
 from nodeflow.server.common import Route
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -26,7 +27,8 @@ class PromptRequest(BaseModel):
     client_id: str | None = Field(None, max_length=256, description="Where the WebSocket events go")
     extra_data: dict[str, Any] = Field(default_factory=dict, description="e.g. extra_pnginfo (the UI workflow)")
     front: bool = Field(False, description="Queue before everything pending")
-    number: float | None = Field(None, description="Queue position: lower runs first")
+    number: float | None = Field(None, allow_inf_nan=False, ge=-MAX_NUMBER, le=MAX_NUMBER,
+                                 description="Queue position: lower runs first (finite, at most 2**53 in magnitude)")
     prompt_id: str | None = Field(None, min_length=1, max_length=128, description="Chosen by the client (default: a UUID)")
     partial_execution_targets: list[str] | None = Field(None, description="Run only these output nodes")
 

@@ -36,7 +36,11 @@ async def serve(tmp_path, registry=None, backend=None, **options):
     options.setdefault("base_dir", str(tmp_path))
     app = create_app(ServerConfig(**options), registry or make_registry(), backend=backend)
     client = TestClient(TestServer(app, host="127.0.0.1"))
-    await client.start_server()
+    try:
+        await client.start_server()
+    except BaseException:
+        await client.close()
+        raise
     try:
         yield client
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -137,4 +138,85 @@ class SaveValue(Node):
         return Result(ui={"images": [{"filename": name, "subfolder": "", "type": "output"}]})
 
 
-ALL = [Const, Add, Hold, Fail, Exit, Canvas, Steps, Show, SaveValue]
+# -- pictures by their shapes only (ComfyUI's LATENT and IMAGE conventions), nothing allocated --
+
+
+def _latent(batch, height, width):
+    return {"samples": SimpleNamespace(shape=(batch, 4, height // 8, width // 8))}
+
+
+class EmptyLat(Node):
+    category = "test"
+    inputs = {"width": Int(default=64, min=8, max=1 << 20), "height": Int(default=64, min=8, max=1 << 20),
+              "batch_size": Int(default=1, min=1, max=4096)}
+    outputs = [Output("LATENT")]
+
+    def run(self, width, height, batch_size):
+        return (_latent(batch_size, height, width),)
+
+
+class LatScaleBy(Node):
+    category = "test"
+    inputs = {"samples": Socket("LATENT"), "scale_by": Float(default=1.5, min=0.01, max=8.0)}
+    outputs = [Output("LATENT")]
+
+    def run(self, samples, scale_by):
+        b, c, h, w = samples["samples"].shape
+        return (_latent(b, int(h * 8 * scale_by), int(w * 8 * scale_by)),)
+
+
+class LatRepeat(Node):
+    category = "test"
+    inputs = {"samples": Socket("LATENT"), "amount": Int(default=1, min=1, max=64)}
+    outputs = [Output("LATENT")]
+
+    def run(self, samples, amount):
+        b, c, h, w = samples["samples"].shape
+        return (_latent(b * amount, h * 8, w * 8),)
+
+
+class LatTimes4(Node):
+    """Makes a latent 4× as wide and high, by no input the guard can read."""
+    category = "test"
+    inputs = {"samples": Socket("LATENT")}
+    outputs = [Output("LATENT")]
+
+    def run(self, samples):
+        b, c, h, w = samples["samples"].shape
+        return (_latent(b, h * 32, w * 32),)
+
+
+class LatToImage(Node):
+    category = "test"
+    inputs = {"samples": Socket("LATENT")}
+    outputs = [Output("IMAGE")]
+
+    def run(self, samples):
+        b, c, h, w = samples["samples"].shape
+        return (SimpleNamespace(shape=(b, h * 8, w * 8, 3)),)
+
+
+class ImgToTotal(Node):
+    category = "test"
+    inputs = {"image": Socket("IMAGE"), "megapixels": Float(default=1.0, min=0.01, max=16.0)}
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, megapixels):
+        side = int((megapixels * 1024 * 1024) ** 0.5)
+        return (SimpleNamespace(shape=(image.shape[0], side, side, 3)),)
+
+
+class ShowSize(Node):
+    """An output node that reports a latent's or an image's shape."""
+    category = "test"
+    inputs = {"value": Socket("*")}
+    outputs = []
+    output_node = True
+
+    def run(self, value):
+        shape = value["samples"].shape if isinstance(value, dict) else value.shape
+        return Result(ui={"text": [str(list(shape))]})
+
+
+ALL = [Const, Add, Hold, Fail, Exit, Canvas, Steps, Show, SaveValue, EmptyLat, LatScaleBy, LatRepeat, LatTimes4,
+       LatToImage, ImgToTotal, ShowSize]

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import tempfile
 
 import aiohttp
 from PIL import Image
@@ -178,3 +179,119 @@ async def test_view_preview_and_channels(tmp_path):
         assert resp.headers["Content-Disposition"].startswith("attachment")
         resp = await client.get("/view", params={"filename": "page.html", "preview": "webp"})
         assert resp.status == 400
+
+
+def raw_upload_body(filename, data=b"data", **fields):
+    """A multipart body with exactly this file name (aiohttp's FormData would quote it)."""
+    parts = [b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"" + filename.encode() + b"\"\r\n"
+             b"Content-Type: image/png\r\n\r\n" + data + b"\r\n"]
+    for k, v in fields.items():
+        parts.append(f"--XyZ\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode())
+    return b"".join(parts) + b"--XyZ--\r\n"
+
+
+async def raw_upload(client, filename, **fields):
+    resp = await client.post("/upload/image", data=raw_upload_body(filename, **fields),
+                             headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    return resp.status, await resp.text()
+
+
+@async_test
+async def test_upload_names_that_are_not_files_refused(tmp_path):
+    async with serve(tmp_path) as client:
+        (tmp_path / "input").mkdir()
+        before = sorted(p.name for p in tmp_path.iterdir())
+        for name in (".", "..", "a/..", "a/.", "dir/", "x" * 256, "é" * 128):
+            for overwrite in ("false", "true"):
+                status, text = await raw_upload(client, name, overwrite=overwrite)
+                assert status == 400, (name, overwrite, text)
+                assert json.loads(text)["error"]["type"] == "invalid_filename"
+                assert str(tmp_path) not in text
+        # Nothing landed beside input/ (". (1)" used to be written one level up), nor in it.
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert list((tmp_path / "input").iterdir()) == []
+        resp = await client.get("/view", params={"filename": ".", "type": "input"})
+        assert resp.status == 400
+        # A name of 255 bytes is fine.
+        status, text = await raw_upload(client, "x" * 251 + ".png")
+        assert status == 200, text
+
+
+@async_test
+async def test_upload_errors_are_400_without_server_paths(tmp_path):
+    async with serve(tmp_path) as client:
+        (tmp_path / "input" / "folder.png").mkdir(parents=True)
+        (tmp_path / "input" / "afile").write_bytes(b"x")
+        # overwrite onto a folder's name
+        status, text = await raw_upload(client, "folder.png", overwrite="true")
+        assert status == 400 and "is a folder" in text and str(tmp_path) not in text, text
+        assert (tmp_path / "input" / "folder.png").is_dir()
+        # without overwrite: a numbered name, as for any existing name
+        status, text = await raw_upload(client, "folder.png")
+        assert status == 200 and json.loads(text)["name"] == "folder (1).png"
+        # a subfolder that is a file
+        for subfolder in ("afile", "afile/deeper"):
+            status, text = await raw_upload(client, "p.png", subfolder=subfolder)
+            assert status == 400 and json.loads(text)["error"]["type"] == "invalid_subfolder", text
+            assert str(tmp_path) not in text
+        # a subfolder part over 255 bytes
+        status, text = await raw_upload(client, "p.png", subfolder="s" * 300)
+        assert status == 400 and str(tmp_path) not in text
+        # /view of a file that is no image: PIL's message names the path; the body must not.
+        (tmp_path / "output").mkdir()
+        (tmp_path / "output" / "page.html").write_text("<p>")
+        resp = await client.get("/view", params={"filename": "page.html", "preview": "webp"})
+        text = await resp.text()
+        assert resp.status == 400 and str(tmp_path) not in text and "page.html" in text
+
+
+@async_test
+async def test_overwritten_upload_has_the_mode_of_a_new_file(tmp_path):
+    async with serve(tmp_path) as client:
+        await upload(client, png((1, 2, 3, 255)))
+        await upload(client, png((4, 5, 6, 255)), overwrite="true")
+        await upload(client, png((7, 8, 9, 255)), name="new.png")
+        mode = (tmp_path / "input" / "photo.png").stat().st_mode & 0o777
+        umask = os.umask(0)
+        os.umask(umask)
+        assert mode == (tmp_path / "input" / "new.png").stat().st_mode & 0o777 == 0o666 & ~umask
+        assert not [p for p in (tmp_path / "input").iterdir() if p.name.startswith(".")]
+
+
+def test_error_texts_lose_server_paths():
+    from nodeflow.server.common import describe_error
+
+    exc = FileNotFoundError(2, "No such file or directory", "/srv/sd/input/x.png")
+    assert describe_error(exc) == "FileNotFoundError: No such file or directory"
+    exc = ValueError("cannot identify image file '/srv/my base/output/a.png' or '/etc/other.png'")
+    text = describe_error(exc, ["/srv/my base"])
+    assert "/srv" not in text and "/etc" not in text and "'output/a.png'" in text and "'other.png'" in text
+
+
+@async_test
+async def test_temp_is_emptied_at_start_without_following_symlinks(tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.png").write_bytes(b"keep")
+    temp = tmp_path / "base" / "temp"
+    (temp / "sub").mkdir(parents=True)
+    (temp / "old.png").write_bytes(b"x")
+    (temp / "sub" / "deep.png").write_bytes(b"x")
+    os.symlink(outside, temp / "linked")
+    os.symlink(outside / "keep.png", temp / "file-link.png")
+    async with serve(tmp_path / "base") as client:
+        assert list(temp.iterdir()) == []
+        assert (outside / "keep.png").read_bytes() == b"keep"
+        assert (await client.get("/prompt")).status == 200
+    # A temp folder that holds other folders (here: the base itself) is left alone.
+    (tmp_path / "base" / "output").mkdir()
+    (tmp_path / "base" / "output" / "saved.png").write_bytes(b"x")
+    async with serve(tmp_path / "base", temp_dir=str(tmp_path / "base")):
+        assert (tmp_path / "base" / "output" / "saved.png").is_file()
+    # So is the system's temporary folder, should temp/ be set to it.
+    shared = tmp_path / "system-tmp"
+    shared.mkdir()
+    (shared / "someone-elses.txt").write_text("x")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(shared))
+    async with serve(tmp_path / "base", temp_dir=str(shared)):
+        assert (shared / "someone-elses.txt").is_file()

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from server_helpers import async_test, serve
 
 
@@ -136,3 +138,110 @@ def test_nodeflow_serve_passes_options_to_the_server(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--port", "not-a-number"])
     assert info.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+@async_test
+async def test_experiment_models(tmp_path):
+    base, extra = tmp_path / "base", tmp_path / "big-disk" / "loras"  # an extra folder outside the base
+    extra.mkdir(parents=True)
+    (extra / "far.safetensors").write_bytes(b"12345")
+    (base / "models" / "loras").mkdir(parents=True)
+    (base / "nodeflow.json").write_text('{"models": {"loras": ["%s"]}}' % extra)
+    (base / "models" / "loras" / "near.safetensors").write_bytes(b"1")
+    (extra / "near.safetensors").write_bytes(b"shadowed by the first folder")
+    async with serve(base) as client:
+        folders = await (await client.get("/api/experiment/models")).json()
+        by_name = {f["name"]: f["folders"] for f in folders}
+        assert by_name["loras"] == ["models/loras", str(extra)] and by_name["checkpoints"] == ["models/checkpoints"]
+        files = await (await client.get("/api/experiment/models/loras")).json()
+        assert [(f["name"], f["pathIndex"]) for f in files] == [("far.safetensors", 1), ("near.safetensors", 0)]
+        assert files[0]["size"] == 5 and files[0]["modified"] > 0
+        assert await (await client.get("/api/experiment/models/vae")).json() == []
+        resp = await client.get("/api/experiment/models/nope")
+        assert resp.status == 404
+        assert await (await client.get("/api/global_subgraphs")).json() == {}
+        assert await (await client.get("/api/node_replacements")).json() == {}
+
+
+@async_test
+async def test_userdata_files(tmp_path):
+    async with serve(tmp_path) as client:
+        user = tmp_path / "user" / "default"
+        workflow = b'{"nodes": [], "links": []}'
+        resp = await client.post("/api/userdata/workflows%2Fa.json", data=workflow)
+        assert resp.status == 200 and await resp.json() == "workflows/a.json"
+        assert (user / "workflows" / "a.json").read_bytes() == workflow
+        resp = await client.get("/api/userdata/workflows%2Fa.json")
+        assert resp.status == 200 and await resp.read() == workflow and resp.content_type == "application/json"
+        # overwrite=false: 409 when it exists; full_info answers {path, size, modified}.
+        resp = await client.post("/api/userdata/workflows%2Fa.json?overwrite=false", data=b"{}")
+        assert resp.status == 409 and (user / "workflows" / "a.json").read_bytes() == workflow
+        resp = await client.post("/api/userdata/workflows%2Fb.json?overwrite=false&full_info=true", data=b"{}")
+        info = await resp.json()
+        assert resp.status == 200 and info["path"] == "workflows/b.json" and info["size"] == 2 and info["modified"] > 0
+        await client.post("/api/userdata/workflows%2Fsub%2Fc.json", data=b"[]")
+        # Listing.
+        assert await (await client.get("/api/userdata?dir=workflows")).json() == ["a.json", "b.json"]
+        listed = await (await client.get("/api/userdata?dir=workflows&recurse=true&split=true")).json()
+        assert listed == [["a.json", "a.json"], ["b.json", "b.json"], ["sub/c.json", "sub", "c.json"]]
+        listed = await (await client.get("/api/userdata?dir=workflows&full_info=true")).json()
+        assert [f["path"] for f in listed] == ["a.json", "b.json"]
+        assert (await client.get("/api/userdata")).status == 400
+        # Move.
+        resp = await client.post("/api/userdata/workflows%2Fb.json/move/workflows%2Fa.json?overwrite=false")
+        assert resp.status == 409
+        resp = await client.post("/api/userdata/workflows%2Fb.json/move/workflows%2Fd.json")
+        assert resp.status == 200 and await resp.json() == "workflows/d.json"
+        assert not (user / "workflows" / "b.json").exists() and (user / "workflows" / "d.json").is_file()
+        resp = await client.post("/api/userdata/workflows%2Fnope.json/move/workflows%2Fe.json")
+        assert resp.status == 404
+        # Delete.
+        resp = await client.delete("/api/userdata/workflows%2Fd.json")
+        assert resp.status == 204 and not (user / "workflows" / "d.json").exists()
+        assert (await client.delete("/api/userdata/workflows%2Fd.json")).status == 404
+        assert (await client.get("/api/userdata/workflows%2Fd.json")).status == 404
+        # Confined, and names must be files.
+        (tmp_path / "secret.txt").write_text("TOP-SECRET")
+        for path in ("/api/userdata/..%2F..%2Fsecret.txt", "/api/userdata/%2Fetc%2Fpasswd"):
+            resp = await client.get(path)
+            assert resp.status == 403 and "TOP-SECRET" not in await resp.text()
+            assert (await client.post(path, data=b"x")).status == 403
+        assert (await client.get("/api/userdata?dir=..")).status == 403
+        for name in ("workflows%2F.", "workflows%2F", "."):
+            assert (await client.post(f"/api/userdata/{name}", data=b"x")).status in (400, 404), name
+        resp = await client.post("/api/userdata/workflows", data=b"x")  # a folder
+        assert resp.status == 400 and str(tmp_path) not in await resp.text()
+        # Served as a download unless harmless.
+        await client.post("/api/userdata/page.html", data=b"<script>alert(1)</script>")
+        resp = await client.get("/api/userdata/page.html")
+        assert resp.content_type == "application/octet-stream"
+
+
+def test_device_and_precision_options():
+    from nodeflow.server.app import config_from_args, parser
+
+    config = config_from_args(parser().parse_args(["--device", "CPU", "--precision", "fp32"]))
+    assert (config.device, config.precision) == ("cpu", "fp32")
+    for bad in (["--device", "tpu"], ["--device", "mps:1"], ["--precision", "fp8"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(bad)
+
+
+@async_test
+async def test_device_and_precision_applied_when_the_worker_starts(tmp_path):
+    devices = pytest.importorskip("nodeflow.models.devices")
+    try:
+        async with serve(tmp_path, device="cpu", precision="bf16") as client:
+            assert (await client.get("/prompt")).status == 200
+            assert str(devices.get_device()) == "cpu" and devices.get_precision() == "bf16"
+    finally:
+        devices.set_device(None)
+        devices.set_precision(None)
+    import torch
+
+    if not torch.cuda.is_available():
+        from nodeflow.server.app import StartupError
+
+        with pytest.raises(StartupError, match="--device cuda:0"):
+            async with serve(tmp_path, device="cuda:0"):
+                pass

@@ -1,7 +1,11 @@
 """POST /prompt, the queue, interruption, the history and jobs routes."""
 
 import asyncio
+import json
 import threading
+from types import SimpleNamespace
+
+from nodeflow.server.common import DISPATCHER, QUEUE
 
 from server_helpers import async_test, chain, held, serve, submit, wait_history, wait_started
 from server_nodes import Hold
@@ -292,3 +296,113 @@ async def test_free_clears_the_cache(tmp_path):
         await wait_history(client, (await submit(client, prompt))["prompt_id"])
         assert Hold.RUNS == 2
         assert (await (await client.post("/free")).json())["freed"] is False
+
+
+@async_test
+async def test_number_must_be_finite_and_in_range(tmp_path):
+    async with serve(tmp_path) as client:
+        body = json.dumps({"prompt": chain()})[:-1]
+        for number in ("1e999", "-1e999", "NaN", "Infinity", "1e300", "-1e300", "9.1e15"):
+            resp = await client.post("/prompt", data=f'{body}, "number": {number}}}')
+            data = await resp.json()
+            assert resp.status == 400, (number, data)
+            assert set(data["error"]) == {"type", "message", "details", "extra_info"} and data["node_errors"] == {}
+            assert data["error"]["type"] == "invalid_request" and "number" in data["error"]["details"]
+        ok = await submit(client, chain(2), number=2.5)
+        assert ok["number"] == 2.5
+        big = await submit(client, chain(3), number=-(2 ** 53))
+        await wait_history(client, big["prompt_id"])
+        await wait_history(client, ok["prompt_id"])
+        # Everything still reads back as strict JSON, and later submissions still work.
+        for path in ("/history", "/api/jobs", "/queue"):
+            json.loads(await (await client.get(path)).text(), parse_constant=_no_constant)
+        await wait_history(client, (await submit(client, chain(4)))["prompt_id"])
+
+
+def image(i):
+    return {"filename": f"{i}.png", "subfolder": "", "type": "output"}
+
+
+def _no_constant(name):
+    raise AssertionError(f"{name} in JSON")
+
+
+@async_test
+async def test_query_integers_refused_in_comfyui_shape(tmp_path):
+    async with serve(tmp_path) as client:
+        for path, name in (("/history?max_items=abc", "max_items"), ("/history?max_items=-5", "max_items"),
+                           ("/history?offset=x", "offset"), ("/api/jobs?limit=abc", "limit"),
+                           ("/api/jobs?limit=0", "limit"), ("/api/jobs?offset=1.5", "offset")):
+            resp = await client.get(path)
+            body = await resp.json()
+            assert resp.status == 400, path
+            assert set(body["error"]) == {"type", "message", "details", "extra_info"}, body
+            assert name in body["error"]["message"]
+        assert await (await client.get("/history?max_items=0")).json() == {}
+
+
+@async_test
+async def test_long_database_work_runs_off_the_event_loop(tmp_path):
+    async with serve(tmp_path) as client:
+        queue = client.app[QUEUE]
+        loop_thread = threading.get_ident()
+        seen = {}
+        for name in ("clear_history", "delete_history", "clear_pending", "delete_pending", "settings",
+                     "set_settings", "history_jobs"):
+            original = getattr(queue, name)
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                seen[_name] = threading.get_ident()
+                return _original(*args, **kwargs)
+
+            setattr(queue, name, spy)
+        await client.post("/history", json={"clear": True, "delete": ["x"]})
+        await client.post("/queue", json={"clear": True, "delete": ["x"]})
+        await client.get("/settings")
+        await client.post("/settings", json={"a": 1})
+        await client.get("/api/jobs")
+        assert set(seen) == {"clear_history", "delete_history", "clear_pending", "delete_pending", "settings",
+                             "set_settings", "history_jobs"}
+        assert loop_thread not in seen.values()
+
+
+@async_test
+async def test_jobs_page_in_sql_decodes_only_the_page(tmp_path, monkeypatch):
+    import nodeflow.queue as queue_module
+
+    async with serve(tmp_path) as client:
+        queue = client.app[QUEUE]
+        await asyncio.to_thread(client.app[DISPATCHER].stop)  # the test plays the worker
+        # A long history, written straight into the store (each entry carries a big workflow).
+        workflow = {"id": "wf-big", "nodes": ["x" * 100] * 20}
+        for i in range(300):
+            extra = {"create_time": 1_000 + i, "extra_pnginfo": {"workflow": workflow if i % 2 else {"id": "other"}}}
+            item = queue.put(f"p{i:03}", chain(i), extra, ["3"])
+            queue.claim(0)
+            start = {"prompt_id": item.prompt_id, "timestamp": 10_000 + i}
+            end = {"prompt_id": item.prompt_id, "timestamp": 10_000 + i + (i % 7) * 100}
+            queue.finish(item, queue_module.Outcome("success" if i % 5 else "error", {"3": {"images": [image(i)]}},
+                                                    [["execution_start", start],
+                                                     ["execution_success" if i % 5 else "execution_error", end]]))
+        decoded = []
+        monkeypatch.setattr(queue_module, "json", SimpleNamespace(
+            dumps=json.dumps, loads=lambda text, *a, **k: decoded.append(len(text)) or json.loads(text, *a, **k)))
+        data = await (await client.get("/api/jobs?limit=5")).json()
+        assert [j["id"] for j in data["jobs"]] == ["p299", "p298", "p297", "p296", "p295"]
+        assert data["pagination"] == {"offset": 0, "limit": 5, "total": 300, "has_more": True}
+        assert len(decoded) <= 10 and sum(decoded) < 5_000  # the page's status and outputs, nothing else
+        job = data["jobs"][0]
+        assert job["status"] == "completed" and job["create_time"] == 1299 and job["workflow_id"] == "wf-big"
+        assert job["execution_start_time"] == 10_299 and job["execution_end_time"] == 10_299 + 5 * 100
+        assert job["outputs_count"] == 1 and job["priority"] == 299
+        assert job["preview_output"] == {**image(299), "nodeId": "3", "mediaType": "images"}
+        # Filters and sorts, done by SQL.
+        data = await (await client.get("/api/jobs?status=failed&limit=3&offset=1&sort_order=asc")).json()
+        assert [j["id"] for j in data["jobs"]] == ["p005", "p010", "p015"] and data["pagination"]["total"] == 60
+        assert all(j["status"] == "failed" for j in data["jobs"])
+        data = await (await client.get("/api/jobs?workflow_id=wf-big&limit=2")).json()
+        assert [j["id"] for j in data["jobs"]] == ["p299", "p297"] and data["pagination"]["total"] == 150
+        data = await (await client.get("/api/jobs?sort_by=execution_duration&limit=2")).json()
+        assert [j["id"] for j in data["jobs"]] == ["p293", "p286"]  # 600 ms, the newest first
+        data = await (await client.get("/api/jobs?limit=2&offset=299")).json()
+        assert [j["id"] for j in data["jobs"]] == ["p000"] and data["pagination"]["has_more"] is False

@@ -222,3 +222,97 @@ def test_prompt_invalid_at_run_time_fails_cleanly(tmp_path):
     assert "Bad link" in err["exception_message"]
     assert hist["good"]["status"]["status_str"] == "success"
     assert ("execution_error", err) in events
+
+
+def test_numbers_checked_and_only_real_duplicates_reported(tmp_path):
+    from nodeflow.queue import InvalidNumber
+
+    q = PromptQueue(tmp_path / "q.db")
+    for bad in (float("nan"), float("inf"), -float("inf"), 1e300, True, "3"):
+        with pytest.raises(InvalidNumber):
+            put(q, "a", number=bad)
+    assert put(q, "a", number=2 ** 53).number == 2 ** 53 and put(q, "b").number == 0
+
+
+def test_bad_stored_numbers_do_not_stop_a_restart(tmp_path):
+    """A database written by an older server that took any float: infinities are stored as
+    such. The queue opens anyway, and everything reads back as strict JSON."""
+    import json
+    import sqlite3
+
+    path = tmp_path / "q.db"
+    q = PromptQueue(path)
+    put(q, "done")
+    q.finish(q.claim(0), Outcome("success"))
+    put(q, "waiting")
+    q.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE prompts SET number = 9e999 WHERE prompt_id = 'done'")
+    db.execute("UPDATE prompts SET number = -9e999 WHERE prompt_id = 'waiting'")
+    db.commit()
+    db.close()
+
+    q = PromptQueue(path)
+    strict = dict(parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    history = json.loads(q.history_json(), **strict)
+    assert history["done"]["prompt"][0] == 2 ** 53
+    assert [i.number for i in q.pending()] == [-(2 ** 53)]
+    json.dumps([i.to_comfy() for i in q.pending()], allow_nan=False)
+    assert put(q, "next").number == 2 ** 53 + 1  # numbering goes on
+
+
+def test_databases_from_before_the_jobs_columns_are_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE prompts (seq INTEGER PRIMARY KEY, prompt_id TEXT NOT NULL UNIQUE, number REAL NOT NULL,
+            state TEXT NOT NULL, prompt TEXT NOT NULL, extra_data TEXT NOT NULL, outputs TEXT NOT NULL,
+            created REAL NOT NULL, started REAL, finished REAL, finished_seq INTEGER, status TEXT, result TEXT,
+            meta TEXT);
+        CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO prompts VALUES (1, 'old', 0, 'done', '{}',
+            '{"create_time": 1700, "extra_pnginfo": {"workflow": {"id": "wf"}}}', '[]', 0, 0, 0, 1,
+            '{"status_str": "error", "completed": false, "messages": [["execution_start", {"timestamp": 5}],
+              ["execution_error", {"timestamp": 9, "node_id": "2"}]]}', '{}', '{}');
+    """)
+    db.commit()
+    db.close()
+    q = PromptQueue(path)
+    total, keys = q.history_jobs(failed=True, workflow="wf")
+    assert total == 1 and keys == [((1700, 0, "old"), "old")]
+    row = q.history_summaries(["old"])["old"]
+    assert (row["create_time"], row["workflow_id"], row["exec_start"], row["exec_end"]) == (1700, "wf", 5, 9)
+    assert q.history_jobs(failed=False) == (0, [])
+
+
+def test_clearing_lets_go_of_the_lock_between_batches(tmp_path, monkeypatch):
+    """A long history is deleted a batch per transaction: a submission never waits for all of it."""
+    import nodeflow.queue as queue_module
+
+    monkeypatch.setattr(queue_module, "_DELETE_BATCH", 10)
+    q = PromptQueue(tmp_path / "q.db")
+    for i in range(95):
+        put(q, f"h{i}")
+        q.finish(q.claim(0), Outcome("success"))
+    for i in range(25):
+        put(q, f"p{i}")
+    deletes = []
+    real = q._db
+
+    class Spy:
+        def execute(self, sql, *args):
+            if sql.startswith("DELETE"):
+                deletes.append(q._cond._is_owned())
+            return real.execute(sql, *args)
+
+        def executemany(self, sql, *args):
+            return self.execute(sql, *args) if not sql.startswith("DELETE") else \
+                (deletes.append(q._cond._is_owned()), real.executemany(sql, *args))[1]
+
+    q._db = Spy()
+    assert q.clear_history() == 95 and len(deletes) == 10  # ten short transactions, not one long one
+    assert q.clear_pending() == 25 and len(deletes) == 13
+    assert all(deletes) and q.history() == {} and q.remaining() == 0
+    q._db = real

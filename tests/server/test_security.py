@@ -1,4 +1,6 @@
-"""Auth token, origin and host checks, CORS for allowed origins."""
+"""Auth token, origin and host checks, CORS for allowed origins, the access log."""
+
+import asyncio
 
 import aiohttp
 import pytest
@@ -120,3 +122,78 @@ async def test_dns_rebinding_refused_on_loopback(tmp_path):
 async def test_no_host_check_when_listening_beyond_loopback(tmp_path):
     async with serve(tmp_path, hosts=["0.0.0.0"]) as client:
         assert (await client.get("/prompt", headers={"Host": "gpu-box.lan:8188"})).status == 200
+
+
+@async_test
+async def test_origin_scheme_must_match(tmp_path):
+    async with serve(tmp_path) as client:
+        for origin in (f"https://127.0.0.1:{client.port}", f"https://localhost:{client.port}",
+                       f"ws://127.0.0.1:{client.port}", "https://127.0.0.1"):
+            resp = await client.post("/prompt", json={"prompt": chain()}, headers={"Origin": origin})
+            assert resp.status == 403, origin
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await client.ws_connect("/ws", headers={"Origin": origin})
+        resp = await client.post("/prompt", json={"prompt": chain()},
+                                 headers={"Origin": f"http://127.0.0.1:{client.port}"})
+        assert resp.status == 200
+        await wait_history(client, (await resp.json())["prompt_id"])
+
+
+def test_same_origin_compares_scheme_host_and_port():
+    from nodeflow.server.security import same_origin
+
+    assert same_origin("http://example.com", "example.com", "http")
+    assert same_origin("http://example.com:80", "example.com", "http")
+    assert same_origin("https://example.com", "example.com:443", "https")
+    assert not same_origin("https://example.com:8188", "example.com:8188", "http")
+    assert not same_origin("http://example.com:8188", "example.com:8188", "https")
+    assert not same_origin("http://example.com", "example.com:8188", "http")
+
+
+@async_test
+async def test_access_log_redacts_the_token(tmp_path):
+    import logging
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nodeflow.server import ServerConfig, create_app
+    from nodeflow.server.security import AccessLogger
+
+    from server_helpers import make_registry
+
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("nodeflow.test-access")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Keep())
+    app = create_app(ServerConfig(base_dir=str(tmp_path), auth_token=TOKEN), make_registry())
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(access_log_class=AccessLogger, access_log=logger)  # as main() runs it
+    client = TestClient(server)
+    await client.start_server()
+    try:
+        resp = await client.get(f"/prompt?token={TOKEN}&x=1", headers={"Referer": f"http://h/?token={TOKEN}"})
+        assert resp.status == 200
+        cookie = resp.headers["Set-Cookie"]
+        assert "Path=/" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        await client.get(f"/queue?tok%65n={TOKEN}")
+        for _ in range(100):
+            if len(lines) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+    assert len(lines) == 2 and all(TOKEN not in line for line in lines), lines
+    assert "/prompt?token=[redacted]&x=1" in lines[0] and "http://h/?token=[redacted]" in lines[0]
+    assert '" 200 ' in lines[0]
+
+
+def test_redact_token():
+    from nodeflow.server.security import redact_token
+
+    assert redact_token("/a?token=abc&tokens=1#frag") == "/a?token=[redacted]&tokens=1#frag"
+    assert redact_token("/a") == "/a" and redact_token("/a?x=1") == "/a?x=1"

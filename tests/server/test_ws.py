@@ -62,7 +62,7 @@ async def test_run_sequence_history_first_then_cached_rerun(tmp_path):
         messages = await ws.until_done(pid2)
         assert kinds(messages) == ["execution_start", "execution_cached", "executed", "execution_success",
                                    "executing"]
-        assert messages[1][1]["nodes"] == ["3"]
+        assert messages[1][1]["nodes"] == ["1", "2", "3"]  # every node that came from the cache, as ComfyUI
         assert messages[2][1]["output"] == executed["output"]
         assert sorted(p.name for p in (tmp_path / "output").iterdir()) == saved
         entry2 = (await (await client.get(f"/history/{pid2}")).json())[pid2]
@@ -108,6 +108,27 @@ async def test_error_run_sequence(tmp_path):
             assert key in err
         assert err["node_id"] == "2" and err["exception_message"] == "boom at 1"
         assert "RuntimeError" in "".join(err["traceback"])
+        assert err["current_inputs"] == {"x": [1]}  # ComfyUI's lists of values, not reprs
+        entry = await wait_history(client, pid)
+        assert entry["status"]["messages"][-1][1]["current_inputs"] == {"x": [1]}
+
+
+@async_test
+async def test_execution_cached_lists_every_cached_node(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        prompt = chain(**{"5": {"class_type": "Hold", "inputs": {"x": ["1", 0], "steps": 1}},
+                          "6": {"class_type": "Show", "inputs": {"value": ["5", 0]}}})
+        await ws.until_done((await submit(client, prompt, client_id="me"))["prompt_id"])
+        prompt["5"]["inputs"]["steps"] = 2  # 5 and 6 run again; 1, 2 and 3 come from the cache
+        pid = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid)
+        cached = [d for t, d in messages if t == "execution_cached"][0]
+        assert cached["nodes"] == ["1", "2", "3"]
+        assert [d["node"] for t, d in messages if t == "executing"] == ["5", "6", None]
+        entry = await wait_history(client, pid)
+        assert entry["status"]["messages"][1] == ["execution_cached", cached]
 
 
 @async_test
