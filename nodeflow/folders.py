@@ -21,6 +21,7 @@ the user made on purpose (to a big disk, say); names there are checked lexically
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -224,10 +225,22 @@ def safe_relative(name: str, allow_empty: bool = False) -> PurePosixPath:
 
 
 def _walk(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Files under ``root`` with one of ``extensions``, as relative POSIX names. Links to
+    folders are followed (a models folder often links to a big disk), each real folder once,
+    so a link cycle cannot make the walk endless."""
     if not root.is_dir():
         return []
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
             if f.lower().endswith(extensions) and not f.startswith("."):
@@ -235,17 +248,49 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> list[str]:
     return found
 
 
+CONFIG_KEYS = ("input_dir", "output_dir", "temp_dir", "models")
+
+
 def _read_config(base: Path) -> dict:
+    """``BASE/nodeflow.json``, checked: known keys only, folder names as strings, ``models``
+    mapping known model kinds to a folder or a list of folders. Raises ``ValueError`` naming
+    the file and what is wrong."""
     path = base / "nodeflow.json"
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+        raise ValueError(f"{path} must hold a JSON object, like "
+                         '{"output_dir": "/data/out", "models": {"checkpoints": ["/mnt/big"]}}')
+    _check_known(path, "key", data, CONFIG_KEYS)
+    for key in ("input_dir", "output_dir", "temp_dir"):
+        if key in data and not (isinstance(data[key], str) and data[key]):
+            raise ValueError(f"{path}: {key!r} must be a folder name (a string), got {json.dumps(data[key])}")
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ValueError(f"{path}: 'models' must be an object mapping a model kind to folders, "
+                         f'like {{"checkpoints": ["/mnt/big/checkpoints"]}}; got {json.dumps(models)[:80]}')
+    _check_known(path, "model kind", models, MODEL_KINDS)
+    checked = {}
+    for kind, dirs in models.items():
+        if isinstance(dirs, str):
+            dirs = [dirs]
+        if not isinstance(dirs, list) or not all(isinstance(d, str) and d for d in dirs):
+            raise ValueError(f"{path}: models.{kind} must be a folder or a list of folders (strings), "
+                             f"got {json.dumps(dirs)[:80]}")
+        checked[kind] = dirs
+    return {**data, "models": checked}
+
+
+def _check_known(path: Path, what: str, given: dict, known: tuple[str, ...]) -> None:
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
+            raise ValueError(f"{path}: unknown {what} {key!r}{hint}")
 
 
 _current: Folders | None = None
