@@ -14,8 +14,13 @@ shapes:
 
 SD 2.x v-prediction, which the architecture does not show, comes from, in order: the
 ``prediction_type`` argument; a ``v_pred`` key; a ``parameterization: v`` line in a ``.yaml``
-next to the file; a diffusers scheduler config; else the statistic ComfyUI also uses (the
-std of the last output block's first ``norm1.bias`` is above 0.09 in v models).
+next to the file; a diffusers scheduler config; else, for 4-channel UNets only (as in ComfyUI),
+the statistic ComfyUI also uses (the std of the last output block's first ``norm1.bias`` is
+above 0.09 in v models). Inpainting models are ε unless a hint says v.
+
+``load_checkpoint`` takes a file or a diffusers folder; ``load_diffusers`` a folder. diffusers'
+SD 2.x ``text_encoder`` lacks OpenCLIP's last layer; its conditioning (and clip skip) still
+equals the single file's: layers are counted from the original tower's end.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ TEXT_PREFIXES = [
 HEADS = {"sd1": {"num_heads": 8}, "sd2": {"num_head_channels": 64}, "sdxl": {"num_head_channels": 64},
          "sdxl_refiner": {"num_head_channels": 64}}
 HIDDEN_ACT = {"l": "quick_gelu", "h": "gelu", "g": "gelu"}
+VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24   # OpenCLIP ViT-H/14's text tower (SD 2.x)
 V_PRED_STD = 0.09     # SD 2.x v models: std of output_blocks[last].1.transformer_blocks.0.norm1.bias above this
 EXPECTED = ("expected a Stable Diffusion checkpoint with keys under 'model.diffusion_model.' (UNet), "
             "'cond_stage_model.' or 'conditioner.embedders.' (text encoders) and 'first_stage_model.' (VAE)")
@@ -142,7 +148,7 @@ def detect(shapes: dict[str, tuple], get=None, *, prediction_type: str | None = 
             prediction_type = "v"
         elif hint is not None:
             prediction_type = hint
-        elif base == "sd2" and _v_pred_statistic(unet, get):
+        elif base == "sd2" and in_channels == 4 and _v_pred_statistic(unet, get):   # not for inpainting UNets
             prediction_type = "v"
         else:
             prediction_type = "eps"
@@ -172,7 +178,11 @@ def _yaml_hint(path: Path) -> str | None:
 # --- building ------------------------------------------------------------------------------
 
 def _build_unet(sd: dict[str, torch.Tensor], layout: Layout, device, where: str) -> DiffusionModel:
-    cfg = unet_config_from_shapes({k: v.shape for k, v in sd.items()}, **HEADS[layout.base])
+    try:
+        cfg = unet_config_from_shapes({k: v.shape for k, v in sd.items()}, **HEADS[layout.base])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: cannot read the architecture of the {layout.family} UNet: {e}. "
+                              "Is the file truncated or a different kind of model?") from None
     with torch.device("meta"):
         unet = UNet(cfg)
     assign_weights(unet, sd, f"{layout.family} UNet in {where}")
@@ -183,7 +193,8 @@ def _build_vae(sd: dict[str, torch.Tensor], scale: float, device, where: str) ->
     try:
         cfg = vae_config_from_shapes({k: v.shape for k, v in sd.items()})
     except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise CheckpointError(f"{where}: cannot read the architecture of the VAE: {e}. "
+                              "Is the file truncated or a different kind of model?") from None
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
     assign_weights(model, sd, f"VAE in {where}")
@@ -196,7 +207,8 @@ def _read(f: TensorFile, prefix: str, dtype: torch.dtype) -> dict[str, torch.Ten
 
 def load_checkpoint(path, *, device=None, dtype: torch.dtype | None = None, prediction_type: str | None = None,
                     components=("model", "clip", "vae")) -> Checkpoint:
-    """Load a single-file checkpoint (``.safetensors``, or ``.ckpt``/``.pt`` read with ``weights_only``).
+    """Load a single-file checkpoint (``.safetensors``, or ``.ckpt``/``.pt`` read with ``weights_only``),
+    or a diffusers folder (``load_diffusers``).
 
     ``device``: where the models run (default ``devices.get_device()``); weights wait in CPU
     memory, already in their run dtype: ``dtype`` for the UNet and text encoders (default
@@ -204,6 +216,8 @@ def load_checkpoint(path, *, device=None, dtype: torch.dtype | None = None, pred
     ("eps" | "v") overrides detection. ``components`` limits what is loaded.
     """
     path = Path(path)
+    if path.is_dir():
+        return load_diffusers(path, device=device, dtype=dtype, prediction_type=prediction_type, components=components)
     device = torch.device(device) if device is not None else devices.get_device()
     dtype = dtype or devices.compute_dtype(device)
     with open_state_dict(path) as f:
@@ -249,6 +263,19 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _missing_last_layers(tower: str, sd: dict[str, torch.Tensor]) -> int:
+    """How many final layers of the original OpenCLIP ViT-H a diffusers SD 2.x ``text_encoder`` lacks.
+    diffusers' conversion drops the last of its 24 layers, so that ``last_hidden_state`` is SD 2's
+    conditioning (the penultimate layer, final norm); clip-skip layers count from the original's end.
+    A full-width tower is compared with the real 24 layers; a narrower (test) one lacks one."""
+    if tower != "h":
+        return 0
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    embedding = sd.get("text_model.embeddings.token_embedding.weight")
+    width = embedding.shape[1] if embedding is not None else 0
+    return max(0, VIT_H_LAYERS - len(layers)) if width == VIT_H_WIDTH else 1
+
+
 def load_diffusers(folder, *, device=None, dtype: torch.dtype | None = None, prediction_type: str | None = None,
                    components=("model", "clip", "vae")) -> Checkpoint:
     """Load a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
@@ -264,7 +291,7 @@ def load_diffusers(folder, *, device=None, dtype: torch.dtype | None = None, pre
     if (folder / "unet").is_dir():
         with open_state_dict(_weights_file(folder / "unet")) as f:
             unet_sd = diffusers_unet_to_ldm(_read(f, "", dtype))
-    text = {}                                                   # tower -> (transformers state dict, hidden_act, heads)
+    text = {}                           # tower -> (folder, transformers state dict, hidden_act, heads, missing layers)
     for sub in ("text_encoder", "text_encoder_2"):
         if (folder / sub).is_dir() and index.get(sub) and index[sub][0] is not None:
             config = _json(folder / sub / "config.json")
@@ -272,7 +299,7 @@ def load_diffusers(folder, *, device=None, dtype: torch.dtype | None = None, pre
                 sd = _read(f, "", dtype)
             act = config.get("hidden_act", "quick_gelu")
             tower = "g" if sub == "text_encoder_2" else ("l" if act == "quick_gelu" else "h")
-            text[tower] = (sd, act, config.get("num_attention_heads"))
+            text[tower] = (sub, sd, act, config.get("num_attention_heads"), _missing_last_layers(tower, sd))
 
     hint = {"v_prediction": "v", "epsilon": "eps"}.get(
         _json(folder / "scheduler" / "scheduler_config.json").get("prediction_type"))
@@ -283,8 +310,9 @@ def load_diffusers(folder, *, device=None, dtype: torch.dtype | None = None, pre
     if "model" in components and unet_sd:
         model = _build_unet(unet_sd, layout, device, str(folder))
     if "clip" in components and text:
-        models = {t: build_text_model(sd, hidden_act=act, num_heads=heads, what=f"CLIP-{t.upper()} in {folder}")
-                  for t, (sd, act, heads) in text.items()}
+        models = {t: build_text_model(sd, hidden_act=act, num_heads=heads, missing_last_layers=missing,
+                                      what=f"CLIP-{t.upper()} in {folder / sub}")
+                  for t, (sub, sd, act, heads, missing) in text.items()}
         clip = make_text_encoder(models, layout.base, device)
     if "vae" in components and (folder / "vae").is_dir():
         vae = load_vae(folder / "vae", device=device, scale_factor=LATENT_SCALE[layout.base])

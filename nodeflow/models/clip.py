@@ -19,6 +19,7 @@ and pooled is bigG's projected pooled output (the first chunk's).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -66,20 +67,23 @@ def openclip_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def text_config_from_shapes(shapes: Mapping[str, tuple], *, hidden_act: str, num_heads: int | None = None):
     """A ``CLIPTextConfig`` read from transformers-layout shapes. Heads are 64 wide (every CLIP
-    text tower SD uses); narrower test towers get one head."""
+    text tower SD uses); narrower test towers get one head. The layer count is one past the highest
+    ``encoder.layers.N`` in any key, so a layer missing a weight shows as missing, not as extra.
+    A key the architecture cannot be read without raises ``ValueError`` naming it."""
     from transformers import CLIPTextConfig
 
-    vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
-    layers = 0
-    while f"text_model.encoder.layers.{layers}.mlp.fc1.weight" in shapes:
-        layers += 1
+    layer_keys = [int(m.group(1)) for k in shapes if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))]
+    try:
+        vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
+        intermediate = shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+        positions = shapes["text_model.embeddings.position_embedding.weight"][0]
+    except KeyError as e:
+        raise ValueError(f"missing key {e.args[0]!r}") from None
     projection = shapes.get("text_projection.weight", (width,))[0]
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-        intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
-        num_attention_heads=num_heads or max(1, width // 64),
-        max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0],
-        hidden_act=hidden_act, projection_dim=projection, layer_norm_eps=1e-5,
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=max(layer_keys) + 1,
+        intermediate_size=intermediate, num_attention_heads=num_heads or max(1, width // 64),
+        max_position_embeddings=positions, hidden_act=hidden_act, projection_dim=projection, layer_norm_eps=1e-5,
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, attn_implementation="sdpa")
 
 
@@ -87,13 +91,14 @@ class ClipTextModel(nn.Module):
     """transformers' ``CLIPTextModel`` plus an optional ``text_projection``, returning the hidden
     state of any layer and the (projected) pooled output."""
 
-    def __init__(self, config, projection: bool):
+    def __init__(self, config, projection: bool, missing_last_layers: int = 0):
         super().__init__()
         from transformers import CLIPTextModel
 
         self.transformer = CLIPTextModel(config)
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False) if projection else None
         self.num_layers = config.num_hidden_layers
+        self.missing_last_layers = missing_last_layers   # final layers of the original tower this one lacks
         self.width = config.hidden_size
 
     @property
@@ -105,10 +110,25 @@ class ClipTextModel(nn.Module):
         """How transformers names the keys of ``self.transformer`` (with or without ``text_model.``)."""
         return "text_model." if self._inner is not self.transformer else ""
 
+    def hidden_index(self, layer: int) -> int:
+        """Where layer ``layer`` (-1 = last, -2 = penultimate, ...) of the original tower is in
+        ``hidden_states`` (0: the embeddings, i: the output of layer i). Layers count from the
+        original's end: diffusers' SD 2.x text encoder has 23 of ViT-H's 24 layers, so its last one
+        is layer -2. Layers before the first count as the last."""
+        full = self.num_layers + self.missing_last_layers
+        index = full + 1 + layer if -layer <= full else full
+        if index > self.num_layers:
+            which = f"{layer} (before the first: the last)" if -layer > full else f"{layer}"
+            raise ValueError(f"CLIP layer {which} is not in this text encoder: it lacks the original's last "
+                             f"{self.missing_last_layers} layer(s) (as diffusers' SD 2.x text_encoder does); "
+                             f"use {-1 - self.missing_last_layers} or an earlier layer")
+        return index
+
     def forward(self, ids: torch.Tensor, layer: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, 77) -> hidden state after layer ``layer`` (-1 = last), (B, 77, D); pooled (B, P)."""
+        index = self.hidden_index(layer)
         out = self.transformer(input_ids=ids, output_hidden_states=True)
-        hidden = out.hidden_states[layer if -layer <= self.num_layers else -1]
+        hidden = out.hidden_states[index]
         if final_norm:
             hidden = self._inner.final_layer_norm(hidden)
         pooled = out.pooler_output
@@ -118,13 +138,20 @@ class ClipTextModel(nn.Module):
 
 
 def build_text_model(sd: dict[str, torch.Tensor], *, hidden_act: str, num_heads: int | None = None,
-                     what: str = "text encoder") -> ClipTextModel:
-    """A ``ClipTextModel`` holding the tensors of ``sd`` (transformers layout) without copying them."""
+                     missing_last_layers: int = 0, what: str = "text encoder") -> ClipTextModel:
+    """A ``ClipTextModel`` holding the tensors of ``sd`` (transformers layout) without copying them.
+    ``missing_last_layers``: how many final layers of the original tower ``sd`` lacks (see
+    ``ClipTextModel.hidden_index``). Keys that do not fit raise ``CheckpointError`` naming ``what``."""
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-    config = text_config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}, hidden_act=hidden_act,
-                                     num_heads=num_heads)
+    try:
+        config = text_config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}, hidden_act=hidden_act,
+                                         num_heads=num_heads)
+    except ValueError as e:
+        raise CheckpointError(f"cannot read the architecture of the {what}: {e}. "
+                              "Is the file truncated or a different kind of model?") from None
     with torch.device("meta"):
-        model = ClipTextModel(config, projection="text_projection.weight" in sd)
+        model = ClipTextModel(config, projection="text_projection.weight" in sd,
+                              missing_last_layers=missing_last_layers)
     prefix = model.hf_prefix()
     sd = {("transformer." + prefix + k[len("text_model."):] if k.startswith("text_model.") else k): v
           for k, v in sd.items()}

@@ -8,7 +8,8 @@
   (SDXL's, in fp16) gives NaNs, which ``vae.VAE`` detects, redoing the work in fp32.
 - Models wait in CPU memory. ``manager.load(module, device)`` moves one to the GPU when a
   node runs it; when the GPU is short of memory, the least recently used models go back to
-  the CPU first. On the CPU all of this is a no-op.
+  the CPU first. A model too large for the GPU even alone runs layer by layer from CPU
+  memory (each layer visits the GPU for its forward). On the CPU all of this is a no-op.
 """
 
 from __future__ import annotations
@@ -105,32 +106,53 @@ class ModelManager:
 
     ``load(module, device)`` puts ``module`` on ``device``; if that needs memory the GPU
     does not have, the least recently used other modules are moved back to the CPU until
-    it fits (plus ``reserve`` bytes for activations). ``offload_all()`` empties the GPU.
+    it fits (plus ``reserve`` bytes for activations). A module that does not fit even on an
+    otherwise empty GPU stays in CPU memory and is *streamed*: each of its layers moves to
+    the GPU just for its own forward (slow, but it runs). ``offload_all()`` empties the GPU.
     """
 
     def __init__(self, reserve: int = 1 << 30):
         self.reserve = reserve                                   # bytes kept free for activations
         self.loaded: OrderedDict[int, tuple[nn.Module, torch.device]] = OrderedDict()  # id -> module
+        self.streamed: dict[int, list] = {}                      # id -> hook handles of a streamed module
 
     def load(self, module: nn.Module, device: torch.device) -> nn.Module:
         if device.type == "cpu":
             return module
         key = id(module)
-        if key in self.loaded and self.loaded[key][1] == device:
+        if key in self.loaded and self.loaded[key][1] == device and key not in self.streamed:
             self.loaded.move_to_end(key)
             return module
-        need = module_bytes(module) + self.reserve
+        size = module_bytes(module)
+        need = size + self.reserve
+        if key in self.streamed and free_memory(device) < need:     # still streamed: the others may stay
+            self.loaded.move_to_end(key)
+            return module
         for other in list(self.loaded):
             if free_memory(device) >= need:
                 break
-            if other != key and self.loaded[other][1] == device:
+            if other != key and self.loaded[other][1] == device and other not in self.streamed:
                 self.offload(self.loaded[other][0])
+        if free_memory(device) < need:
+            log.warning("%s needs %.0f MiB (+ %.0f MiB for activations) but %s has %.0f MiB free with every "
+                        "other model offloaded: running it layer by layer from CPU memory (slow)",
+                        type(module).__name__, size / 2**20, self.reserve / 2**20, device, free_memory(device) / 2**20)
+            self.loaded.pop(key, None)
+            module.to("cpu")
+            self.streamed[key] = _stream(module, device)
+            self.loaded[key] = (module, device)
+            return module
+        for handle in self.streamed.pop(key, []):                # it fits now: stop streaming
+            handle.remove()
         module.to(device)
         self.loaded[key] = (module, device)
+        self.loaded.move_to_end(key)
         return module
 
     def offload(self, module: nn.Module) -> None:
-        """Move ``module`` back to the CPU."""
+        """Move ``module`` back to the CPU (and stop streaming it)."""
+        for handle in self.streamed.pop(id(module), []):
+            handle.remove()
         if self.loaded.pop(id(module), None) is not None:
             log.info("offloading %s (%.0f MiB) to the CPU", type(module).__name__, module_bytes(module) / 2**20)
             module.to("cpu")
@@ -140,6 +162,39 @@ class ModelManager:
     def offload_all(self) -> None:
         for module, _ in list(self.loaded.values()):
             self.offload(module)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device, non_blocking=True)
+
+
+def _stream(module: nn.Module, device: torch.device) -> list:
+    """Hooks that give each submodule its own parameters and buffers on ``device`` for the length of
+    its forward, then put the CPU tensors back (no copy back: they are unchanged)."""
+    handles = []
+    for sub in module.modules():
+        params = dict(sub.named_parameters(recurse=False))
+        buffers = {name: b for name, b in sub.named_buffers(recurse=False) if b is not None}
+        if not params and not buffers:
+            continue
+        on_cpu: dict[str, torch.Tensor] = {}
+
+        def move_in(m, _args, params=params, buffers=buffers, on_cpu=on_cpu):
+            for name, p in params.items():
+                on_cpu.setdefault("p." + name, p.data)
+                p.data = _to_device(p.data, device)
+            for name in buffers:
+                on_cpu.setdefault("b." + name, m._buffers[name])
+                m._buffers[name] = _to_device(m._buffers[name], device)
+
+        def move_out(m, _args, _output, params=params, buffers=buffers, on_cpu=on_cpu):
+            for name, p in params.items():
+                p.data = on_cpu.pop("p." + name, p.data)
+            for name in buffers:
+                m._buffers[name] = on_cpu.pop("b." + name, m._buffers[name])
+
+        handles += [sub.register_forward_pre_hook(move_in), sub.register_forward_hook(move_out, always_call=True)]
+    return handles
 
 
 manager = ModelManager()

@@ -15,18 +15,28 @@ deleting it is fine).
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)``: a pickle that needs
 anything beyond tensors and plain containers is refused with ``CheckpointError``, and
-nothing in it is executed.
+nothing in it is executed. Two harmless extras of training checkpoints are let through:
+Lightning's ``ModelCheckpoint`` callback (unpickled as an inert stand-in) and numpy scalars
+and dtypes (``"epoch"``). A file torch cannot read is reported as empty, truncated, not a
+valid checkpoint, or refused, from its structure (read with ``pickletools``, which runs
+nothing) and torch's message.
+
+Every ``CheckpointError`` message starts with the file's path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
 import pickle
+import pickletools
 import re
 import struct
+import threading
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -72,6 +82,11 @@ class TensorFile:
         self.close()
 
 
+def _is_count(x) -> bool:
+    """A JSON non-negative integer (not a bool, a float or a string)."""
+    return type(x) is int and x >= 0
+
+
 def _needs_conversion(t_dtype: torch.dtype, dtype: torch.dtype | None) -> bool:
     return dtype is not None and t_dtype.is_floating_point and t_dtype != dtype
 
@@ -93,28 +108,50 @@ class SafetensorsFile(TensorFile):
                                       f"{n} header bytes but the file has {size} bytes")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON: {e})") from None
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+            self._start = 8 + n
+            self._entries = self._parse_header(header, size)
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._shared = False                                              # zero-copy views handed out
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._start = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.metadata = header.get("__metadata__") or {}
+        self.shapes = {k: e[1] for k, e in self._entries.items()}
+        self.dtypes = {k: e[0] for k, e in self._entries.items()}
+
+    def _parse_header(self, header, size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        """Check every header entry: a known dtype, a shape of non-negative integers, and
+        ``data_offsets`` [begin, end] inside the data that hold exactly that many bytes."""
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file: the header is a JSON "
+                                  f"{type(header).__name__}, expected an object {{name: tensor entry}}")
+        metadata = header.get("__metadata__")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: bad safetensors header: __metadata__ is a "
+                                  f"{type(metadata).__name__}, expected an object")
         data_size = size - self._start
+        expected = (f"{{'dtype': one of {', '.join(SAFETENSORS_DTYPES)}, 'shape': [non-negative integers], "
+                    "'data_offsets': [begin, end]}")
+        entries = {}
         for key, e in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[e["dtype"]]
-                shape, (begin, end) = tuple(e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: bad header entry for {key!r}: {e}") from None
+            if key == "__metadata__":
+                continue
+            ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in SAFETENSORS_DTYPES
+                  and isinstance(e.get("shape"), list) and all(_is_count(d) for d in e["shape"])
+                  and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                  and all(_is_count(o) for o in e["data_offsets"]))
+            if not ok:
+                raise CheckpointError(f"{self.path}: bad safetensors header entry for {key!r}: {str(e)[:200]}; "
+                                      f"expected {expected}")
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
             if end > data_size:
                 raise CheckpointError(f"{self.path}: file is truncated: tensor {key!r} needs bytes up to "
                                       f"{self._start + end}, the file has {size}")
             if end - begin != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {shape}")
-            self._entries[key] = (dtype, shape, begin, end)
-        self.shapes = {k: e[1] for k, e in self._entries.items()}
-        self.dtypes = {k: e[0] for k, e in self._entries.items()}
+                raise CheckpointError(f"{self.path}: bad safetensors header entry for {key!r}: data_offsets "
+                                      f"[{begin}, {end}] hold {end - begin} bytes, shape {list(shape)} of "
+                                      f"{e['dtype']} needs {math.prod(shape) * dtype.itemsize}")
+            entries[key] = (dtype, shape, begin, end)
+        return entries
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         file_dtype, shape, begin, end = self._entries[key]
@@ -148,6 +185,45 @@ class SafetensorsFile(TensorFile):
         self._mm = None
 
 
+class _ModelCheckpointStandIn:
+    """What Lightning's ``ModelCheckpoint`` callback unpickles as: nothing but its attributes. Old
+    Lightning checkpoints (the original SD 1.x ones among them) keep the callback class, or an
+    instance, as a key of their ``"callbacks"`` entry; that entry is dropped anyway."""
+
+
+def _harmless_globals() -> list[tuple[object, str]]:
+    """Globals that ``torch.load(weights_only=True)`` may resolve for checkpoints, besides its own:
+    Lightning's callback (as the inert stand-in above) and numpy scalars (``"epoch"``,
+    ``"global_step"``), which are rebuilt from a dtype and raw bytes. None of them can call
+    anything a pickle names: every other global is still refused."""
+    found: list[tuple[object, str]] = [
+        (_ModelCheckpointStandIn, f"{module}.ModelCheckpoint")
+        for module in ("pytorch_lightning.callbacks.model_checkpoint", "lightning.pytorch.callbacks.model_checkpoint")]
+    try:
+        import numpy as np
+    except ImportError:
+        return found
+    core = getattr(np, "_core", None) or np.core                     # numpy 2 renamed core to _core
+    scalar = core.multiarray.scalar
+    found += [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"),
+              (np.dtype, "numpy.dtype")]
+    dtype_classes = getattr(np, "dtypes", None)                      # numpy >= 1.25: np.dtype('f8') is a Float64DType
+    for name in dir(dtype_classes) if dtype_classes is not None else ():
+        cls = getattr(dtype_classes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype):
+            found.append((cls, f"numpy.dtypes.{name}"))
+    return found
+
+
+_load_lock = threading.Lock()                 # torch's safe_globals context edits a process-wide set
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C        # the first pickle of torch's legacy (non-zip) format
+_UNSAFE = re.compile(  # torch's weights_only refusals (2.1 - 2.13), naming what the pickle wanted
+    r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+) whose module|Unsupported class (\S+)"
+    r"|reduce for unrecognized function (.+?)(?: which belongs|$)|Can only (?:build|create new object).*but got (.+)$",
+    re.M)
+
+
 class TorchFile(TensorFile):
     """A pickled checkpoint loaded with ``torch.load(weights_only=True)`` (memory-mapped when the
     file is in the zip format). A top-level ``"state_dict"`` entry is unwrapped; non-tensors dropped."""
@@ -165,22 +241,37 @@ class TorchFile(TensorFile):
 
     def _load(self):
         try:
-            try:
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e) and "zip" not in str(e):
-                    raise
-                return torch.load(self.path, map_location="cpu", weights_only=True)   # legacy, non-zip format
-        except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f" (it references {found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{self.path}: refused to load: this pickle needs more than tensors and plain containers"
-                f"{what}, and running it could execute arbitrary code. It was not executed. Convert the "
-                f"checkpoint to .safetensors with a tool you trust.") from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise CheckpointError(f"{self.path}: cannot read this checkpoint (truncated or not a torch "
-                                  f"checkpoint): {str(e).splitlines()[0]}") from None
+            with open(self.path, "rb") as f:
+                is_zip = f.read(4) == _ZIP_MAGIC             # the zip format can be memory-mapped, the legacy one not
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read this file: {e.strerror or e}") from None
+        allow = getattr(torch.serialization, "safe_globals", None)     # torch >= 2.5
+        try:
+            with _load_lock, (allow(_harmless_globals()) if allow else contextlib.nullcontext()):
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except MemoryError:
+            raise
+        except Exception as e:                     # torch raises anything at all on damaged files
+            raise self._error(e) from None
+
+    def _error(self, e: Exception) -> CheckpointError:
+        """Why ``torch.load`` failed, in words: an empty, truncated or foreign file, or a pickle that
+        needs code (which was refused before running it)."""
+        message = str(e)
+        damage = _damage(self.path, message, isinstance(e, EOFError))
+        if damage and damage[0] in ("empty", "truncated"):
+            return CheckpointError(f"{self.path}: {damage[1]}")
+        unsafe = _UNSAFE.search(message) if isinstance(e, pickle.UnpicklingError) else None
+        if unsafe:
+            what = next(g for g in unsafe.groups() if g)
+            return CheckpointError(
+                f"{self.path}: refused to load: this pickle needs more than tensors and plain containers "
+                f"(it references {what}), and running it could execute arbitrary code. It was not executed. "
+                "Convert the checkpoint to .safetensors with a tool you trust.")
+        if damage:
+            return CheckpointError(f"{self.path}: {damage[1]}")
+        first = next((line.strip() for line in message.splitlines() if line.strip()), type(e).__name__)
+        return CheckpointError(f"{self.path}: not a valid checkpoint (corrupt or not a PyTorch file): {first}")
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._tensors[key]
@@ -188,6 +279,44 @@ class TorchFile(TensorFile):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def _damage(path: Path, message: str, eof: bool) -> tuple[str, str] | None:
+    """("empty" | "truncated" | "foreign", explanation) for a pickled checkpoint torch could not read,
+    found by reading its structure (nothing is unpickled), or None if it looks whole."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty", "cannot read this checkpoint: the file is empty (0 bytes)"
+    truncated = ("truncated", f"cannot read this checkpoint: the file is truncated ({size} bytes): it ends "
+                              "before the checkpoint does")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == _ZIP_MAGIC:
+            try:
+                zipfile.ZipFile(f).close()
+            except zipfile.BadZipFile:
+                return "truncated", (f"cannot read this checkpoint: the file is truncated or corrupt ({size} "
+                                     "bytes): it starts as a zip archive (PyTorch's format) but has no zip "
+                                     "directory at its end")
+            return None
+        if head[:1] != b"\x80":                        # every pickle torch writes starts with PROTO
+            return "foreign", f"not a valid checkpoint (corrupt or not a PyTorch file): it starts with {head!r}"
+        # The legacy format: pickles of the magic number, the protocol version, system info, the
+        # object, the storage keys; then the raw storages.
+        f.seek(0)
+        for i in range(5):
+            try:
+                ops = list(pickletools.genops(f))
+            except ValueError as err:
+                if f.tell() >= size and "unknown" not in str(err):
+                    return truncated
+                return "foreign", f"not a valid checkpoint (corrupt or not a PyTorch file): {err}"
+            if i == 0 and not any(op.name == "LONG1" and arg == _LEGACY_MAGIC for op, arg, _ in ops):
+                return "foreign", ("not a valid checkpoint (corrupt or not a PyTorch file): a pickle, but not "
+                                   "one torch.save wrote")
+    if eof or "unexpected EOF" in message:
+        return truncated
+    return None
 
 
 class DictFile(TensorFile):

@@ -189,9 +189,16 @@ def write_tiny_vae(path, *, diffusers_keys: bool = False, seed: int = 5) -> Path
     return save(ldm_vae_to_diffusers(sd) if diffusers_keys else sd, path)
 
 
+def _without_last_layer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers-layout text tower without its last encoder layer, as diffusers stores SD 2.x's."""
+    last = max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
+    return {k: v for k, v in sd.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
+
+
 def write_tiny_diffusers(folder, family: str = "sd1", *, seed: int = 0, v_prediction: bool = False) -> Path:
     """A tiny diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-    ``text_encoder_2/`` for SDXL, tokenizers, scheduler), with the weights of ``tiny_state_dict(family)``."""
+    ``text_encoder_2/`` for SDXL, tokenizers, scheduler), with the weights of ``tiny_state_dict(family)``.
+    As in real SD 2.x folders, the SD 2.x ``text_encoder`` lacks OpenCLIP's last layer."""
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig
 
@@ -232,9 +239,9 @@ def write_tiny_diffusers(folder, family: str = "sd1", *, seed: int = 0, v_predic
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     if family == "sd1":
         encoders = [("text_encoder", "tokenizer", part("cond_stage_model.transformer."), "quick_gelu", "CLIPTextModel")]
-    elif family == "sd2":
-        encoders = [("text_encoder", "tokenizer", openclip_to_hf(part("cond_stage_model.model.")), "gelu",
-                     "CLIPTextModel")]
+    elif family == "sd2":          # diffusers drops OpenCLIP's last layer (23 of ViT-H's 24; here 2 of 3)
+        encoders = [("text_encoder", "tokenizer", _without_last_layer(openclip_to_hf(part("cond_stage_model.model."))),
+                     "gelu", "CLIPTextModel")]
     elif family == "sdxl":
         encoders = [("text_encoder", "tokenizer", part("conditioner.embedders.0.transformer."), "quick_gelu",
                      "CLIPTextModel"),

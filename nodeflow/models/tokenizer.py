@@ -6,7 +6,7 @@ way CLIP's own tokenizer does: the 256 byte symbols, the same with ``</w>``, one
 merge, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407). Text is normalised
 like transformers' ``CLIPTokenizer`` (NFC, whitespace runs to one space, lower case), so the
 ids equal that tokenizer's: ``"a photo of a cat"`` → ``[49406, 320, 1125, 539, 320, 2368,
-49407]``.
+49407]``. ``<|startoftext|>`` and ``<|endoftext|>`` written in a prompt are those tokens, as there.
 
 Prompt syntax (A1111 / ComfyUI conventions):
 
@@ -58,8 +58,10 @@ def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 @lru_cache(maxsize=1)
 def _bpe():
-    """A `tokenizers.Tokenizer` doing CLIP's normalisation, word split and BPE (no special tokens)."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    """A `tokenizers.Tokenizer` doing CLIP's normalisation, word split and BPE. ``<|startoftext|>`` and
+    ``<|endoftext|>`` written in the text are those tokens (as in transformers' CLIPTokenizer and
+    open_clip), matched before normalisation; start and end tokens are not added."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
     vocab, merges = vocab_and_merges()
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>",
@@ -69,6 +71,8 @@ def _bpe():
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<|startoftext|>", "<|endoftext|>")])
     return tok
 
 

@@ -261,28 +261,33 @@ class UNet(nn.Module):
 # --- architecture from the state dict -------------------------------------------------------
 
 def _depth(shapes: Mapping[str, Sequence[int]], prefix: str) -> int:
-    """Number of transformer blocks of the SpatialTransformer at ``prefix`` (0 if there is none)."""
-    n = 0
-    while f"{prefix}.transformer_blocks.{n}.norm1.weight" in shapes:
-        n += 1
-    return n
+    """Number of transformer blocks of the SpatialTransformer at ``prefix`` (0 if there is none):
+    one past the highest block index among its keys, so a block missing a weight still counts."""
+    pattern = re.compile(re.escape(prefix) + r"\.transformer_blocks\.(\d+)\.")
+    found = [int(m.group(1)) for k in shapes if (m := pattern.match(k))]
+    return max(found) + 1 if found else 0
 
 
 def config_from_shapes(shapes: Mapping[str, Sequence[int]], *, num_heads: int = 8,
                        num_head_channels: int = -1) -> UNetConfig:
     """The UNet's architecture read from its state dict (keys without ``model.diffusion_model.``,
-    values: shapes or tensors). Head layout from the caller: SD1 uses 8 heads, SD2/SDXL 64-wide heads."""
+    values: shapes or tensors). Head layout from the caller: SD1 uses 8 heads, SD2/SDXL 64-wide heads.
+    A key the architecture cannot be read without raises ``ValueError`` naming it."""
     shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
     try:
-        mc, in_channels = shapes["input_blocks.0.0.weight"][:2]
-        out_channels = shapes["out.2.weight"][0]
+        return _config_from_shapes(shapes, num_heads, num_head_channels)
     except KeyError as e:
-        raise ValueError(f"not a UNet state dict: missing {e.args[0]!r}") from None
+        raise ValueError(f"missing key {e.args[0]!r}") from None
+
+
+def _config_from_shapes(shapes: dict[str, tuple[int, ...]], num_heads: int, num_head_channels: int) -> UNetConfig:
+    mc, in_channels = shapes["input_blocks.0.0.weight"][:2]
+    out_channels = shapes["out.2.weight"][0]
     n_input = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.", k)))
 
     channel_mult, num_res_blocks, depth = [], [0], []
     for k in range(1, n_input):
-        if f"input_blocks.{k}.0.op.weight" in shapes:            # a Downsample closes the level
+        if any(key.startswith(f"input_blocks.{k}.0.op.") for key in shapes):   # a Downsample closes the level
             num_res_blocks.append(0)
             continue
         if num_res_blocks[-1] == 0:

@@ -22,6 +22,9 @@ from nodeflow.models import devices
 
 log = logging.getLogger(__name__)
 
+# torch.OutOfMemoryError is torch >= 2.5; torch.cuda.OutOfMemoryError (>= 1.13) is the same class there
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 @dataclass
 class VAEConfig:
@@ -186,20 +189,27 @@ class AutoencoderKL(nn.Module):
 
 
 def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
-    """The VAE architecture read from its state dict (LDM keys, no ``first_stage_model.``)."""
+    """The VAE architecture read from its state dict (LDM keys, no ``first_stage_model.``). A key the
+    architecture cannot be read without raises ``ValueError`` naming it."""
     shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
+
+    def count(pattern: str, example: str) -> int:
+        found = [int(m.group(1)) for k in shapes if (m := re.match(pattern, k))]
+        if not found:
+            raise KeyError(example)
+        return max(found) + 1
+
     try:
         ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-        levels = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+        levels = count(r"encoder\.down\.(\d+)\.", "encoder.down.0.block.0.conv1.weight")
         ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
-        num_res_blocks = 1 + max(int(m.group(1)) for k in shapes
-                                 if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        num_res_blocks = count(r"encoder\.down\.0\.block\.(\d+)\.", "encoder.down.0.block.0.conv1.weight")
         return VAEConfig(in_channels=in_channels, out_ch=shapes["decoder.conv_out.weight"][0], ch=ch,
                          ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                          z_channels=shapes["decoder.conv_in.weight"][1],
                          embed_dim=shapes["post_quant_conv.weight"][1])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"not an AutoencoderKL state dict: missing {e}") from None
+    except KeyError as e:
+        raise ValueError(f"missing key {e.args[0]!r}") from None
 
 
 # --- the handle -----------------------------------------------------------------------------
@@ -268,7 +278,7 @@ class VAE:
                         out = tiled(run_tile, x, tile, overlap, scale, out_channels)
                     else:
                         out = run_tile(x).float().cpu()
-                except torch.OutOfMemoryError:
+                except OutOfMemoryError:
                     if tile_size:
                         raise
                     log.warning("VAE ran out of memory on %s; retrying in tiles", self.device)

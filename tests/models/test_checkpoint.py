@@ -1,4 +1,12 @@
+import io
+import json
+import os
+import pickle
+import re
 import shutil
+import struct
+import sys
+import types
 
 import pytest
 import torch
@@ -77,6 +85,16 @@ def test_v_pred_key_and_prediction_override(tmp_path, sd2_path, sd2_v_path):
         load_checkpoint(sd2_path, prediction_type="x0")
 
 
+def test_v_statistic_is_not_applied_to_inpainting_models(tmp_path):
+    sd = testing.tiny_state_dict("sd2", inpaint=True, v_prediction=True)      # the statistic says "v"
+    assert detect_family(sd) == "sd2_inpaint"
+    path = testing.save(sd, tmp_path / "sd2_inpaint.safetensors")
+    assert load_checkpoint(path, components=("model",)).model.prediction_type == "eps"
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: v\n")
+    hinted = load_checkpoint(path, components=("model",)).model
+    assert hinted.prediction_type == "v" and hinted.family == "sd2_v_inpaint"
+
+
 def test_yaml_next_to_the_checkpoint_says_v(tmp_path, sd2_path):
     path = tmp_path / "sd21.safetensors"
     shutil.copy(sd2_path, path)
@@ -148,6 +166,25 @@ def test_diffusers_v_prediction_from_scheduler(tmp_path):
     assert ckpt.family == "sd2_v" and ckpt.model.prediction_type == "v"
 
 
+def test_sd2_diffusers_folder_conditions_like_the_single_file(tmp_path, sd2_path):
+    """diffusers' SD 2.x text_encoder lacks OpenCLIP's last layer; its last layer is SD 2's default."""
+    folder = testing.write_tiny_diffusers(tmp_path / "sd2", "sd2")
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 2   # of 3
+    single, diffusers_clip = load_checkpoint(sd2_path).clip, load_diffusers(folder, components=("clip",)).clip
+    prompt = "a (watercolor:1.2) fox"
+    assert torch.equal(diffusers_clip.encode(prompt)[0], single.encode(prompt)[0])
+    for layer in (-2, -3):
+        assert torch.equal(diffusers_clip.set_last_layer(layer).encode(prompt)[0],
+                           single.set_last_layer(layer).encode(prompt)[0])
+    with pytest.raises(ValueError, match=r"layer -1 is not in this text encoder.*use -2"):
+        diffusers_clip.set_last_layer(-1).encode(prompt)
+
+
+def test_load_checkpoint_takes_a_diffusers_folder(diffusers_sd1):
+    ckpt = load_checkpoint(diffusers_sd1, prediction_type="v", components=("model",))
+    assert ckpt.family == "sd1" and ckpt.model.prediction_type == "v" and ckpt.clip is None
+
+
 def test_standalone_vae_in_every_layout(tmp_path, vae_path, sd1_path, diffusers_sd1):
     plain = load_vae(vae_path)
     from_diffusers_keys = load_vae(testing.write_tiny_vae(tmp_path / "d.safetensors", diffusers_keys=True))
@@ -185,6 +222,58 @@ def test_truncated_ckpt(tmp_path, sd1_ckpt_path):
         load_checkpoint(cut)
 
 
+def _pickled(obj, legacy: bool) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_empty_or_truncated_ckpt_at_any_point(tmp_path, legacy):
+    """A pickled checkpoint cut anywhere is reported as empty or truncated, naming the file."""
+    data = _pickled({"state_dict": {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)}, "epoch": 1}, legacy)
+    path = tmp_path / "cut.ckpt"
+    for end in range(0, len(data), 1 if legacy else 7):
+        path.write_bytes(data[:end])
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        assert str(e.value).startswith(f"{path}: ") and re.search("empty" if end == 0 else "truncated", str(e.value))
+    path.write_bytes(data)
+    assert set(read_all(path)) == {"a.weight", "a.bias"}
+
+
+@pytest.mark.parametrize("data", [os.urandom(4096), b"P", b"PK", b"hello world", b"\x80\x02K\x01.",
+                                  pickle.dumps({"state_dict": {}}, protocol=2)],
+                         ids=["random", "zip-cut-to-1", "zip-cut-to-2", "text", "int-pickle", "plain-pickle"])
+def test_corrupt_ckpt_is_not_a_security_refusal(tmp_path, data):
+    path = tmp_path / "corrupt.ckpt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: not a valid checkpoint (corrupt or not a PyTorch "
+                                                        "file)")) as e:
+        load_checkpoint(path)
+    assert "refused" not in str(e.value) and "arbitrary code" not in str(e.value)
+
+
+@pytest.mark.parametrize("header, expected", [
+    ([], "header is a JSON list, expected an object"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, "bad safetensors header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}, "bad safetensors header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, r"hold 4 bytes, shape \[2\] of F32 needs 8"),
+    ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, "bad safetensors header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, "bad safetensors header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, "bad safetensors header entry for 'a'"),
+    ({"a": 5}, "bad safetensors header entry for 'a'"),
+    ({"__metadata__": ["x"]}, "__metadata__ is a list, expected an object"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}, "truncated"),
+])
+def test_malformed_safetensors_header(tmp_path, header, expected):
+    raw = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: .*{expected}"):
+        load_checkpoint(path)
+
+
 def test_unknown_model_names_what_was_expected(tmp_path):
     path = testing.save({"encoder.layer.0.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)},
                         tmp_path / "x.safetensors")
@@ -207,21 +296,85 @@ def test_incomplete_unet_names_the_missing_keys(tmp_path):
         load_checkpoint(testing.save(sd, tmp_path / "broken.safetensors"))
 
 
+@pytest.mark.parametrize("family, drop, expected", [
+    ("sd1", "model.diffusion_model.input_blocks.1.0.out_layers.3.weight",
+     r"architecture of the sd1 UNet: missing key 'input_blocks\.1\.0\.out_layers\.3\.weight'"),
+    ("sd1", "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1.weight",
+     r"sd1 UNet .*1 missing, e\.g\. input_blocks\.1\.1\.transformer_blocks\.0\.norm1\.weight"),
+    ("sd1", "cond_stage_model.transformer.text_model.encoder.layers.2.mlp.fc1.weight",
+     r"CLIP-L in .*1 missing, e\.g\. \S*encoder\.layers\.2\.mlp\.fc1\.weight"),
+    ("sd1", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+     r"architecture of the CLIP-L in .*missing key 'text_model\.embeddings\.token_embedding\.weight'"),
+    ("sd2", "cond_stage_model.model.transformer.resblocks.2.mlp.c_fc.weight",
+     r"CLIP-H in .*1 missing, e\.g\. \S*encoder\.layers\.2\.mlp\.fc1\.weight"),
+    ("sd1", "first_stage_model.decoder.conv_out.weight", r"architecture of the VAE: missing key 'decoder\.conv_out"),
+])
+def test_incomplete_file_names_the_file_the_part_and_the_keys(tmp_path, family, drop, expected):
+    sd = testing.tiny_state_dict(family)
+    del sd[drop]
+    path = testing.save(sd, tmp_path / "incomplete.safetensors")
+    part = "model" if drop.startswith("model.") else "clip" if drop.startswith("cond_stage_model.") else "vae"
+    with pytest.raises(CheckpointError, match=expected) as e:
+        load_checkpoint(path, components=(part,))
+    assert str(e.value).startswith(str(path)) or f" in {path}" in str(e.value)
+
+
 class Payload:
     """Unpickling this creates the marker file: proof that code ran."""
     def __reduce__(self):
         return (open, (self.marker, "w"))
 
 
-def test_pickle_needing_code_is_refused_and_not_run(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickle_needing_code_is_refused_and_not_run(tmp_path, legacy):
     marker = tmp_path / "executed"
     payload = Payload()
     payload.marker = str(marker)
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": testing.tiny_state_dict("sd1"), "callback": payload}, path)
+    torch.save({"state_dict": testing.tiny_state_dict("sd1"), "callback": payload}, path,
+               _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError, match=r"refused to load.*references .*open.*was not executed"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+LIGHTNING = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_lightning_callbacks_and_numpy_scalars_load(tmp_path, monkeypatch, legacy):
+    """Old Lightning checkpoints (the original SD 1.x ones) pickle the ModelCheckpoint callback and numpy
+    scalars: these load (as inert stand-ins) without Lightning installed; the weights are intact."""
+    np = pytest.importorskip("numpy")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.monitor, self.best_model_score = "val/loss", torch.tensor(0.25)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = LIGHTNING[-1], "ModelCheckpoint"
+    for name in LIGHTNING:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[LIGHTNING[-1]].ModelCheckpoint = ModelCheckpoint
+    sd = testing.tiny_state_dict("sd1")
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": sd, "epoch": np.int64(6), "lr": np.float64(1e-4), "ema": np.bool_(True),
+                "dtype": np.dtype("float32"), "global_step": 470000,
+                "callbacks": {ModelCheckpoint: {"best_model_path": "x.ckpt"}, "instance": ModelCheckpoint()}},
+               path, _use_new_zipfile_serialization=not legacy)
+    for name in LIGHTNING:
+        monkeypatch.delitem(sys.modules, name)
+    loaded = read_all(path)
+    assert loaded.keys() == sd.keys() and detect_family(loaded) == "sd1"
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_allowed_extras_do_not_allow_anything_else(tmp_path):
+    """numpy arrays (which can hold pickled objects) are still refused, as is any other class."""
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "array.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "array": np.array([1, 2])}, path)
+    with pytest.raises(CheckpointError, match=r"refused to load.*references numpy"):
+        load_checkpoint(path)
 
 
 def test_safetensors_reader_maps_or_converts_once(tmp_path):

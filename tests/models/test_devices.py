@@ -60,3 +60,78 @@ def test_manager_is_a_no_op_on_cpu():
     m = Fake()
     devices.ModelManager().load(m, torch.device("cpu"))
     assert m.where == "cpu"
+
+
+class Recorder(nn.Sequential):
+    """Two layers that record, during their forward, where their weights are (data pointers)."""
+    def __init__(self):
+        super().__init__(nn.Linear(1024, 1024), nn.LayerNorm(1024))
+        self.seen, self.where = [], "cpu"
+        for layer in self:
+            layer.register_forward_hook(lambda m, a, o: self.seen.append(m.weight.data_ptr()))
+
+    def to(self, device, *args, **kwargs):
+        self.where = torch.device(device).type
+        return self
+
+
+def test_manager_streams_a_model_too_large_for_the_gpu(monkeypatch):
+    """A model that does not fit even alone stays in CPU memory; each layer visits the device for its forward."""
+    gpu = torch.device("cuda", 0)
+    manager = devices.ModelManager(reserve=2**20)
+    capacity = 5 * 2**20
+
+    def free(device):
+        on_gpu = [m for k, (m, _) in manager.loaded.items() if k not in manager.streamed]
+        return capacity - sum(devices.module_bytes(m) for m in on_gpu)
+
+    def to_device(t, device):                            # a copy stands for the tensor on the GPU
+        return t.clone()
+
+    monkeypatch.setattr(devices, "free_memory", free)
+    monkeypatch.setattr(devices, "_to_device", to_device)
+    small, big = Fake(), Recorder()                      # 4 MiB and 4 MiB + 12 KiB: big + reserve > 5 MiB
+    manager.load(small, gpu)
+    weights = [p.data for p in big.parameters()]
+    manager.load(big, gpu)
+    assert small.where == "cpu" and not manager.loaded.get(id(small))   # everything else was offloaded first
+    x = torch.randn(2, 1024)
+    expected = nn.functional.layer_norm(x @ weights[0].T + weights[1], (1024,), weights[2], weights[3])
+    assert torch.allclose(big(x), expected, atol=1e-5)
+    assert big.seen and not {w.data_ptr() for w in weights} & set(big.seen)   # each layer ran on its copy ...
+    assert [p.data_ptr() for p in big.parameters()] == [w.data_ptr() for w in weights]   # ... and its CPU ones back
+    manager.load(big, gpu)                               # still too large: still streamed, no new hooks
+    assert len(manager.streamed[id(big)]) == 4
+    capacity = 64 * 2**20                                # room now: moved as a whole, hooks removed
+    manager.load(big, gpu)
+    assert id(big) not in manager.streamed and not big[0]._forward_pre_hooks and big.where == "cuda"
+    manager.offload_all()
+    assert not manager.loaded and not manager.streamed
+
+
+def test_streaming_reaches_every_weight_of_the_real_models(sdxl, monkeypatch):
+    """Streamed UNet, CLIP towers and VAE run with each weight moved just for its own module's forward: the
+    'device' here is float64, so a weight used outside its module's forward would fail against float64 inputs."""
+    monkeypatch.setattr(devices, "_to_device", lambda t, device: t.double() if t.is_floating_point() else t)
+    g = torch.Generator().manual_seed(0)
+    unet, clip_l, vae = sdxl.model.unet, sdxl.clip.towers[0].model, sdxl.vae.model
+    x, context, y = (torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64),
+                     torch.randn(1, 77, 160, generator=g, dtype=torch.float64),
+                     torch.randn(1, unet.config.adm_in_channels, generator=g, dtype=torch.float64))
+    ids = torch.tensor([[t for t, _ in sdxl.clip.tokenize("a cat")["l"][0]]])
+    runs = [(unet, lambda m: m(x, torch.tensor([10.0]), context, y)),
+            (clip_l, lambda m: m(ids, -2, False)[0]),
+            (vae, lambda m: m.decode(x))]
+    for module, run in runs:
+        handles = devices._stream(module, torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                streamed = run(module)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert streamed.dtype == torch.float64 and next(module.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            expected = run(module.double())
+        module.float()
+        assert torch.allclose(streamed, expected)

@@ -19,6 +19,7 @@ from nodeflow.models import load_checkpoint
 from nodeflow.models import testing
 from nodeflow.models.diffusers_format import (diffusers_unet_config, diffusers_vae_config, ldm_unet_to_diffusers,
                                               ldm_vae_to_diffusers)
+from nodeflow.models.unet import UNet, UNetConfig, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -67,6 +68,36 @@ def test_unet_odd_latent_size_matches_diffusers(tmp_path):
     x, context = torch.randn(1, 4, 9, 13), torch.randn(1, 77, 32)
     with torch.no_grad():
         close(model.apply_model(x, torch.tensor([500.0]), context), theirs(x, 500.0, context).sample)
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("sdxl-style, 32-wide heads: 2 and 4 heads", UNetConfig(
+        model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 2),
+        transformer_depth_middle=2, transformer_depth_output=(2, 2, 1, 1), context_dim=48,
+        use_linear_in_transformer=True, adm_in_channels=32 + 6 * 256, num_head_channels=32)),
+    ("sd1-style, 8 heads at width 64 and 128", UNetConfig(
+        model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1),
+        transformer_depth_middle=1, transformer_depth_output=(1, 1, 1, 1), context_dim=48, num_heads=8)),
+])
+def test_multi_head_attention_matches_diffusers(name, cfg):
+    """Heads split and merged in the same order as diffusers' (the tiny families have one head at 64 wide)."""
+    assert cfg.heads(64)[0] >= 2 and cfg.heads(128)[0] >= 4
+    with torch.device("meta"):
+        ours = UNet(cfg)
+    sd = testing.random_tensors({k: tuple(v.shape) for k, v in ours.state_dict().items()}, seed=5)
+    ours.load_state_dict(sd, assign=True)
+    config = diffusers_unet_config(cfg)
+    theirs = diffusers.UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    theirs.load_state_dict(ldm_unet_to_diffusers(sd), strict=True)
+    g = torch.Generator().manual_seed(6)
+    x, t, context = torch.randn(1, 4, 8, 6, generator=g), torch.tensor([421.0]), torch.randn(1, 77, 48, generator=g)
+    y, their_kw = None, {}
+    if cfg.adm_in_channels:
+        pooled, time_ids = torch.randn(1, 32, generator=g), torch.tensor([[48.0, 64.0, 0.0, 0.0, 48.0, 64.0]])
+        y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 256).reshape(1, -1)], dim=1)
+        their_kw = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    with torch.no_grad():
+        close(ours.eval()(x, t, context, y), theirs(x, t, context, **their_kw).sample)
 
 
 def test_vae_matches_diffusers(vae_path):

@@ -22,8 +22,16 @@ def test_same_ids_as_transformers_tokenizer(tmp_path):
     hf = CLIPTokenizer.from_pretrained(write_vocab_files(tmp_path / "tokenizer"))
     ours = ClipTokenizer()
     for text in ["a photo of a cat", "A PHOTO   of a Cat!!", "don't stop, it's 1234 über-cool 🐱 naïve café",
-                 "hello\nworld\tx", "masterpiece, best_quality, 8k uhd", "日本語のテキスト", ""]:
+                 "hello\nworld\tx", "masterpiece, best_quality, 8k uhd", "日本語のテキスト", "",
+                 "<|endoftext|> tricky", "a<|endoftext|>b", "x <|endoftext|><|startoftext|> y", "<|ENDOFTEXT|> x",
+                 "<|endoftext|", "  <|endoftext|>  ", "<|startoftext|>cat!"]:
         assert ours.encode(text) == hf(text)["input_ids"], text
+
+
+def test_special_tokens_in_the_text_are_special():
+    tok = ClipTokenizer()
+    assert tok.encode("<|endoftext|> tricky") == [BOS, EOS, 22319, EOS]
+    assert tok.words("(<|startoftext|>:1.2) cat<|endoftext|>") == [([BOS], 1.2), ([2368, EOS], 1.0)]
 
 
 def test_empty_prompt():

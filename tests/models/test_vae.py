@@ -39,3 +39,21 @@ def test_nan_in_half_precision_falls_back_to_float32(vae_path):
     assert torch.isfinite(image).all() and vae.dtype == torch.float32
     assert next(vae.model.parameters()).dtype == torch.float32
     assert isinstance(vae, VAE)
+
+
+def test_out_of_memory_falls_back_to_tiles_on_older_torch(vae_path, monkeypatch):
+    """torch.OutOfMemoryError is torch >= 2.5; older ones only have torch.cuda.OutOfMemoryError."""
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    vae = load_vae(vae_path)
+    z = torch.randn(1, 4, 8, 8)
+    expected = vae.decode(z, tile_size=64)
+    decode, calls = vae.model.decode, []
+
+    def out_of_memory_once(latent):
+        calls.append(latent.shape)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return decode(latent)
+
+    vae.model.decode = out_of_memory_once
+    assert torch.equal(vae.decode(z), expected) and len(calls) == 2
