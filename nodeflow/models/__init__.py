@@ -1,7 +1,7 @@
 """The Stable Diffusion model stack: checkpoints, UNet, VAE, CLIP text encoders, devices.
 
     from nodeflow.models import load_checkpoint
-    ckpt = load_checkpoint("models/checkpoints/sd15.safetensors")
+    ckpt = load_checkpoint("models/checkpoints/sd15.safetensors")   # or a diffusers folder; prediction_type="v"
     ckpt.family                                  # "sd1"
     cond, pooled = ckpt.clip.encode("a (red:1.2) cat")
     eps = ckpt.model.apply_model(x, t, cond)     # x already scaled: model.process_latent_in(latent)
