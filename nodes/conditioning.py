@@ -20,6 +20,7 @@ class EncodeText(Node):
     category = "conditioning"
     display_name = "Encode Text (CLIP)"
     aliases = ("CLIPTextEncode",)
+    alias_display_names = {"CLIPTextEncode": "CLIP Text Encode (Prompt)"}
     inputs = {"text": String(multiline=True, tooltip="the prompt"), "clip": Socket("CLIP")}
     outputs = [Output("CONDITIONING")]
 
@@ -91,6 +92,7 @@ class SetClipSkip(Node):
     category = "conditioning"
     display_name = "Set CLIP Skip"
     aliases = ("CLIPSetLastLayer",)
+    alias_display_names = {"CLIPSetLastLayer": "CLIP Set Last Layer"}
     inputs = {"clip": Socket("CLIP"), "stop_at_clip_layer": Int(default=-1, min=-24, max=-1)}
     outputs = [Output("CLIP")]
 
@@ -104,6 +106,7 @@ class CombineConditioning(Node):
     category = "conditioning"
     display_name = "Combine Conditioning"
     aliases = ("ConditioningCombine",)
+    alias_display_names = {"ConditioningCombine": "Conditioning (Combine)"}
     inputs = {"conditioning_1": Socket("CONDITIONING"), "conditioning_2": Socket("CONDITIONING")}
     outputs = [Output("CONDITIONING")]
 
@@ -117,6 +120,7 @@ class SetConditioningArea(Node):
     category = "conditioning"
     display_name = "Set Conditioning Area"
     aliases = ("ConditioningSetArea",)
+    alias_display_names = {"ConditioningSetArea": "Conditioning (Set Area)"}
     inputs = {
         "conditioning": Socket("CONDITIONING"),
         "width": Int(default=64, min=64, max=MAX_RESOLUTION, step=8),
@@ -132,11 +136,27 @@ class SetConditioningArea(Node):
                       set_area_to_bounds=False),)
 
 
+class ConditioningSetAreaStrength(Node):
+    """Sets the weight of a conditioning's entries (how much they count against the others
+    they are combined with), leaving their areas as they are."""
+
+    category = "conditioning"
+    inputs = {
+        "conditioning": Socket("CONDITIONING"),
+        "strength": Float(default=1.0, min=0.0, max=10.0, step=0.01),
+    }
+    outputs = [Output("CONDITIONING")]
+
+    def run(self, conditioning, strength):
+        return (_with(conditioning, strength=strength),)
+
+
 class SetConditioningAreaPercentage(Node):
     """Limits a conditioning to a rectangle given as fractions of the image."""
 
     category = "conditioning"
     aliases = ("ConditioningSetAreaPercentage",)
+    alias_display_names = {"ConditioningSetAreaPercentage": "Conditioning (Set Area with Percentage)"}
     inputs = {
         "conditioning": Socket("CONDITIONING"),
         "width": Float(default=1.0, min=0.0, max=1.0, step=0.01),
@@ -157,6 +177,7 @@ class SetConditioningMask(Node):
 
     category = "conditioning"
     aliases = ("ConditioningSetMask",)
+    alias_display_names = {"ConditioningSetMask": "Conditioning (Set Mask)"}
     inputs = {
         "conditioning": Socket("CONDITIONING"),
         "mask": Socket("MASK"),
@@ -222,6 +243,7 @@ class ConcatConditioning(Node):
 
     category = "conditioning"
     aliases = ("ConditioningConcat",)
+    alias_display_names = {"ConditioningConcat": "Conditioning (Concat)"}
     inputs = {"conditioning_to": Socket("CONDITIONING"), "conditioning_from": Socket("CONDITIONING")}
     outputs = [Output("CONDITIONING")]
 

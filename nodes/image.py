@@ -24,6 +24,7 @@ class ScaleImage(Node):
     category = "image/upscaling"
     display_name = "Upscale Image"
     aliases = ("ImageScale",)
+    alias_display_names = {"ImageScale": "Upscale Image"}
     inputs = {
         "image": Socket("IMAGE"),
         "upscale_method": Combo(choices=IMAGE_METHODS),
@@ -48,6 +49,7 @@ class ScaleImageBy(Node):
     category = "image/upscaling"
     display_name = "Upscale Image By"
     aliases = ("ImageScaleBy",)
+    alias_display_names = {"ImageScaleBy": "Upscale Image By"}
     inputs = {
         "image": Socket("IMAGE"),
         "upscale_method": Combo(choices=IMAGE_METHODS),
@@ -70,6 +72,7 @@ class ScaleImageToTotalPixels(Node):
     category = "image/upscaling"
     display_name = "Scale Image to Total Pixels"
     aliases = ("ImageScaleToTotalPixels",)
+    alias_display_names = {"ImageScaleToTotalPixels": "Scale Image to Total Pixels"}
     inputs = {
         "image": Socket("IMAGE"),
         "upscale_method": Combo(choices=IMAGE_METHODS),
@@ -98,6 +101,7 @@ class PadImageForOutpaint(Node):
     category = "image"
     display_name = "Pad Image for Outpainting"
     aliases = ("ImagePadForOutpaint",)
+    alias_display_names = {"ImagePadForOutpaint": "Pad Image for Outpainting"}
     inputs = {
         "image": Socket("IMAGE"),
         "left": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
@@ -144,7 +148,8 @@ class ImageInvert(Node):
 
 class ImageBatch(Node):
     """Joins two image batches into one; ``image2`` is resized (bilinear, centre crop) to
-    ``image1``'s size if they differ."""
+    ``image1``'s size if they differ. When one batch has an alpha channel and the other not,
+    the other gets an opaque one (alpha 1), as recent ComfyUI does."""
 
     category = "image"
     display_name = "Batch Images"
@@ -156,11 +161,31 @@ class ImageBatch(Node):
 
         from nodes._imaging import resize_image
 
-        if image1.shape[-1] != image2.shape[-1]:
-            raise ValueError(f"cannot batch images with {image1.shape[-1]} and {image2.shape[-1]} channels")
+        image1, image2 = _match_channels(image1, image2)
         if image1.shape[1:] != image2.shape[1:]:
             image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
         return (torch.cat((image1, image2), dim=0),)
+
+
+def _match_channels(a, b):
+    """Two IMAGE batches with the same channel count: a grey one (1 channel) is repeated to
+    RGB, and an RGB one gets an opaque alpha channel when the other has one."""
+    def widen(img, channels):
+        if img.shape[-1] == 1 and channels >= 3:
+            img = img.expand(*img.shape[:-1], 3)
+        if img.shape[-1] == 3 and channels == 4:
+            import torch
+
+            img = torch.cat([img, torch.ones_like(img[..., :1])], dim=-1)
+        return img
+
+    if a.shape[-1] == b.shape[-1]:
+        return a, b
+    channels = max(a.shape[-1], b.shape[-1])
+    a, b = widen(a, channels), widen(b, channels)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"cannot batch images with {a.shape[-1]} and {b.shape[-1]} channels")
+    return a, b
 
 
 class RepeatImageBatch(Node):
@@ -176,22 +201,20 @@ class RepeatImageBatch(Node):
 
 
 class ImageFromBatch(Node):
-    """Takes ``length`` images from a batch starting at ``batch_index`` (negative counts from
-    the end; clamped to the batch)."""
+    """Takes ``length`` images from a batch starting at ``batch_index`` (clamped to the
+    batch: an index past the end gives the last image)."""
 
     category = "image/batch"
     display_name = "Get Image from Batch"
     inputs = {
         "image": Socket("IMAGE"),
-        "batch_index": Int(default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION),
+        "batch_index": Int(default=0, min=0, max=4095),
         "length": Int(default=1, min=1, max=4096),
     }
     outputs = [Output("IMAGE")]
 
     def run(self, image, batch_index, length):
-        if batch_index < 0:
-            batch_index += image.shape[0]
-        start = max(0, min(image.shape[0] - 1, batch_index))
+        start = min(image.shape[0] - 1, batch_index)
         length = min(image.shape[0] - start, length)
         return (image[start:start + length].clone(),)
 
@@ -474,3 +497,126 @@ class ImageSharpen(Node):
         c = size // 2
         kernel[c, c] = kernel[c, c] - kernel.sum() + 1.0
         return (_filter(image, kernel, sharpen_radius).clamp(0, 1),)
+
+
+def _bayer_thresholds(order: int):
+    """The ``order`` × ``order`` ordered-dither (Bayer) matrix as offsets in (−½, ½):
+    (index + ½) / order² − ½, the index matrix built by B₂ₙ = [[4B, 4B+2], [4B+3, 4B+1]]."""
+    import numpy as np
+
+    index = np.zeros((1, 1), dtype=np.int64)
+    while index.shape[0] < order:
+        index = np.block([[4 * index, 4 * index + 2], [4 * index + 3, 4 * index + 1]])
+    return (index + 0.5) / index.size - 0.5
+
+
+class ImageQuantize(Node):
+    """Reduces each image to a palette of at most ``colors`` colours (PIL's median cut),
+    without dithering, with Floyd–Steinberg error diffusion, or with ordered (Bayer) dithering
+    of size 2, 4, 8 or 16."""
+
+    category = "image/postprocessing"
+    display_name = "Image Quantize"
+    inputs = {
+        "image": Socket("IMAGE"),
+        "colors": Int(default=256, min=1, max=256, step=1),
+        "dither": Combo(choices=["none", "floyd-steinberg", "bayer-2", "bayer-4", "bayer-8", "bayer-16"]),
+    }
+    outputs = [Output("IMAGE")]
+
+    def run(self, image, colors, dither):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        out = []
+        for frame in image[..., :3]:
+            pixels = (frame.clamp(0, 1) * 255).to(torch.uint8).numpy()
+            picture = Image.fromarray(pixels)
+            palette = picture.quantize(colors=colors)    # the palette; mapping onto it is done below
+            if dither.startswith("bayer"):
+                order = int(dither.split("-")[1])
+                spread = 2 * 256 / (len(palette.getpalette()) // 3)
+                offsets = spread * _bayer_thresholds(order) + 0.5
+                reps = (-(-pixels.shape[0] // order), -(-pixels.shape[1] // order))
+                tiled = np.tile(offsets, reps)[:pixels.shape[0], :pixels.shape[1], None]
+                shifted = np.clip(pixels.astype(np.float64) + tiled, 0, 255).astype(np.uint8)
+                quantized = Image.fromarray(shifted).quantize(palette=palette, dither=Image.Dither.NONE)
+            else:
+                mode = Image.Dither.FLOYDSTEINBERG if dither == "floyd-steinberg" else Image.Dither.NONE
+                quantized = picture.quantize(palette=palette, dither=mode)
+            out.append(torch.from_numpy(np.asarray(quantized.convert("RGB"), dtype=np.float32) / 255.0))
+        return (torch.stack(out),)
+
+
+PORTER_DUFF_MODES = ["ADD", "CLEAR", "DARKEN", "DST", "DST_ATOP", "DST_IN", "DST_OUT", "DST_OVER", "LIGHTEN",
+                     "MULTIPLY", "OVERLAY", "SCREEN", "SRC", "SRC_ATOP", "SRC_IN", "SRC_OUT", "SRC_OVER", "XOR"]
+
+
+def porter_duff(mode: str, s, sa, d, da):
+    """(colour, alpha) of compositing source (s, sa) with destination (d, da) by one of
+    Porter & Duff's operators (1984) and the blend modes ComfyUI adds, colours taken as
+    premultiplied. Each term is ComfyUI's, so results match its node."""
+    import torch
+
+    union = sa + da - sa * da
+    table = {
+        "ADD": lambda: ((s + d).clamp(0, 1), (sa + da).clamp(0, 1)),
+        "CLEAR": lambda: (torch.zeros_like(d), torch.zeros_like(da)),
+        "DARKEN": lambda: ((1 - da) * s + (1 - sa) * d + torch.minimum(s, d), union),
+        "DST": lambda: (d, da),
+        "DST_ATOP": lambda: (sa * d + (1 - da) * s, sa),
+        "DST_IN": lambda: (d * sa, sa * da),
+        "DST_OUT": lambda: ((1 - sa) * d, (1 - sa) * da),
+        "DST_OVER": lambda: (d + (1 - da) * s, da + (1 - da) * sa),
+        "LIGHTEN": lambda: ((1 - da) * s + (1 - sa) * d + torch.maximum(s, d), union),
+        "MULTIPLY": lambda: (s * d, sa * da),
+        "OVERLAY": lambda: (torch.where(2 * d < da, 2 * s * d, sa * da - 2 * (da - s) * (sa - d)), union),
+        "SCREEN": lambda: (s + d - s * d, union),
+        "SRC": lambda: (s, sa),
+        "SRC_ATOP": lambda: (da * s + (1 - sa) * d, da),
+        "SRC_IN": lambda: (s * da, sa * da),
+        "SRC_OUT": lambda: ((1 - da) * s, (1 - da) * sa),
+        "SRC_OVER": lambda: (s + (1 - sa) * d, sa + (1 - sa) * da),
+        "XOR": lambda: ((1 - da) * s + (1 - sa) * d, (1 - da) * sa + (1 - sa) * da),
+    }
+    return table[mode]()
+
+
+class PorterDuffImageComposite(Node):
+    """Composites a source image over (or in, out, atop, …) a destination with Porter–Duff
+    operators, each image with its own alpha as a MASK (1 = opaque; not LoadImage's inverted
+    mask). The source, its alpha and the destination's alpha are resized (bicubic, centre crop)
+    to the destination's size; the batch is the smallest of the four. Outputs the image and
+    its alpha."""
+
+    category = "mask/compositing"
+    display_name = "Porter-Duff Image Composite"
+    inputs = {
+        "source": Socket("IMAGE"),
+        "source_alpha": Socket("MASK"),
+        "destination": Socket("IMAGE"),
+        "destination_alpha": Socket("MASK"),
+        "mode": Combo(choices=PORTER_DUFF_MODES, default="DST"),
+    }
+    outputs = [Output("IMAGE"), Output("MASK")]
+
+    def run(self, source, source_alpha, destination, destination_alpha, mode):
+        from nodes._imaging import mask_batch, resize_image
+
+        source_alpha, destination_alpha = mask_batch(source_alpha), mask_batch(destination_alpha)
+        n = min(len(source), len(source_alpha), len(destination), len(destination_alpha))
+        if source.shape[-1] != destination.shape[-1]:
+            raise ValueError(f"the source has {source.shape[-1]} channels and the destination "
+                             f"{destination.shape[-1]}; they need the same number")
+        d = destination[:n]
+        h, w = d.shape[1], d.shape[2]
+
+        def fit(image):  # [n, H', W', C] -> [n, h, w, C]
+            return image if image.shape[1:3] == (h, w) else resize_image(image, w, h, "bicubic", "center")
+
+        s = fit(source[:n])
+        sa = fit(source_alpha[:n].unsqueeze(-1))
+        da = fit(destination_alpha[:n].unsqueeze(-1))
+        image, alpha = porter_duff(mode, s, sa, d, da)
+        return image, alpha.squeeze(-1)

@@ -30,11 +30,12 @@ from nodeflow.spec import LiteralError
 _ANNOTATED = re.compile(r"^(?P<name>.*) \[(?P<kind>input|output|temp)\]$")
 
 
-def image_path(name: str) -> Path:
-    """The file a LoadImage ``image`` value names: a file in input/ (subfolders allowed), or
-    ``"name [output]"`` / ``"name [temp]"`` / ``"name [input]"``. Confined to that folder;
-    raises ``UnsafePath`` or ``FileNotFoundError`` saying what was wrong."""
-    kind = "input"
+def image_path(name: str, default_kind: str = "input") -> Path:
+    """The file a LoadImage ``image`` value names: a file in ``default_kind`` (input/;
+    subfolders allowed), or ``"name [output]"`` / ``"name [temp]"`` / ``"name [input]"``.
+    Confined to that folder; raises ``UnsafePath`` or ``FileNotFoundError`` saying what was
+    wrong."""
+    kind = default_kind
     match = _ANNOTATED.match(name)
     if match:
         name, kind = match["name"], match["kind"]
@@ -45,17 +46,21 @@ def image_path(name: str) -> Path:
 
 
 class ImageFile(Combo):
-    """The ``image`` input of the loaders: one of the images in input/, or any existing file
-    named as above (an upload that is not listed yet, or a ComfyUI-style annotated name)."""
+    """The ``image`` input of the loaders: one of the images in input/ (``folder``), or any
+    existing file named as above (an upload that is not listed yet, or a ComfyUI-style
+    annotated name)."""
+
+    #: The folder a plain name is looked up in.
+    folder: str = "input"
 
     def check(self, value: Any) -> LiteralError | None:
         if isinstance(value, str):
             try:
-                image_path(value)
+                image_path(value, self.folder)
                 return None
             except UnsafePath as exc:
                 return LiteralError(type="value_not_in_list", message=str(exc),
-                                    expected="a file name inside the input folder")
+                                    expected=f"a file name inside the {self.folder} folder")
             except (FileNotFoundError, OSError):
                 pass
         err = super().check(value)
@@ -64,16 +69,23 @@ class ImageFile(Combo):
         return err
 
     def options(self) -> dict[str, Any]:
-        return super().options() | {"image_upload": True}
+        extra = {"image_upload": True}
+        if self.folder != "input":
+            extra["image_folder"] = self.folder
+        return super().options() | extra
 
 
 def _image_choices() -> list[str]:
     return folders().list_images("input")
 
 
-def _file_hash(name: Any) -> str | None:
+def _output_image_choices() -> list[str]:
+    return [f"{name} [output]" for name in folders().list_images("output")]
+
+
+def _file_hash(name: Any, default_kind: str = "input") -> str | None:
     try:
-        path = image_path(name)
+        path = image_path(name, default_kind)
     except (OSError, ValueError, TypeError):
         return None  # the run reports what is wrong
     h = hashlib.sha256()
@@ -83,14 +95,14 @@ def _file_hash(name: Any) -> str | None:
     return h.hexdigest()
 
 
-def _check_readable(name: Any) -> list[str] | None:
+def _check_readable(name: Any, default_kind: str = "input") -> list[str] | None:
     """A validation-time check that the file is an image PIL can identify (reads the header)."""
     if not isinstance(name, str):
         return None
     from PIL import Image, UnidentifiedImageError
 
     try:
-        path = image_path(name)
+        path = image_path(name, default_kind)
     except (OSError, ValueError):
         return None  # reported by the input's own check
     try:
@@ -101,10 +113,10 @@ def _check_readable(name: Any) -> list[str] | None:
     return None
 
 
-def _open(name: str):
+def _open(name: str, default_kind: str = "input"):
     from PIL import Image, UnidentifiedImageError
 
-    path = image_path(name)
+    path = image_path(name, default_kind)
     try:
         return Image.open(path)
     except (UnidentifiedImageError, OSError) as exc:
@@ -146,21 +158,23 @@ class LoadImage(Node):
     display_name = "Load Image"
     inputs = {"image": ImageFile(choices=_image_choices, tooltip="a file in the input folder")}
     outputs = [Output("IMAGE", "IMAGE"), Output("MASK", "MASK")]
+    #: Where a plain file name is looked up.
+    folder = "input"
 
     @classmethod
     def fingerprint(cls, image=None, **_):
-        return _file_hash(image)
+        return _file_hash(image, cls.folder)
 
     @classmethod
     def validate_inputs(cls, image=None, **_):
-        return _check_readable(image)
+        return _check_readable(image, cls.folder)
 
     def run(self, image):
         import numpy as np
         import torch
         from PIL import ImageOps, ImageSequence
 
-        with _open(image) as im:
+        with _open(image, self.folder) as im:
             frames, alphas, size = [], [], None
             for index, frame in enumerate(ImageSequence.Iterator(im)):
                 if index and im.format == "MPO":
@@ -182,6 +196,18 @@ class LoadImage(Node):
         else:
             mask = torch.zeros((len(frames), 64, 64), dtype=torch.float32)
         return pixels, mask
+
+
+class LoadImageOutput(LoadImage):
+    """Loads an image from the output folder (to feed a result back in): the IMAGE and a
+    MASK of 1 − alpha, as LoadImage. The choices are the output images in ComfyUI's
+    ``"name [output]"`` form; a plain name is looked up in output/ too (ComfyUI would look
+    in input/)."""
+
+    display_name = "Load Image (from Outputs)"
+    inputs = {"image": ImageFile(choices=_output_image_choices, folder="output",
+                                 tooltip="a file in the output folder")}
+    folder = "output"
 
 
 class LoadImageMask(Node):
@@ -227,7 +253,8 @@ def metadata_disabled() -> bool:
     return os.environ.get("NODEFLOW_DISABLE_METADATA", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-_TOKEN = re.compile(r"%([^%/\\]+)%")
+# A date format may hold "/" (``%date:yyyy/MM/dd%`` makes subfolders); other tokens may not.
+_TOKEN = re.compile(r"%(date:[^%]*|[^%/\\]+)%")
 _DATE_PART = re.compile(r"yyyy|yy|MM|M|dd|d|HH|H|hh|h|mm|m|ss|s")
 
 
@@ -235,8 +262,9 @@ def expand_prefix(prefix: str, width: int, height: int, prompt: dict | None = No
                   now: time.struct_time | None = None) -> str:
     """Replace ComfyUI's tokens in a file-name prefix: ``%width%``, ``%height%``, ``%year%``,
     ``%month%``, ``%day%``, ``%hour%``, ``%minute%``, ``%second%``, the editor's
-    ``%date:yyyy-MM-dd%`` and ``%NodeTitle.input%`` (a literal input of the node with that
-    title or class in the workflow). Unknown tokens are left as they are."""
+    ``%date:yyyy-MM-dd%`` (a ``/`` in the format makes subfolders: ``%date:yyyy/MM/dd%/name``)
+    and ``%NodeTitle.input%`` (a literal input of the node with that title or class in the
+    workflow). Unknown tokens are left as they are."""
     now = now or time.localtime()
     simple = {"width": str(width), "height": str(height), "year": str(now.tm_year),
               "month": f"{now.tm_mon:02d}", "day": f"{now.tm_mday:02d}", "hour": f"{now.tm_hour:02d}",
@@ -356,7 +384,8 @@ def _validate_prefix(filename_prefix: Any) -> list[str] | None:
 class SaveImage(Node):
     """Saves images to the output folder as numbered PNGs (``prefix_00001_.png``; the prefix
     may name a subfolder, ``sub/name``, and use ``%date:yyyy-MM-dd%``, ``%width%`` and
-    similar tokens) with the workflow embedded, unless ``embed_workflow`` is off or
+    similar tokens; a trailing ``/`` is dropped, as ComfyUI does, so ``a/`` saves
+    ``a_00001_.png``) with the workflow embedded, unless ``embed_workflow`` is off or
     ``NODEFLOW_DISABLE_METADATA=1`` is set."""
 
     category = "image"

@@ -24,6 +24,7 @@ class ScaleLatent(Node):
     category = "latent"
     display_name = "Upscale Latent"
     aliases = ("LatentUpscale",)
+    alias_display_names = {"LatentUpscale": "Upscale Latent"}
     inputs = {
         "samples": Socket("LATENT"),
         "upscale_method": Combo(choices=LATENT_METHODS),
@@ -58,6 +59,7 @@ class ScaleLatentBy(Node):
     category = "latent"
     display_name = "Upscale Latent By"
     aliases = ("LatentUpscaleBy",)
+    alias_display_names = {"LatentUpscaleBy": "Upscale Latent By"}
     inputs = {
         "samples": Socket("LATENT"),
         "upscale_method": Combo(choices=LATENT_METHODS),

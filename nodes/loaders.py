@@ -1,60 +1,230 @@
-"""Model loaders: checkpoints, standalone VAEs and LoRAs from the models/ folders."""
+"""Model loaders: checkpoints (single files and diffusers folders), standalone VAEs and LoRAs
+from the models/ folders."""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from nodeflow import Combo, Float, Node, Output, Socket
-from nodeflow.folders import folders
+from nodeflow.folders import MODEL_EXTENSIONS, folders, safe_relative
+
+#: The LDM configs ComfyUI ships in models/configs; CheckpointLoader offers them even when
+#: the folder does not hold them (the architecture is read from the weights anyway).
+KNOWN_CONFIGS = ["anything_v3.yaml", "v1-inference.yaml", "v1-inference_clip_skip_2.yaml",
+                 "v1-inference_clip_skip_2_fp16.yaml", "v1-inference_fp16.yaml", "v1-inpainting-inference.yaml",
+                 "v2-inference-v.yaml", "v2-inference-v_fp32.yaml", "v2-inference.yaml", "v2-inference_fp32.yaml",
+                 "v2-inpainting-inference.yaml", "sd_xl_base.yaml", "sd_xl_refiner.yaml"]
+_V_CONFIG = re.compile(r"(^|[-_])v([-_.]|$)")            # "v2-inference-v.yaml", "v2-inference-v_fp32.yaml"
+_PARAMETERIZATION = re.compile(r"^\s*parameterization\s*:\s*[\"']?(\w+)[\"']?\s*(#.*)?$", re.M)
 
 
-def _file_stamp(kind: str, name: str):
-    """A loader's cache fingerprint: the file's size and mtime (so replacing it reloads)."""
+def _stamp(path: Path):
+    """A loader's cache fingerprint: the file's size and mtime (so replacing it reloads); for
+    a diffusers folder, those of every file in it."""
     try:
-        st = os.stat(folders().model_path(kind, name))
+        if path.is_dir():
+            return tuple(sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                                for p in path.rglob("*") if p.is_file()))
+        st = os.stat(path)
     except (OSError, ValueError):
         return None  # the run reports the missing file with the list of what exists
     return (st.st_size, st.st_mtime_ns)
+
+
+def _file_stamp(kind: str, name: str):
+    try:
+        return _stamp(folders().model_path(kind, name))
+    except (OSError, ValueError):
+        return None
 
 
 def _choices(kind: str):
     return lambda: folders().list_models(kind)
 
 
+def _model_dirs(kind: str) -> list[Path]:
+    """The folders of a model kind; kinds the folder settings do not know yet (``diffusers``,
+    ``configs``) are models/<kind> under the base directory."""
+    store = folders()
+    try:
+        return list(store.model_dirs(kind))
+    except KeyError:
+        return [store.base / "models" / kind]
+
+
+# -- checkpoints and diffusers folders ------------------------------------------------------------
+
+
+def _scan_checkpoints(root: Path) -> tuple[list[str], list[str]]:
+    """(checkpoint files, diffusers folders) under ``root`` as relative POSIX names. A folder
+    with a ``model_index.json`` is a diffusers pipeline: it is one choice, and the weight
+    files inside it are not."""
+    files, pipelines = [], []
+    if not root.is_dir():
+        return files, pipelines
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        if "model_index.json" in filenames and here != root:
+            pipelines.append(here.relative_to(root).as_posix())
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [(here / f).relative_to(root).as_posix() for f in filenames
+                  if f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
+    return files, pipelines
+
+
+def diffusers_folders() -> list[str]:
+    """The diffusers pipeline folders under models/diffusers (DiffusersLoader's choices)."""
+    names: set[str] = set()
+    for root in _model_dirs("diffusers"):
+        names.update(_scan_checkpoints(root)[1])
+    return sorted(names, key=str.lower)
+
+
+def checkpoint_choices() -> list[str]:
+    """LoadModel's choices: checkpoint files in models/checkpoints, and diffusers folders in
+    models/checkpoints or models/diffusers (each listed once, never the files inside them)."""
+    names: set[str] = set()
+    for root in _model_dirs("checkpoints"):
+        files, pipelines = _scan_checkpoints(root)
+        names.update(files)
+        names.update(pipelines)
+    names.update(diffusers_folders())
+    return sorted(names, key=str.lower)
+
+
+def _pipeline_path(name: str, kinds=("checkpoints", "diffusers")) -> Path | None:
+    rel = safe_relative(name)
+    for kind in kinds:
+        for root in _model_dirs(kind):
+            candidate = root / rel
+            if candidate.is_dir() and (candidate / "model_index.json").is_file():
+                return candidate
+    return None
+
+
+def checkpoint_path(name: str) -> Path:
+    """The checkpoint file or diffusers folder a LoadModel ``ckpt_name`` names (files first)."""
+    try:
+        return folders().model_path("checkpoints", name)
+    except FileNotFoundError:
+        pipeline = _pipeline_path(name)
+        if pipeline is None:
+            raise
+        return pipeline
+
+
+def _checkpoint_stamp(name: str):
+    try:
+        return _stamp(checkpoint_path(name))
+    except (OSError, ValueError):
+        return None
+
+
 class LoadModel(Node):
-    """Loads a Stable Diffusion checkpoint (SD 1.x, SD 2.x, SDXL; .safetensors or .ckpt)
-    from models/checkpoints, detecting its family from the weights."""
+    """Loads a Stable Diffusion checkpoint (SD 1.x, SD 2.x, SDXL; .safetensors or .ckpt, or a
+    diffusers folder) from models/checkpoints (diffusers folders also from models/diffusers),
+    detecting its family from the weights."""
 
     category = "loaders"
     display_name = "Load Checkpoint"
     aliases = ("CheckpointLoaderSimple",)
-    inputs = {"ckpt_name": Combo(choices=_choices("checkpoints"), tooltip="a file in models/checkpoints")}
+    alias_display_names = {"CheckpointLoaderSimple": "Load Checkpoint"}
+    inputs = {"ckpt_name": Combo(choices=checkpoint_choices,
+                                 tooltip="a file in models/checkpoints, or a diffusers folder")}
     outputs = [Output("MODEL", "MODEL"), Output("CLIP", "CLIP"), Output("VAE", "VAE")]
 
     @classmethod
     def fingerprint(cls, ckpt_name, **_):
-        return _file_stamp("checkpoints", ckpt_name)
+        return _checkpoint_stamp(ckpt_name)
 
     def run(self, ckpt_name):
-        from nodeflow.models import load_checkpoint
+        return _load(checkpoint_path(ckpt_name))
 
-        ckpt = load_checkpoint(folders().model_path("checkpoints", ckpt_name))
-        return ckpt.model, ckpt.clip, ckpt.vae
+
+def _load(path: Path, prediction_type: str | None = None):
+    from nodeflow.models import load_checkpoint
+
+    ckpt = load_checkpoint(path, prediction_type=prediction_type)
+    return ckpt.model, ckpt.clip, ckpt.vae
+
+
+def config_choices() -> list[str]:
+    """The .yaml files in models/configs, then the known config names not among them."""
+    found: set[str] = set()
+    for root in _model_dirs("configs"):
+        if root.is_dir():
+            found.update(p.relative_to(root).as_posix() for p in root.rglob("*.yaml")
+                         if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(found, key=str.lower) + [c for c in KNOWN_CONFIGS if c not in found]
+
+
+def config_prediction_type(config_name: str) -> str:
+    """The prediction type an LDM config asks for: its ``parameterization`` key when the file
+    is in models/configs ("v" means v-prediction; no key means ε, as in LDM), else what the
+    name says ("…-v.yaml", "…-v_fp32.yaml": v-prediction)."""
+    rel = safe_relative(config_name)
+    for root in _model_dirs("configs"):
+        path = root / rel
+        if path.is_file():
+            match = _PARAMETERIZATION.search(path.read_text(errors="replace"))
+            return "v" if match and match[1] == "v" else "eps"
+    return "v" if _V_CONFIG.search(Path(config_name).stem) else "eps"
 
 
 class LoadModelWithConfig(LoadModel):
-    """ComfyUI's older CheckpointLoader: the config file is not needed (the architecture is
-    read from the weights) and is ignored."""
+    """ComfyUI's older CheckpointLoader. The architecture is read from the weights; the
+    config decides the prediction type (a v-prediction config such as v2-inference-v.yaml,
+    or any config whose ``parameterization`` is "v", forces v-prediction; others force ε).
+    ``config_name`` is a .yaml file in models/configs or one of ComfyUI's config names."""
 
     display_name = "Load Checkpoint With Config (deprecated)"
     aliases = ("CheckpointLoader",)
+    alias_display_names = {"CheckpointLoader": "Load Checkpoint With Config (DEPRECATED)"}
     deprecated = True
-    inputs = {"config_name": Combo(choices=lambda: ["v1-inference.yaml", "v2-inference.yaml",
-                                                    "v2-inference-v.yaml", "sd_xl_base.yaml"]),
+    inputs = {"config_name": Combo(choices=config_choices, tooltip="an LDM config (.yaml) in models/configs"),
               "ckpt_name": LoadModel.inputs["ckpt_name"]}
 
+    @classmethod
+    def fingerprint(cls, ckpt_name, config_name=None, **_):
+        config = None
+        if isinstance(config_name, str):
+            try:
+                config = config_prediction_type(config_name)
+            except (OSError, ValueError):
+                pass
+        return _checkpoint_stamp(ckpt_name), config
+
     def run(self, config_name, ckpt_name):
-        return super().run(ckpt_name)
+        return _load(checkpoint_path(ckpt_name), config_prediction_type(config_name))
+
+
+class DiffusersLoader(Node):
+    """Loads a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``,
+    ``text_encoder/``…) from models/diffusers. LoadModel lists these folders too."""
+
+    category = "advanced/loaders/deprecated"
+    inputs = {"model_path": Combo(choices=diffusers_folders, tooltip="a diffusers folder in models/diffusers")}
+    outputs = [Output("MODEL"), Output("CLIP"), Output("VAE")]
+
+    @classmethod
+    def fingerprint(cls, model_path, **_):
+        try:
+            path = _pipeline_path(model_path, ("diffusers",))
+        except ValueError:
+            return None
+        return _stamp(path) if path is not None else None
+
+    def run(self, model_path):
+        path = _pipeline_path(model_path, ("diffusers",))
+        if path is None:
+            raise FileNotFoundError(f"diffusers folder {model_path!r} not found in "
+                                    f"{', '.join(str(d) for d in _model_dirs('diffusers'))}; "
+                                    f"available: {', '.join(diffusers_folders()) or 'none'}")
+        return _load(path)
 
 
 class LoadVAE(Node):
@@ -63,6 +233,7 @@ class LoadVAE(Node):
     category = "loaders"
     display_name = "Load VAE"
     aliases = ("VAELoader",)
+    alias_display_names = {"VAELoader": "Load VAE"}
     inputs = {"vae_name": Combo(choices=_choices("vae"))}
     outputs = [Output("VAE")]
 
@@ -83,6 +254,7 @@ class LoadLora(Node):
     category = "loaders"
     display_name = "Load LoRA"
     aliases = ("LoraLoader",)
+    alias_display_names = {"LoraLoader": "Load LoRA"}
     inputs = {
         "model": Socket("MODEL"),
         "clip": Socket("CLIP"),

@@ -106,7 +106,13 @@ class MaskComposite(Node):
 
 class FeatherMask(Node):
     """Fades a mask out towards its edges: over ``left`` pixels from the left edge (and so
-    on), linearly from 1/n at the outermost pixel row or column to 1 at the n-th."""
+    on), linearly from 1/n at the outermost pixel row or column to 1 at the n-th.
+
+    Deliberate difference from ComfyUI: its ``right`` and ``bottom`` loops index the column
+    (row) ``-x`` with x counting from 0, so the first multiplication lands on column 0 (the
+    left edge) instead of the last one, and the right (bottom) ramp is shifted by one pixel
+    with the far edge left at full strength. Here every side fades symmetrically, the
+    outermost column or row getting 1/n."""
 
     category = "mask"
     inputs = {

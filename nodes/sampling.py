@@ -21,23 +21,20 @@ def _scheduler_names():
 
 
 class EmptyLatent(Node):
-    """A batch of empty latents to sample into (``width`` × ``height`` pixels)."""
+    """A batch of empty latents to sample into (``width`` × ``height`` pixels). Sizes that
+    are not multiples of 8 are accepted, as in ComfyUI, and rounded down (width // 8 latent
+    columns)."""
 
     category = "latent"
     display_name = "Empty Latent Image"
     aliases = ("EmptyLatentImage",)
+    alias_display_names = {"EmptyLatentImage": "Empty Latent Image"}
     inputs = {
         "width": Int(default=512, min=16, max=MAX_RESOLUTION, step=8),
         "height": Int(default=512, min=16, max=MAX_RESOLUTION, step=8),
         "batch_size": Int(default=1, min=1, max=4096),
     }
     outputs = [Output("LATENT")]
-
-    @classmethod
-    def validate_inputs(cls, width=512, height=512, **_):
-        bad = [f"{name} {value} is not a multiple of 8" for name, value in (("width", width), ("height", height))
-               if value % 8]
-        return bad or None
 
     def run(self, width, height, batch_size):
         import torch
@@ -74,6 +71,7 @@ class Sample(_Sampling, Node):
     category = "sampling"
     display_name = "KSampler"
     aliases = ("KSampler",)
+    alias_display_names = {"KSampler": "KSampler"}
     inputs = {
         "model": Socket("MODEL"),
         "seed": Int(default=0, min=0, max=MAX_SEED, control_after_generate=True,
@@ -106,6 +104,7 @@ class SampleAdvanced(_Sampling, Node):
     category = "sampling"
     display_name = "KSampler (Advanced)"
     aliases = ("KSamplerAdvanced",)
+    alias_display_names = {"KSamplerAdvanced": "KSampler (Advanced)"}
     inputs = {
         "model": Socket("MODEL"),
         "add_noise": Combo(choices=["enable", "disable"]),

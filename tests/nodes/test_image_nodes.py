@@ -98,7 +98,9 @@ def test_invert_batch_repeat_from_batch_crop():
     batch = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 2, 2, 3)
     (part,) = ImageFromBatch().run(batch, batch_index=3, length=4)  # clamped to what is there
     assert part[:, 0, 0, 0].tolist() == [3.0, 4.0]
-    assert ImageFromBatch().run(batch, batch_index=-2, length=1)[0][:, 0, 0, 0].tolist() == [3.0]
+    assert ImageFromBatch().run(batch, batch_index=99, length=1)[0][:, 0, 0, 0].tolist() == [4.0]
+    index = ImageFromBatch.inputs["batch_index"]
+    assert (index.min, index.max, ImageFromBatch.inputs["length"].max) == (0, 4095, 4096)  # ComfyUI's ranges
     (cut,) = ImageCrop().run(a, width=3, height=2, x=2, y=1)
     assert torch.equal(cut, a[:, 1:3, 2:4])  # clipped at the right edge
     assert ImageCrop().run(a, width=2, height=2, x=99, y=99)[0].shape == (1, 1, 1, 3)
@@ -182,3 +184,64 @@ def test_add_noise_is_seeded():
     (a,) = ImageAddNoise().run(img, seed=3, strength=0.1)
     expected = (img + 0.1 * torch.randn(1, 4, 4, 3, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
     assert torch.equal(a, expected) and not torch.equal(a, ImageAddNoise().run(img, seed=4, strength=0.1)[0])
+
+
+def test_batch_rgb_with_rgba_adds_an_opaque_alpha():
+    rgb, rgba = pattern(4, 4, seed=1), torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    (both,) = ImageBatch().run(rgb, rgba)
+    assert both.shape == (3, 4, 4, 4)
+    assert torch.equal(both[0, ..., :3], rgb[0]) and torch.equal(both[0, ..., 3], torch.ones(4, 4))
+    assert torch.equal(both[1:], rgba)
+    (other_way,) = ImageBatch().run(rgba, rgb)
+    assert other_way.shape == (3, 4, 4, 4) and torch.equal(other_way[2, ..., 3], torch.ones(4, 4))
+
+
+def test_quantize_limits_colours_and_dithering_keeps_local_brightness():
+    from nodes.image import ImageQuantize
+
+    two = torch.zeros(1, 4, 4, 3)
+    two[:, :, 2:] = torch.tensor([1.0, 0.0, 0.0])
+    for dither in ("none", "floyd-steinberg", "bayer-2"):
+        assert torch.equal(ImageQuantize().run(two, 2, dither)[0], two), dither   # already 2 colours
+    ramp = torch.linspace(0, 1, 64).view(1, 1, 64, 1).expand(1, 32, 64, 3).contiguous()
+    blur = torch.nn.AvgPool2d(8)
+
+    def error(out):   # how far 8x8 block means are from the ramp's, between the two palette colours
+        middle = slice(16, 48)                       # the ramp's 0.25 … 0.75: the palette spans it
+        return (blur(out[:, :, middle].movedim(-1, 1)) - blur(ramp[:, :, middle].movedim(-1, 1))).abs().mean().item()
+
+    (flat,) = ImageQuantize().run(ramp, 2, "none")
+    assert len(torch.unique(flat.reshape(-1, 3), dim=0)) <= 2
+    for dither in ("floyd-steinberg", "bayer-4", "bayer-8"):
+        (out,) = ImageQuantize().run(ramp, 2, dither)
+        assert len(torch.unique(out.reshape(-1, 3), dim=0)) <= 2, dither
+        assert error(out) < 0.6 * error(flat), dither
+    assert ImageQuantize().run(torch.rand(3, 5, 7, 3), 16, "bayer-16")[0].shape == (3, 5, 7, 3)
+
+
+def test_porter_duff_operators_by_hand():
+    from nodes.image import PorterDuffImageComposite
+
+    s, sa = torch.full((1, 2, 2, 3), 0.6), torch.full((1, 2, 2), 0.5)
+    d, da = torch.full((1, 2, 2, 3), 0.2), torch.ones(1, 2, 2)
+    cases = {  # mode: (colour, alpha), premultiplied arithmetic done by hand
+        "SRC_OVER": (0.6 + 0.5 * 0.2, 1.0), "DST_OVER": (0.2, 1.0), "SRC_IN": (0.6, 0.5), "DST_IN": (0.1, 0.5),
+        "SRC_OUT": (0.0, 0.0), "DST_OUT": (0.1, 0.5), "SRC_ATOP": (0.6 + 0.5 * 0.2, 1.0), "XOR": (0.1, 0.5),
+        "SRC": (0.6, 0.5), "DST": (0.2, 1.0), "CLEAR": (0.0, 0.0), "MULTIPLY": (0.12, 0.5),
+        "SCREEN": (0.68, 1.0), "ADD": (0.8, 1.0), "DARKEN": (0.1 + 0.2, 1.0), "LIGHTEN": (0.1 + 0.6, 1.0),
+    }
+    for mode, (colour, alpha) in cases.items():
+        image, mask = PorterDuffImageComposite().run(s, sa, d, da, mode)
+        assert torch.allclose(image, torch.full_like(d, colour), atol=1e-6), mode
+        assert torch.allclose(mask, torch.full_like(da, alpha), atol=1e-6), mode
+
+
+def test_porter_duff_fits_the_source_to_the_destination_and_takes_the_smallest_batch():
+    from nodes.image import PorterDuffImageComposite
+
+    s, sa = torch.rand(3, 2, 2, 3), torch.ones(2, 2, 2)
+    d, da = torch.rand(2, 4, 6, 3), torch.ones(1, 4, 6)
+    image, mask = PorterDuffImageComposite().run(s, sa, d, da, "SRC_OVER")
+    assert image.shape == (1, 4, 6, 3) and mask.shape == (1, 4, 6)
+    schema = PorterDuffImageComposite.inputs["mode"]
+    assert schema.default == "DST" and len(schema.options_list()) == 18

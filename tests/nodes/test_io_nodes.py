@@ -244,3 +244,77 @@ def test_comfyui_png_with_only_a_ui_workflow_runs(base):
     assert cli_main(["run", str(base.base / "comfy.png"), "--base-dir", str(base.base), "-q"]) == 0
     pixels, text = read_png(base.output / "from_ui_00001_.png")
     assert pixels.shape == (2, 3, 3) and json.loads(text["prompt"])["2"]["class_type"] == "SaveImage"
+
+
+# -- prefixes with folders ------------------------------------------------------------------------
+
+
+def test_date_format_with_slashes_makes_subfolders(base, monkeypatch):
+    day = time.struct_time((2026, 11, 29, 10, 0, 0, 6, 333, -1))
+    assert expand_prefix("%date:yyyy/MM/dd%/y", 1, 1, now=day) == "2026/11/29/y"
+    assert expand_prefix("%date:yyyy%/%width%/%x/y%", 3, 1, now=day) == "2026/3/%x/y%"   # only dates take "/"
+    monkeypatch.setattr(io_nodes.time, "localtime", lambda *a: day)
+    result = SaveImage().run(torch.zeros(1, 2, 2, 3), "%date:yyyy/MM/dd%/y")
+    assert result.ui["images"] == [{"filename": "y_00001_.png", "subfolder": "2026/11/29", "type": "output"}]
+    assert (base.output / "2026" / "11" / "29" / "y_00001_.png").is_file()
+    with pytest.raises(ValueError, match="would leave the output folder"):
+        SaveImage().run(torch.zeros(1, 2, 2, 3), "%date:yyyy/../../..%/y")
+
+
+def test_prefix_with_a_trailing_slash_is_a_name_as_in_comfyui(base):
+    # ComfyUI normalises the prefix first (os.path.normpath("a/") == "a"): "a/" saves
+    # a_00001_.png in output/ itself, not _00001_.png in output/a/.
+    result = SaveImage().run(torch.zeros(1, 2, 2, 3), "a/")
+    assert result.ui["images"] == [{"filename": "a_00001_.png", "subfolder": "", "type": "output"}]
+    result = SaveImage().run(torch.zeros(1, 2, 2, 3), "a/b")
+    assert result.ui["images"] == [{"filename": "b_00001_.png", "subfolder": "a", "type": "output"}]
+
+
+# -- LoadImageOutput --------------------------------------------------------------------------------
+
+
+def test_load_image_output_reads_the_output_folder(base):
+    from nodes.io import LoadImageOutput
+
+    SaveImage().run(torch.full((1, 2, 3, 3), 0.5), "fed_back")
+    (base.output / "sub").mkdir()
+    Image.new("RGB", (4, 4)).save(base.output / "sub" / "x.png")
+    choices = LoadImageOutput.inputs["image"].options_list()
+    assert choices == ["fed_back_00001_.png [output]", "sub/x.png [output]"]
+    image, mask = LoadImageOutput().run("fed_back_00001_.png [output]")
+    assert image.shape == (1, 2, 3, 3) and image[0, 0, 0, 0] == pytest.approx(127 / 255)  # 0.5 · 255 truncated
+    assert LoadImageOutput().run("sub/x.png")[0].shape == (1, 4, 4, 3)     # a plain name: output/ too
+    assert LoadImageOutput.fingerprint(image="sub/x.png") == LoadImageOutput.fingerprint(image="sub/x.png [output]")
+    spec = LoadImageOutput.inputs["image"]
+    assert spec.check("sub/x.png") is None and spec.check("../x.png") is not None
+    assert spec.options()["image_folder"] == "output" and spec.options()["image_upload"] is True
+    assert "image_folder" not in LoadImage.inputs["image"].options()
+    with pytest.raises(FileNotFoundError):
+        LoadImage().run("sub/x.png")                                        # LoadImage stays in input/
+
+
+# -- the shipped example inputs -----------------------------------------------------------------------
+
+
+def test_shipped_example_inputs(base):
+    import shutil
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "workflows" / "inputs"
+    for name in ("example.png", "example_masked.png"):
+        shutil.copyfile(folder / name, base.input / name)
+    image, mask = LoadImage().run("example.png")
+    assert image.shape == (1, 512, 512, 3) and mask.shape == (1, 64, 64) and not mask.any()
+    masked, hole = LoadImage().run("example_masked.png")
+    assert torch.equal(masked, image)                         # the same picture, with a hole in its alpha
+    assert hole.shape == (1, 512, 512) and set(hole.unique().tolist()) == {0.0, 1.0}
+    assert 0.04 < hole.mean() < 0.1 and hole[0, 400, 385] == 1 and hole[0, 10, 10] == 0
+    # The script beside them draws the same pixels again.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_examples", folder / "make_examples.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    drawn = script.landscape()
+    assert np.array_equal(np.asarray(drawn), (image[0].numpy() * 255).round().astype(np.uint8))
+    assert np.array_equal(np.asarray(script.masked(drawn)), np.asarray(Image.open(folder / "example_masked.png")))

@@ -113,3 +113,70 @@ def test_seed_behavior():
     lat = latent(b=3)
     assert LatentBatchSeedBehavior().run(lat, "fixed")[0]["batch_index"] == [0, 0, 0]
     assert "batch_index" not in LatentBatchSeedBehavior().run({**lat, "batch_index": [4, 5, 6]}, "random")[0]
+
+
+# -- .latent files ----------------------------------------------------------------------------------
+
+
+def test_save_latent_writes_comfyuis_file_format(base, monkeypatch):
+    import json
+
+    from safetensors import safe_open
+
+    from nodes.latent_files import SaveLatent
+
+    lat = latent(b=2, h=3, w=5, seed=4)
+    prompt = {"1": {"class_type": "SaveLatent", "inputs": {}}}
+    result = SaveLatent().run(lat, "latents/ComfyUI", prompt=prompt, extra_pnginfo={"workflow": {"nodes": []}})
+    assert result.ui == {"latents": [{"filename": "ComfyUI_00001_.latent", "subfolder": "latents", "type": "output"}]}
+    path = base.output / "latents" / "ComfyUI_00001_.latent"
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == {"latent_tensor", "latent_format_version_0"}
+        assert torch.equal(f.get_tensor("latent_tensor"), lat["samples"])
+        assert f.get_tensor("latent_format_version_0").numel() == 0
+        meta = f.metadata()
+    assert json.loads(meta["prompt"]) == prompt and json.loads(meta["workflow"]) == {"nodes": []}
+    again = SaveLatent().run(lat, "latents/ComfyUI")
+    assert again.ui["latents"][0]["filename"] == "ComfyUI_00002_.latent"
+    assert SaveLatent.validate_inputs(filename_prefix="../x")
+    monkeypatch.setenv("NODEFLOW_DISABLE_METADATA", "1")
+    SaveLatent().run(lat, "plain", prompt=prompt)
+    with safe_open(str(base.output / "plain_00001_.latent"), "pt") as f:
+        assert not f.metadata()
+
+
+def test_load_latent_reads_both_formats_from_input(base):
+    from safetensors.torch import save_file
+
+    from nodes.latent_files import LoadLatent
+
+    samples = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(1))
+    save_file({"latent_tensor": samples, "latent_format_version_0": torch.tensor([])}, str(base.input / "new.latent"))
+    save_file({"latent_tensor": samples * 0.18215}, str(base.input / "old.latent"))   # the first format: scaled
+    (base.input / "notes.txt").write_text("not a latent")
+    assert LoadLatent.inputs["latent"].options_list() == ["new.latent", "old.latent"]
+    assert torch.equal(LoadLatent().run("new.latent")[0]["samples"], samples)
+    assert torch.allclose(LoadLatent().run("old.latent")[0]["samples"], samples, atol=1e-6)
+    assert LoadLatent.fingerprint(latent="new.latent") != LoadLatent.fingerprint(latent="old.latent")
+    spec = LoadLatent.inputs["latent"]
+    assert spec.check("../new.latent") is not None and spec.check("missing.latent") is not None
+    (base.input / "bad.latent").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a latent file"):
+        LoadLatent().run("bad.latent")
+
+
+def test_saved_latent_loads_back_through_a_workflow(base):
+    import shutil
+
+    from nodeflow import Executor, Registry
+    from nodes.latent_files import LoadLatent, SaveLatent
+
+    lat = latent(b=1, h=4, w=4, seed=2)
+    SaveLatent().run(lat, "round")
+    shutil.copyfile(base.output / "round_00001_.latent", base.input / "round.latent")
+    reg = Registry([LoadLatent, SaveLatent])
+    result = Executor(reg).run({"1": {"class_type": "LoadLatent", "inputs": {"latent": "round.latent"}},
+                                "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0],
+                                                                            "filename_prefix": "again"}}})
+    assert result.ok, result.error
+    assert torch.equal(result.output("1")["samples"], lat["samples"])

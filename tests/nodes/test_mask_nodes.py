@@ -56,6 +56,19 @@ def test_feather_ramps_from_each_edge():
     assert out[0, :, 0].tolist() == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
+def test_feather_right_and_bottom_mirror_left_and_top():
+    # Deliberately not ComfyUI's result: its right/bottom loops scale column 0 (index -0) first,
+    # which would give [0.5, 1, 1, 1, 1, 1] here; the right edge is what should fade.
+    (right,) = FeatherMask().run(torch.ones(1, 6), 0, 0, 2, 0)
+    assert right[0, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 0.5])
+    (left,) = FeatherMask().run(torch.ones(1, 6), 2, 0, 0, 0)
+    assert right[0, 0].flip(0).tolist() == pytest.approx(left[0, 0].tolist())
+    (bottom,) = FeatherMask().run(torch.ones(5, 1), 0, 0, 0, 3)
+    (top,) = FeatherMask().run(torch.ones(5, 1), 0, 3, 0, 0)
+    assert bottom[0, :, 0].flip(0).tolist() == pytest.approx(top[0, :, 0].tolist())
+    assert "Deliberate difference from ComfyUI" in FeatherMask.__doc__
+
+
 def test_grow_cross_square_and_shrink():
     (cross,) = GrowMask().run(dot(), expand=1, tapered_corners=True)
     assert cross[0].sum() == 5 and cross[0, 1, 1] == 0 and cross[0, 1, 2] == 1

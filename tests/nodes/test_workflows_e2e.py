@@ -65,6 +65,8 @@ CASES = {
                         "11__steps": 2}, (96, 96)),
     "lora.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL}, (64, 64)),
     "sdxl_txt2img.json": ({"4__ckpt_name": "tiny_sdxl.safetensors", **SMALL}, (64, 64)),
+    # 64x48 scaled by 1.5 in pixels (lanczos): 96x72, a multiple of 8 both ways.
+    "upscale.json": ({"4__ckpt_name": "tiny_sd1.safetensors", "3__steps": 2}, (96, 72)),
 }
 
 
@@ -215,3 +217,37 @@ def test_cli_run_of_ui_format_file_embeds_the_editor_workflow(base, capsys):
     with Image.open(base / "output" / entry["subfolder"] / entry["filename"]) as saved:
         assert json.loads(saved.text["workflow"])["nodes"][0]["type"] == "CLIPTextEncode"
         assert json.loads(saved.text["prompt"])["3"]["class_type"] == "KSampler"
+
+
+def test_upscale_workflow_redraws_at_low_denoise(base):
+    wf = load("upscale.json", **{"4__ckpt_name": "tiny_sd1.safetensors", "3__steps": 2})
+    assert wf["12"]["class_type"] == "ScaleImageBy" and wf["12"]["inputs"]["upscale_method"] in ("lanczos", "bicubic")
+    assert 0.3 <= wf["3"]["inputs"]["denoise"] <= 0.5
+    assert nodeflow.validate(nodeflow.parse(wf), default_registry()).ok
+
+
+def test_inpaint_model_conditioning_feeds_an_inpainting_model(base):
+    """InpaintModelConditioning's concat latent and mask reach the 9-channel UNet through the
+    conditionings, and its noise mask keeps the latent outside the hole."""
+    wf = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_inpaint.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cabin", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "10": {"class_type": "LoadImage", "inputs": {"image": "example_masked.png"}},
+        "11": {"class_type": "InpaintModelConditioning", "inputs": {
+            "positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2], "pixels": ["10", 0], "mask": ["10", 1],
+            "noise_mask": True}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["11", 0], "negative": ["11", 1], "latent_image": ["11", 2], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    result = Executor(default_registry()).run(wf)
+    assert result.ok, result.error
+    before, after = result.output("11", 2)["samples"], result.output("3")["samples"]
+    assert after.shape == before.shape == (1, 4, 6, 8)
+    # The hole is rows 12..35, columns 20..43 of the 48x64 picture: latent cells outside it stay.
+    assert torch.equal(after[..., 0, :], before[..., 0, :]) and torch.equal(after[..., :, 0], before[..., :, 0])
+    assert not torch.allclose(after[..., 2:4, 3:5], before[..., 2:4, 3:5])
+
