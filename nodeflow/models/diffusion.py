@@ -9,6 +9,8 @@ output (ε or v, per ``prediction_type``) as float32 on the input's device.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from nodeflow.models import devices, patching
@@ -51,8 +53,10 @@ class DiffusionModel:
         return next(self.unet.parameters()).dtype
 
     def clone(self) -> "DiffusionModel":
-        other = DiffusionModel(self.unet, family=self.family, prediction_type=self.prediction_type, device=self.device)
-        other.patches = dict(self.patches)
+        """A handle on the same weights with its own copy of the patches and of every setting
+        (prediction type, schedule, sampling patches), so patches applied in any order add up."""
+        other = copy.copy(self)
+        other.patches = {name: list(entries) for name, entries in self.patches.items()}
         return other
 
     def process_latent_in(self, x: torch.Tensor) -> torch.Tensor:

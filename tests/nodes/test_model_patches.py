@@ -128,8 +128,6 @@ def test_a_later_clone_keeps_the_sampling_patch():
     assert DiscreteSchedule.from_model(clone).prediction_type == "v"
 
 
-@pytest.mark.xfail(reason="DiffusionModel.clone() rebuilds the handle and drops alphas_cumprod and "
-                          "_nodeflow_schedule (nodeflow/models/diffusion.py; change requested)", strict=False)
 def test_diffusion_model_clone_keeps_the_sampling_patch():
     from nodeflow.models.diffusion import DiffusionModel
     from nodeflow.models.testing import tiny_unet_config
