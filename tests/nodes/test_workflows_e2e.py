@@ -33,6 +33,11 @@ def base(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     save({f"{name}.lora_down.weight": torch.randn(2, 32, generator=g), f"{name}.lora_up.weight": torch.randn(32, 2, generator=g),
           f"{name}.alpha": torch.tensor(2.0)}, base / "models" / "loras" / "example_lora.safetensors")
+    from nodeflow.models.esrgan import RRDBConfig, RRDBNet
+    torch.manual_seed(0)
+    (base / "models" / "upscale_models").mkdir(parents=True)
+    torch.save({"params_ema": RRDBNet(RRDBConfig(nf=8, nb=1, gc=4)).state_dict()},
+               base / "models" / "upscale_models" / "tiny_x4.pth")
     (base / "input").mkdir()
     rgba = (np.random.default_rng(0).random((48, 64, 4)) * 255).astype(np.uint8)
     rgba[..., 3] = 255
@@ -67,6 +72,8 @@ CASES = {
     "sdxl_txt2img.json": ({"4__ckpt_name": "tiny_sdxl.safetensors", **SMALL}, (64, 64)),
     # 64x48 scaled by 1.5 in pixels (lanczos): 96x72, a multiple of 8 both ways.
     "upscale.json": ({"4__ckpt_name": "tiny_sd1.safetensors", "3__steps": 2}, (96, 72)),
+    "upscale_esrgan.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL, "11__model_name": "tiny_x4.pth"},
+                            (256, 256)),
 }
 
 
