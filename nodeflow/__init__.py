@@ -5,7 +5,7 @@ From Python::
     import nodeflow
     result = nodeflow.run("workflows/txt2img.json")    # a path, a dict, or a Workflow
     result.ui                                            # {node_id: {"images": [...]}}
-    result.output("9", 0)                                # a node's output value
+    result.output("8")                                   # node 8's first output: the decoded IMAGE
 
 The engine half of this package (graph, registry, cache, executor, queue) does not
 import torch; the nodes and ``nodeflow.models`` / ``nodeflow.sampling`` do.
@@ -13,8 +13,8 @@ import torch; the nodes and ``nodeflow.models`` / ``nodeflow.sampling`` do.
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,10 @@ __all__ = [
     "Bool", "Combo", "ExecutionResult", "Executor", "Float", "Graph", "Hidden", "Int", "Interrupted", "Link",
     "Node", "Output", "OutputCache", "Registry", "Result", "Socket", "String", "ValidationFailed",
     "ValidationReport", "Workflow", "WorkflowError", "default_registry", "load_workflow", "parse", "run",
-    "validate",
+    "shared_executor", "validate",
 ]
 
-_executor: Executor | None = None
+_executors_lock = threading.Lock()
 
 
 def load_workflow(source: Any, registry: Registry | None = None) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def load_workflow(source: Any, registry: Registry | None = None) -> dict[str, An
             from nodeflow.graph import load_json
             return _from_ui(load_json(text), registry)
         from nodeflow.loader import read_workflow_file
-        return read_workflow_file(Path(source))
+        return read_workflow_file(Path(source), registry)
     raise WorkflowError(f"cannot read a workflow from {type(source).__name__}")
 
 
@@ -69,16 +69,24 @@ def run(workflow: Any, *, registry: Registry | None = None, executor: Executor |
         observer=None, outputs=None, extra_data: dict | None = None) -> ExecutionResult:
     """Validate and run a workflow; raises ``ValidationFailed`` if no output can run.
 
-    The default executor (and so its cache) is shared by calls in this process, so running
-    the same workflow twice executes nothing the second time.
+    Without ``executor``, calls in this process share one executor (and so its cache) per
+    registry (the default registry when none is given), so running the same workflow twice
+    executes nothing the second time.
     """
-    global _executor
     if executor is None:
-        if registry is None:
-            if _executor is None:
-                _executor = Executor(default_registry())
-            executor = _executor
-        else:
-            executor = Executor(registry)
+        executor = shared_executor(registry if registry is not None else default_registry())
     return executor.run(load_workflow(workflow, executor.registry), outputs=outputs, observer=observer,
                         extra_data=extra_data)
+
+
+def shared_executor(registry: Registry) -> Executor:
+    """The executor ``run`` uses for ``registry``: one per registry, made on first use, which
+    lives as long as the registry does."""
+    with _executors_lock:
+        executor = getattr(registry, "_shared_executor", None)
+        if executor is None:
+            # Kept on the registry itself: a registry -> executor -> registry cycle that the
+            # garbage collector frees with the registry (a weak mapping keyed by the registry
+            # would keep it alive through the executor's reference).
+            executor = registry._shared_executor = Executor(registry)
+        return executor

@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 from nodeflow import folders as folders_mod
 from nodeflow.executor import Executor, ValidationFailed
-from nodeflow.graph import WorkflowError, parse, validate
+from nodeflow.graph import WorkflowError, is_link, parse, validate
 from nodeflow.registry import Registry, default_registry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: What a shell reports for a process stopped by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 class CliError(Exception):
@@ -42,8 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
+    if args.command != "serve":  # the server configures its own logging
+        _log_warnings_to_stderr()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is noticed in this try
+        return code
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
@@ -53,6 +63,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`nodeflow nodes --json | head`): stop quietly, as Unix tools do.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _log_warnings_to_stderr() -> None:
+    """Show warnings from the engine and the nodes as ``warning: ...`` lines (once each),
+    unless the embedding program has set up logging itself."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_LevelFormatter("%(levelname)s: %(message)s"))
+    root.addHandler(handler)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()})
+        return super().format(record)
+
+
+def _discard_stdout() -> None:
+    # Python flushes stdout again at exit: point it at /dev/null so that does not fail too.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a workflow (API-format JSON, UI-format JSON, or a PNG that embeds one)")
     r.add_argument("workflow", type=Path)
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
-                   help="override an input (VALUE is JSON, or a plain string); repeatable")
+                   help="override an input (VALUE is JSON, or a plain string; [\"NODE_ID\", INDEX] on a "
+                        "link input rewires it); repeatable")
     r.add_argument("--output-dir", metavar="DIR", help="where SaveImage writes (default: BASE/output)")
     r.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     r.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="model precision (default: per device)")
@@ -113,20 +155,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    folders = folders_mod.configure(args.base_dir, output_dir=args.output_dir)
+    folders = folders_mod.configure(_dir(args.base_dir), output_dir=_dir(args.output_dir))
     _configure_devices(args.device, args.precision)
     from nodeflow.loader import editor_workflow
 
     ui = editor_workflow(args.workflow)
     extra = {"extra_pnginfo": {"workflow": ui}} if ui is not None else None
-    return _run_prompt(_load(args.workflow, args.overrides), args.workflow, folders, args, extra)
+    registry = _registry()
+    return _run_prompt(_load(args.workflow, args.overrides, registry), args.workflow, folders, args, extra, registry)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make sure the demo checkpoint exists, then run workflows/txt2img.json on it."""
     from nodeflow.train import assets
 
-    folders = folders_mod.configure(args.base_dir, output_dir=args.output_dir)
+    folders = folders_mod.configure(_dir(args.base_dir), output_dir=_dir(args.output_dir))
     target = folders.model_dirs("checkpoints")[0] / assets.DEMO_CHECKPOINT
     if args.train or not target.is_file():
         if args.train or not assets.install_shipped(target):
@@ -141,7 +184,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  f"6.text={json.dumps(args.prompt)}", '7.text=""', f"3.seed={args.seed}", f"3.steps={args.steps}",
                  f"3.cfg={args.cfg}", '3.sampler_name="euler"', '3.scheduler="normal"', '9.filename_prefix="demo"']
     args.overrides = overrides
-    return _run_prompt(_load(workflow, overrides), workflow, folders, args)
+    registry = _registry()
+    return _run_prompt(_load(workflow, overrides, registry), workflow, folders, args, registry=registry)
 
 
 def _find_workflow(name: str) -> Path:
@@ -153,8 +197,8 @@ def _find_workflow(name: str) -> Path:
 
 
 def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespace,
-                extra_data: dict | None = None) -> int:
-    registry = _registry()
+                extra_data: dict | None = None, registry: Registry | None = None) -> int:
+    registry = registry or _registry()
     executor = Executor(registry)
     graph = parse(prompt)
     report = validate(graph, registry)
@@ -168,21 +212,23 @@ def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespac
 
     progress = _Progress(graph, enabled=not args.quiet)
     box: dict[str, Any] = {}
+    done = threading.Event()
+    prompt_id = str(uuid.uuid4())
 
     def work() -> None:
         try:
-            box["result"] = executor.execute(graph, report, observer=progress, extra_data=extra_data)
+            box["result"] = executor.execute(graph, report, prompt_id=prompt_id, observer=progress,
+                                             extra_data=extra_data)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             box["exc"] = exc
+        finally:
+            done.set()
 
+    # The run goes on in a thread so that Ctrl-C (delivered to the main thread) can ask it
+    # to stop between steps, leaving the cache consistent.
     worker = threading.Thread(target=work, name="nodeflow-run", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    except KeyboardInterrupt:
-        executor.interrupt()
-        worker.join()
+    _run_and_wait(worker, done, executor, prompt_id, progress)
+    worker.join()
     progress.close()
     if "exc" in box:
         raise box["exc"]
@@ -192,7 +238,9 @@ def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespac
         print(json.dumps({"prompt_id": result.prompt_id, "status": result.status, "outputs": result.ui,
                           "error": result.error}, indent=2, default=str))
     if result.status == "interrupted":
-        print("interrupted", file=sys.stderr)
+        stopped = result.messages[-1][1] if result.messages else {}
+        where = f" in node {stopped['node_id']} ({stopped['node_type']})" if stopped.get("node_id") else ""
+        print(f"interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.status == "error":
         err = result.error
@@ -208,9 +256,9 @@ def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespac
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    folders_mod.configure(args.base_dir)
+    folders_mod.configure(_dir(args.base_dir))
     registry = _registry()
-    prompt = _load(args.workflow, args.overrides)
+    prompt = _load(args.workflow, args.overrides, registry)
     graph = parse(prompt)
     report = validate(graph, registry)
     if report.errors:
@@ -221,7 +269,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    folders_mod.configure(args.base_dir)
+    folders_mod.configure(_dir(args.base_dir))
     registry = _registry()
     if args.name:
         info = registry.object_info(args.name)
@@ -244,9 +292,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for category in sorted(by_category):
         print(f"{category}:")
         print("\n".join(by_category[category]))
-    if registry.load_errors:
-        for what, why in registry.load_errors.items():
-            print(f"warning: could not load {what}: {why}", file=sys.stderr)
+    # Node packages that failed to load were reported as warnings while loading.
     return EXIT_OK
 
 
@@ -281,18 +327,62 @@ def _configure_devices(device: str | None, precision: str | None) -> None:
         raise CliError(str(exc)) from None
 
 
-def _load(path: Path, overrides: list[str]) -> dict[str, Any]:
+def _dir(arg: str | None) -> str | None:
+    """A folder given on the command line, made absolute against the current directory
+    (as a user expects), not against the base directory."""
+    return str(Path(arg).expanduser().resolve()) if arg else arg
+
+
+def _run_and_wait(worker: threading.Thread, done: threading.Event, executor: Executor, prompt_id: str,
+                  progress: "_Progress") -> None:
+    """Start the run's thread and wait for it. The first Ctrl-C asks the run to stop at its
+    next step and waits for that; a second one quits at once.
+
+    Ctrl-C is taken by a signal handler rather than as a KeyboardInterrupt: an exception
+    can land anywhere (even before the wait starts), a handler only sets what to do."""
+    presses = [0]
+
+    def on_sigint(signum, frame) -> None:
+        presses[0] += 1
+        if presses[0] == 1:
+            progress.close()
+            print("\ninterrupting: stopping at the next step (Ctrl-C again to quit now)", file=sys.stderr)
+            executor.interrupt(prompt_id)
+            return
+        # A node that never checks for interruption: leave without waiting for it. The
+        # process ends here, so its cache does too; nothing half-done was saved.
+        print("interrupted", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        worker.start()
+        while not done.wait(0.1):
+            if presses[0]:
+                executor.interrupt(prompt_id)  # again: the run may not have been listening yet
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _load(path: Path, overrides: list[str], registry: Registry | None = None) -> dict[str, Any]:
     from nodeflow import load_workflow
     from nodeflow.graph import unwrap
 
-    prompt = unwrap(load_workflow(path))
+    prompt = unwrap(load_workflow(path, registry))
     for item in overrides:
-        apply_override(prompt, item)
+        apply_override(prompt, item, registry)
     return prompt
 
 
-def apply_override(prompt: dict[str, Any], item: str) -> None:
-    """Apply one ``NODE_ID.INPUT=VALUE`` override (VALUE parsed as JSON, else a string)."""
+def apply_override(prompt: dict[str, Any], item: str, registry: Registry | None = None) -> None:
+    """Apply one ``NODE_ID.INPUT=VALUE`` override (VALUE parsed as JSON, else a string).
+
+    A list VALUE is a literal (wrapped as ``{"__value__": [...]}``), except that a link's
+    shape ``["NODE_ID", INDEX]`` on an input that takes a link (a socket, a ``force_input``
+    widget, or any input of a node type ``registry`` does not know) rewires that input."""
     target, sep, raw = item.partition("=")
     node_id, dot, name = target.partition(".")
     if not sep or not dot or not node_id or not name:
@@ -301,13 +391,28 @@ def apply_override(prompt: dict[str, Any], item: str) -> None:
     if not isinstance(node, dict):
         ids = ", ".join(k for k in prompt if not k.startswith("_"))
         raise CliError(f"--set {item!r}: the workflow has no node {node_id!r} (nodes: {ids})")
+    inputs = node.setdefault("inputs", {})
+    if not isinstance(inputs, dict):
+        raise CliError(f"--set {item!r}: node {node_id}'s 'inputs' is a {type(inputs).__name__}, not an object "
+                       "of inputs: the workflow is invalid", EXIT_FAILED)
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    if isinstance(value, list):
+    except (ValueError, RecursionError) as exc:  # a number too long, or nesting too deep
+        raise CliError(f"--set {item!r}: VALUE is not usable: {exc or type(exc).__name__}") from None
+    if isinstance(value, list) and not (is_link(value) and _takes_link(registry, node.get("class_type"), name)):
         value = {"__value__": value}
-    node.setdefault("inputs", {})[name] = value
+    inputs[name] = value
+
+
+def _takes_link(registry: Registry | None, class_type: Any, name: str) -> bool:
+    cls = registry.get(class_type) if registry is not None and isinstance(class_type, str) else None
+    if cls is None:
+        return True  # as the API format reads it
+    spec = cls.all_inputs().get(name)
+    # A widget shown as a socket in the editor (force_input) is meant to be linked too.
+    return spec is None or not spec[0].is_widget or bool(getattr(spec[0], "force_input", False))
 
 
 def _print_errors(report, source) -> None:

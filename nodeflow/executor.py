@@ -17,14 +17,13 @@ the history entry before sending it.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
-
-import networkx as nx
+from typing import Any, Callable, Iterable, Iterator
 
 from nodeflow.cache import CacheEntry, OutputCache, signature
 from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, validate
@@ -59,14 +58,29 @@ class ExecutionResult:
     error: dict | None = None
     #: Status messages in ComfyUI's history format: [event, data] pairs.
     messages: list[list] = field(default_factory=list)
+    #: Finds a node's outputs in the executor's cache (set by the executor).
+    _lookup: Callable[[str], tuple] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.status == "success"
 
     def output(self, node_id: str, index: int = 0) -> Any:
-        """The value of output ``index`` of node ``node_id`` in this run."""
-        return self.values[str(node_id)][index]
+        """The value of output ``index`` of node ``node_id``.
+
+        Any node of the workflow whose outputs were computed in this run or are in the
+        cache works, also one that a cached output made unnecessary to fetch (``values``
+        holds only what the run needed). Raises ``KeyError`` naming the node when it has
+        no outputs to give (it did not run, or is not in the workflow)."""
+        node_id = str(node_id)
+        values = self.values.get(node_id)
+        if values is None:
+            if self._lookup is None:
+                raise KeyError(f"node {node_id} has no outputs in this run")
+            values = self._lookup(node_id)
+        if not -len(values) <= index < len(values):
+            raise IndexError(f"node {node_id} has {len(values)} output(s); there is no output {index}")
+        return values[index]
 
 
 class _RunContext:
@@ -148,9 +162,10 @@ class Executor:
 
         status("execution_start", {})
         order, keys = self._plan(graph, report)
+        result._lookup = functools.partial(self._lookup, graph, keys)
         # Pin what the cache holds now, then walk back from the outputs: a cached node's
         # upstream is not needed at all.
-        hits = {n: e for n in order if (e := self.cache.get(keys[n])) is not None}
+        hits = self.cache.get_many(keys)
         needed: set[str] = set()
         stack = list(report.outputs)
         while stack:
@@ -215,30 +230,67 @@ class Executor:
 
     def _plan(self, graph: Graph, report: ValidationReport) -> tuple[list[str], dict[str, bytes]]:
         """The topological order of everything upstream of the runnable outputs, and each
-        node's signature."""
-        dag = report.dag
-        upstream: set[str] = set()
-        stack = list(report.outputs)
-        while stack:
-            n = stack.pop()
-            if n not in upstream:
-                upstream.add(n)
-                stack.extend(link.node for _, link in graph.nodes[n].links())
-        order = [n for n in nx.topological_sort(dag) if n in upstream] if dag is not None else \
-            list(nx.topological_sort(nx.DiGraph((l.node, n) for n in upstream for _, l in graph.nodes[n].links())))
+        node's signature. Only that part of the graph is walked: the rest may hold cycles
+        or other errors (validation has left those outputs out)."""
         keys: dict[str, bytes] = {}
+        upstream = _upstream(graph, report.outputs)
+        # Validation sorted the graph already; a report made otherwise gets sorted here.
+        order = [n for n in report.order if n in upstream]
+        if len(order) != len(upstream):
+            order = _upstream_order(graph, report.outputs)
+        classes: dict[str, tuple] = {}
         for n in order:
-            node = graph.nodes[n]
-            cls = self.registry.get(node.class_type)
-            literals, links = [], []
-            for name in sorted(node.inputs):
-                value = node.inputs[name]
-                if type(value) is Link:
-                    links.append((name, keys[value.node], value.index))
-                else:
-                    literals.append((name, value))
-            keys[n] = signature(cls.type_name, literals, links, _fingerprint(cls, literals))
+            keys[n] = self._signature(graph.nodes[n], keys, classes)
         return order, keys
+
+    def _signature(self, node, keys: dict[str, bytes], classes: dict[str, tuple]) -> bytes:
+        """A node's cache key; the keys of the nodes feeding it must be in ``keys``."""
+        known = classes.get(node.class_type)
+        if known is None:
+            cls = self.registry.get(node.class_type)
+            if cls is None:
+                raise KeyError(f"unknown node type {node.class_type!r}")
+            # A node that asks for its own id may act on it: its id is part of its key.
+            wants_id = any(h.kind == "UNIQUE_ID" for h in cls.hidden.values())
+            known = classes[node.class_type] = (cls, wants_id, _has_fingerprint(cls))
+        cls, wants_id, fingerprinted = known
+        literals, links = [], []
+        inputs = node.inputs
+        for name in sorted(inputs):
+            value = inputs[name]
+            if type(value) is Link:
+                links.append((name, keys[value.node], value.index))
+            else:
+                literals.append((name, value))
+        return signature(cls.type_name, literals, links, _fingerprint(cls, literals) if fingerprinted else None,
+                         node.id if wants_id else None)
+
+    def _lookup(self, graph: Graph, keys: dict[str, bytes], node_id: str) -> tuple:
+        """A node's outputs from the cache, by signature (``ExecutionResult.output``)."""
+        node = graph.nodes.get(node_id)
+        if node is None:
+            raise KeyError(f"node {node_id} is not in this workflow")
+        key = keys.get(node_id)
+        if key is None:
+            key = self._signature_of(graph, keys, node_id)
+        entry = self.cache.get(key) if key is not None else None
+        if entry is None:
+            raise KeyError(f"node {node_id} ({node.class_type}) has no outputs: it did not run, and they are not "
+                           "in the cache (only nodes that some valid output needs run)")
+        return entry.values
+
+    def _signature_of(self, graph: Graph, keys: dict[str, bytes], node_id: str) -> bytes | None:
+        """The key of any node whose upstream is well formed, or None."""
+        try:
+            order = _upstream_order(graph, [node_id], lambda n: n not in keys)
+            extra = dict(keys)
+            classes: dict[str, tuple] = {}
+            for n in order:
+                if n not in extra:
+                    extra[n] = self._signature(graph.nodes[n], extra, classes)
+        except (KeyError, ValueError):  # a link to a missing node, an unknown type, a cycle
+            return None
+        return extra[node_id]
 
     def _gather(self, node, cls: type[Node], graph: Graph, values: dict[str, tuple],
                 extra_data: dict) -> dict[str, Any]:
@@ -254,9 +306,59 @@ class Executor:
         return inputs
 
 
+def _upstream(graph: Graph, roots: Iterable[str]) -> set[str]:
+    """``roots`` and every node feeding them, directly or not."""
+    seen: set[str] = set()
+    stack = list(roots)
+    nodes = graph.nodes
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            for v in nodes[n].inputs.values():
+                if type(v) is Link:
+                    stack.append(v.node)
+    return seen
+
+
+def _upstream_order(graph: Graph, roots: Iterable[str], enter: Callable[[str], bool] = lambda n: True) -> list[str]:
+    """``roots`` and everything feeding them, each node after its inputs (a depth-first
+    post-order), not descending into nodes for which ``enter`` is false. Raises
+    ``ValueError`` on a cycle and ``KeyError`` on a link to a missing node."""
+    order: list[str] = []
+    state: dict[str, bool] = {}  # False while on the path, True when done
+    nodes = graph.nodes
+    for root in roots:
+        if root in state:
+            continue
+        state[root] = False
+        stack = [(root, _sources(nodes[root]) if enter(root) else iter(()))]
+        while stack:
+            node_id, sources = stack[-1]
+            for source in sources:
+                seen = state.get(source)
+                if seen is None:
+                    state[source] = False
+                    stack.append((source, _sources(nodes[source]) if enter(source) else iter(())))
+                    break
+                if seen is False:
+                    raise ValueError(f"dependency cycle through node {source}")
+            else:
+                stack.pop()
+                state[node_id] = True
+                order.append(node_id)
+    return order
+
+
+def _sources(node) -> Iterator[str]:
+    return (v.node for v in node.inputs.values() if type(v) is Link)
+
+
+def _has_fingerprint(cls: type[Node]) -> bool:
+    return cls.fingerprint.__func__ is not Node.fingerprint.__func__
+
+
 def _fingerprint(cls: type[Node], literals: list[tuple[str, Any]]) -> Any:
-    if cls.fingerprint.__func__ is Node.fingerprint.__func__:
-        return None
     try:
         return cls.fingerprint(**dict(literals))
     except Exception:  # noqa: BLE001 - let the run itself fail with its own, clearer error

@@ -11,18 +11,35 @@ recursion limits.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
+from nodeflow.node import Node
 from nodeflow.registry import Registry
 from nodeflow.spec import types_match
 
 
 class WorkflowError(ValueError):
     """The document is not a workflow at all (not JSON, not an object of nodes)."""
+
+
+class _Nothing:
+    """The ``received`` of an error that is about no value in particular (``None`` is a value:
+    JSON's null)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOTHING"
+
+
+NOTHING: Any = _Nothing()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +86,8 @@ class NodeError:
     type: str
     message: str
     input_name: str | None = None
-    received: Any = None
+    #: The value given; ``NOTHING`` when the error is not about a value.
+    received: Any = NOTHING
     expected: str = ""
     details: str = ""
 
@@ -82,7 +100,7 @@ class NodeError:
         text = f"{where}: {self.message}"
         if self.expected:
             text += f" — expected {self.expected}"
-            if self.received is not None:
+            if self.received is not NOTHING:
                 text += f", got {_short(self.received)}"
         if self.details:
             text += f". {self.details}"
@@ -92,7 +110,7 @@ class NodeError:
         extra: dict[str, Any] = {}
         if self.input_name is not None:
             extra["input_name"] = self.input_name
-        if self.received is not None:
+        if self.received is not NOTHING:
             extra["received_value"] = self.received.to_json() if isinstance(self.received, Link) else self.received
         if self.expected:
             extra["expected"] = self.expected
@@ -107,8 +125,22 @@ class ValidationReport:
     errors: list[NodeError]
     outputs: list[str]  # output nodes whose whole upstream is valid
     failed_outputs: dict[str, list[str]]  # erroneous node id -> output nodes it breaks
-    #: The link graph (edges source -> target), reused by the executor.
-    dag: nx.DiGraph | None = None
+    #: The valid links as successor lists: node id -> ids of the nodes it feeds.
+    successors: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    #: Every node not on or behind a cycle, each after the nodes feeding it.
+    order: list[str] = field(default_factory=list, repr=False)
+    _dag: nx.DiGraph | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def dag(self) -> nx.DiGraph:
+        """The link graph as a networkx ``DiGraph`` (edges source -> target), built on first
+        use: validation itself works on plain successor lists, which is much cheaper."""
+        if self._dag is None:
+            dag = nx.DiGraph()
+            dag.add_nodes_from(self.successors)
+            dag.add_edges_from((a, b) for a, targets in self.successors.items() for b in targets)
+            self._dag = dag
+        return self._dag
 
     @property
     def ok(self) -> bool:
@@ -148,10 +180,15 @@ class ValidationReport:
 
 
 def load_json(text: str | bytes) -> Any:
+    """Parse JSON text; any document Python's parser refuses is a ``WorkflowError``."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise WorkflowError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise WorkflowError("not a usable workflow: its JSON is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's int max str digits
+        raise WorkflowError(f"not a usable workflow: {exc}") from None
 
 
 def is_ui_format(data: Any) -> bool:
@@ -185,22 +222,29 @@ def parse(data: Any) -> Graph:
             continue  # top-level metadata such as "_meta"
         if not isinstance(raw, dict) or "class_type" not in raw:
             errors.append(NodeError(node_id, "", "invalid_prompt", "Node is not an object with a 'class_type'",
-                                    received=raw if not isinstance(raw, dict) else None,
+                                    received=raw if not isinstance(raw, dict) else NOTHING,
                                     expected='{"class_type": ..., "inputs": {...}}'))
             continue
         looks_like_nodes += 1
         class_type = raw["class_type"]
         inputs_raw = raw.get("inputs", {})
-        if not isinstance(class_type, str) or not isinstance(inputs_raw, dict):
-            errors.append(NodeError(node_id, str(class_type), "invalid_prompt",
-                                    "'class_type' must be a string and 'inputs' an object"))
+        if type(class_type) is not str:
+            errors.append(NodeError(node_id, "", "invalid_prompt", "'class_type' must be a string",
+                                    received=class_type, expected='a node type name such as "SaveImage"'))
+            continue
+        if type(inputs_raw) is not dict:
+            errors.append(NodeError(node_id, class_type, "invalid_prompt", "'inputs' must be an object",
+                                    received=inputs_raw, expected='an object of inputs, {"name": value or link}'))
             continue
         inputs: dict[str, Any] = {}
         for name, value in inputs_raw.items():
-            inputs[name] = _parse_input(value, node_id, class_type, name, errors)
+            kind = type(value)
+            # Most inputs are plain literals: only lists (links) and dicts need a closer look.
+            inputs[name] = _parse_input(value, node_id, class_type, name, errors) \
+                if kind is list or kind is dict else value
         meta = raw.get("_meta")
-        title = meta.get("title", "") if isinstance(meta, dict) else ""
-        nodes[node_id] = NodeEntry(node_id, class_type, inputs, title if isinstance(title, str) else "")
+        title = meta.get("title", "") if type(meta) is dict else ""
+        nodes[node_id] = NodeEntry(node_id, class_type, inputs, title if type(title) is str else "")
     if not looks_like_nodes:
         raise WorkflowError("no nodes found: a workflow maps node ids to {\"class_type\", \"inputs\"}")
     return Graph(nodes, prompt, errors)
@@ -210,46 +254,57 @@ _BAD = object()
 
 
 def _parse_input(value: Any, node_id: str, class_type: str, name: str, errors: list[NodeError]) -> Any:
-    if isinstance(value, list):
-        if len(value) == 2 and isinstance(value[0], (str, int)) and not isinstance(value[0], bool) \
-                and isinstance(value[1], int) and not isinstance(value[1], bool):
+    kind = type(value)
+    if kind is list:
+        if len(value) == 2 and type(value[1]) is int and (type(value[0]) is str or is_link(value)):
             return Link(str(value[0]), value[1])
         errors.append(NodeError(node_id, class_type, "bad_linked_input",
                                 "Bad link or unwrapped list literal", name, value,
                                 'a link ["node_id", output_index], or a list literal wrapped as {"__value__": [...]}'))
         return _BAD
-    if isinstance(value, dict) and set(value) == {"__value__"}:
+    if kind is dict and len(value) == 1 and "__value__" in value:
         return value["__value__"]
     return value
 
 
+def is_link(value: Any) -> bool:
+    """Whether a JSON value has the shape of a link: ``[source_id, output_index]`` (the id a
+    string or an integer)."""
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+#: Longest cycle written out in full; longer ones show their first and last nodes.
+CYCLE_SHOWN = 20
+
+
 def validate(graph: Graph, registry: Registry, outputs: Iterable[str] | None = None) -> ValidationReport:
-    """Check the whole graph; ``outputs`` limits which output nodes are wanted."""
+    """Check the whole graph; ``outputs`` limits which output nodes are wanted.
+
+    Linear in the size of the graph (plus the size of the report), however many nodes are
+    bad: per-node checks, then one pass for cycles and one walk from the bad nodes."""
     errors: list[NodeError] = list(graph.parse_errors)
     bad_nodes: set[str] = {e.node_id for e in errors if e.node_id is not None}
-    dag = nx.DiGraph()
-    dag.add_nodes_from(graph.nodes)
-
+    check = _Check(graph, registry, {n: [] for n in graph.nodes})
+    # Malformed nodes are in the link graph too, so that what they feed is known to fail
+    # (they are reported once, on themselves).
+    for n in bad_nodes - graph.nodes.keys():
+        check.successors[n] = []
     for node in graph.nodes.values():
-        node_errors = _validate_node(node, graph, registry, dag)
+        node_errors = _validate_node(node, check)
         if node_errors:
             bad_nodes.add(node.id)
             errors.extend(node_errors)
+    successors = check.successors
 
-    # Cycles: each strongly connected component of more than one node (or a self-link).
-    for component in nx.strongly_connected_components(dag):
-        if len(component) == 1:
-            (only,) = component
-            if not dag.has_edge(only, only):
-                continue
-        cycle = [edge[0] for edge in nx.find_cycle(dag.subgraph(component))]
-        path = " -> ".join(f"{n} ({graph.nodes[n].class_type})" for n in cycle + cycle[:1])
-        for n in sorted(component, key=_id_order):
-            bad_nodes.add(n)
-            errors.append(NodeError(n, graph.nodes[n].class_type, "dependency_cycle",
-                                    "Dependency cycle detected", details=f"cycle: {path}"))
+    order, cyclic = _topological_order(successors)
+    for err in _cycle_errors(graph, successors, cyclic):
+        bad_nodes.add(err.node_id)
+        errors.append(err)
 
-    # Which output nodes can run: those with no error anywhere upstream.
+    # Which output nodes are wanted.
     wanted = set(outputs) if outputs is not None else None
     output_ids = []
     for node in graph.nodes.values():
@@ -265,75 +320,281 @@ def validate(graph: Graph, registry: Registry, outputs: Iterable[str] | None = N
         errors.append(NodeError(None, "", "prompt_no_outputs", "Prompt has no outputs",
                                 details="add an output node such as SaveImage or PreviewImage"))
 
-    # An output fails if any node upstream of it is bad: walk forward from the bad nodes.
-    output_set = set(output_ids)
-    failed: dict[str, list[str]] = {}
-    tainted: set[str] = set()
-    for bad in bad_nodes:
-        if bad not in dag:
-            continue
-        reach = nx.descendants(dag, bad) | {bad}
-        tainted |= reach
-        hit = sorted(reach & output_set, key=_id_order)
-        if hit:
-            failed[bad] = hit
-    good = sorted(output_set - tainted, key=_id_order)
-    return ValidationReport(errors, good, failed, dag)
+    tainted = _reach(successors, bad_nodes)
+    good = sorted((o for o in output_ids if o not in tainted), key=_id_order)
+    failed = _failed_outputs(successors, bad_nodes, tainted, [o for o in output_ids if o in tainted])
+    return ValidationReport(errors, good, failed, successors, order)
 
 
-def _validate_node(node: NodeEntry, graph: Graph, registry: Registry, dag: nx.DiGraph) -> list[NodeError]:
-    cls = registry.get(node.class_type)
-    if cls is None:
-        hint = registry.suggest(node.class_type)
-        return [NodeError(node.id, node.class_type, "invalid_prompt", f"Unknown node type '{node.class_type}'",
-                          details=f"did you mean {' or '.join(repr(h) for h in hint)}?" if hint else
-                          "see `nodeflow nodes` for the node types installed")]
-    errors: list[NodeError] = []
-    literals: dict[str, Any] = {}
-    for name, (spec, required) in cls.all_inputs().items():
-        if name not in node.inputs:
-            if required:
-                errors.append(NodeError(node.id, node.class_type, "required_input_missing",
-                                        "Required input is missing", name,
-                                        expected=f"a link of type {spec.type_name}" if not spec.is_widget
-                                        else f"a {spec.type_name} value or link"))
-            continue
-        value = node.inputs[name]
-        if value is _BAD:
-            continue
-        if type(value) is Link:
-            err = _check_link(node, name, spec.type_name, value, graph, registry)
-            if err:
-                errors.append(err)
-            else:
-                dag.add_edge(value.node, node.id)
-            continue
-        if not spec.is_widget:
-            errors.append(NodeError(node.id, node.class_type, "invalid_input_type",
-                                    f"Input takes a {spec.type_name} link, not a literal", name, value,
-                                    f"a link [node_id, output_index] to a {spec.type_name} output"))
-            continue
-        err = spec.check(value)
-        if err:
-            errors.append(NodeError(node.id, node.class_type, err.type, err.message, name, value, err.expected))
-        else:
-            if spec.type_name == "INT" and isinstance(value, float):
-                # JSON has one number type: 512.0 for an INT input is 512 (ComfyUI converts too).
-                value = node.inputs[name] = int(value)
-            literals[name] = value
-    if not errors:
-        for message in cls.validate_inputs(**literals) or ():
-            errors.append(NodeError(node.id, node.class_type, "custom_validation_failed", message))
+def _reach(successors: Mapping[str, list[str]], starts: Iterable[str]) -> set[str]:
+    """Every node reachable from ``starts`` (themselves included) along the links."""
+    seen = {s for s in starts if s in successors}
+    stack = list(seen)
+    while stack:
+        for nxt in successors[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _failed_outputs(successors: Mapping[str, list[str]], bad: set[str], tainted: set[str],
+                    failed: list[str]) -> dict[str, list[str]]:
+    """Bad node -> the output nodes it breaks. One walk back from each failed output, over
+    tainted nodes only: the work is the size of the answer, not bad nodes × graph."""
+    if not failed:
+        return {}
+    predecessors: dict[str, list[str]] = {}
+    for source, targets in successors.items():
+        if source in tainted:
+            for target in targets:
+                predecessors.setdefault(target, []).append(source)
+    result: dict[str, list[str]] = {}
+    for out in sorted(failed, key=_id_order):
+        seen = {out}
+        stack = [out]
+        while stack:
+            n = stack.pop()
+            if n in bad:
+                result.setdefault(n, []).append(out)
+            for prev in predecessors.get(n, ()):
+                if prev not in seen:
+                    seen.add(prev)
+                    stack.append(prev)
+    return result
+
+
+def _topological_order(successors: Mapping[str, list[str]]) -> tuple[list[str], set[str]]:
+    """Kahn's algorithm: the nodes in an order where each comes after those feeding it, and
+    the nodes left over, which are on a cycle or downstream of one."""
+    indegree = dict.fromkeys(successors, 0)
+    for targets in successors.values():
+        for t in targets:
+            indegree[t] += 1
+    ready = [n for n, d in indegree.items() if d == 0]
+    order = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for t in successors[n]:
+            indegree[t] -= 1
+            if indegree[t] == 0:
+                ready.append(t)
+    return order, ({n for n, d in indegree.items() if d > 0} if len(order) < len(indegree) else set())
+
+
+def _cycle_errors(graph: Graph, successors: Mapping[str, list[str]], left: set[str]) -> list[NodeError]:
+    """One error per node on a dependency cycle, among the nodes ``left`` by a topological
+    sort. Each cycle's path is written once, on its smallest node id; the others refer to
+    it, so a long cycle costs a short report."""
+    if not left:
+        return []
+    sub = nx.DiGraph()
+    sub.add_edges_from((a, b) for a in left for b in successors[a] if b in left)
+    errors = []
+    components = [c for c in nx.strongly_connected_components(sub) if len(c) > 1 or _self_linked(c, sub)]
+    for component in sorted(components, key=lambda c: _id_order(min(c, key=_id_order))):
+        members = sorted(component, key=_id_order)
+        first = members[0]
+        cycle = _cycle_through(first, successors, component)
+        path = _cycle_text(graph, cycle)
+        details = f"cycle: {path}"
+        if len(component) > len(cycle):
+            details += f"; {len(component):,} nodes in all depend on each other"
+        errors.append(NodeError(first, _class_of(graph, first), "dependency_cycle", "Dependency cycle detected",
+                                details=details))
+        for n in members[1:]:
+            errors.append(NodeError(n, _class_of(graph, n), "dependency_cycle", "Dependency cycle detected",
+                                    details=f"on the cycle reported for node {first}"))
     return errors
 
 
-def _check_link(node: NodeEntry, name: str, want: str, link: Link, graph: Graph,
-                registry: Registry) -> NodeError | None:
-    source = graph.nodes.get(link.node)
+def _self_linked(component: set[str], sub: nx.DiGraph) -> bool:
+    (only,) = component
+    return sub.has_edge(only, only)
+
+
+def _cycle_through(start: str, successors: Mapping[str, list[str]], component: set[str]) -> list[str]:
+    """The shortest cycle from ``start`` back to itself inside ``component``, visiting
+    successors in id order so the same graph always gives the same path."""
+    parent: dict[str, str | None] = {start: None}
+    frontier = [start]
+    while frontier:
+        following = []
+        for n in frontier:
+            for nxt in sorted(set(successors[n]), key=_id_order):
+                if nxt == start:
+                    path = [n]
+                    while parent[path[-1]] is not None:
+                        path.append(parent[path[-1]])
+                    return path[::-1]
+                if nxt in component and nxt not in parent:
+                    parent[nxt] = n
+                    following.append(nxt)
+        frontier = following
+    return [start]  # unreachable for a strongly connected component
+
+
+def _cycle_text(graph: Graph, cycle: list[str]) -> str:
+    def label(n: str) -> str:
+        return f"{n} ({_class_of(graph, n)})"
+
+    if len(cycle) <= CYCLE_SHOWN:
+        shown = [label(n) for n in cycle]
+    else:
+        half = CYCLE_SHOWN // 2
+        shown = [label(n) for n in cycle[:half]] + [f"… {len(cycle) - 2 * half:,} more …"] + \
+                [label(n) for n in cycle[-half:]]
+    text = " -> ".join(shown + [label(cycle[0])])
+    return text if len(cycle) <= CYCLE_SHOWN else f"{text} ({len(cycle):,} nodes)"
+
+
+def _class_of(graph: Graph, node_id: str) -> str:
+    node = graph.nodes.get(node_id)
+    return node.class_type if node is not None else ""
+
+
+@dataclass(slots=True)
+class _Schema:
+    """What validation needs of a node class, worked out once per class and call."""
+
+    inputs: list[tuple[str, Any, bool, bool, str]]  # name, spec, required, is_widget, type name
+    hook: Any  # the class's validate_inputs, or None when it has none
+
+
+@dataclass(slots=True)
+class _Check:
+    """The state of one ``validate`` call."""
+
+    graph: Graph
+    registry: Registry
+    #: The valid links so far: node id -> ids of the nodes it feeds.
+    successors: dict[str, list[str]]
+    schemas: dict[type, _Schema] = field(default_factory=dict)
+
+    def schema(self, cls: Any) -> _Schema:
+        schema = self.schemas.get(cls)
+        if schema is None:
+            inputs = [(name, spec, required, spec.is_widget, spec.type_name)
+                      for name, (spec, required) in cls.all_inputs().items()]
+            own = getattr(cls.validate_inputs, "__func__", None) is not _BASE_VALIDATE_INPUTS
+            schema = self.schemas[cls] = _Schema(inputs, cls.validate_inputs if own else None)
+        return schema
+
+
+def _validate_node(node: NodeEntry, check: _Check) -> list[NodeError]:
+    cls = check.registry.get(node.class_type)
+    if cls is None:
+        hint = check.registry.suggest(node.class_type)
+        return [NodeError(node.id, node.class_type, "invalid_prompt", f"Unknown node type '{node.class_type}'",
+                          details=f"did you mean {' or '.join(repr(h) for h in hint)}?" if hint else
+                          "see `nodeflow nodes` for the node types installed")]
+    schema = check.schema(cls)
+    errors: list[NodeError] = []
+    # Only a validate_inputs hook needs the literals gathered.
+    literals: dict[str, Any] | None = {} if schema.hook is not None else None
+    given = node.inputs
+    for name, spec, required, is_widget, type_name in schema.inputs:
+        if name not in given:
+            if required:
+                errors.append(NodeError(node.id, node.class_type, "required_input_missing",
+                                        "Required input is missing", name,
+                                        expected=f"{_a(type_name)} {type_name} link" if not is_widget
+                                        else f"{_a(type_name)} {type_name} value or link"))
+            continue
+        value = given[name]
+        if value is _BAD:
+            continue
+        if type(value) is Link:
+            err = _check_link(node, name, type_name, value, check)
+            if err is not None:
+                errors.append(err)
+            else:
+                check.successors[value.node].append(node.id)
+            continue
+        if not is_widget:
+            errors.append(NodeError(node.id, node.class_type, "invalid_input_type",
+                                    f"Input takes {_a(type_name)} {type_name} link, not a literal", name, value,
+                                    f"a link [node_id, output_index] to {_a(type_name)} {type_name} output"))
+            continue
+        try:
+            err = spec.check(value)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Combo whose choices function fails
+            errors.append(NodeError(node.id, node.class_type, "exception_during_validation",
+                                    f"Could not check the value: {_exc_text(exc)}", name, value,
+                                    f"a valid {type_name} value"))
+            continue
+        if err:
+            errors.append(NodeError(node.id, node.class_type, err.type, err.message, name, value, err.expected))
+        else:
+            if type_name == "INT" and isinstance(value, float):
+                # JSON has one number type: 512.0 for an INT input is 512 (ComfyUI converts too).
+                value = given[name] = int(value)
+            if literals is not None:
+                literals[name] = value
+    if not errors and literals is not None:
+        errors.extend(_run_hook(node, schema.hook, literals))
+    return errors
+
+
+_BASE_VALIDATE_INPUTS = Node.validate_inputs.__func__
+
+
+def _run_hook(node: NodeEntry, hook: Any, literals: dict[str, Any]) -> list[NodeError]:
+    """Call a node's ``validate_inputs`` with the literals it declares (see
+    ``Node.validate_inputs`` for the rule); its failures are the node's validation errors."""
+    args = _hook_arguments(hook, literals)
+    if args is None:
+        return []  # a parameter it needs comes through a link: known only at run time
+    try:
+        verdict = hook(**args)
+    except Exception as exc:  # noqa: BLE001 - a broken check is the node's error, not the engine's
+        return [NodeError(node.id, node.class_type, "exception_during_validation",
+                          f"validate_inputs failed: {_exc_text(exc)}")]
+    if verdict is None or verdict is True:
+        return []
+    if verdict is False:
+        messages = ["validate_inputs refused the inputs"]
+    elif isinstance(verdict, str):
+        messages = [verdict]  # ComfyUI's VALIDATE_INPUTS returns one message string
+    else:
+        try:
+            messages = [str(m) for m in verdict]
+        except TypeError:
+            messages = [str(verdict)]
+    return [NodeError(node.id, node.class_type, "custom_validation_failed", m) for m in messages]
+
+
+def _hook_arguments(hook: Any, literals: dict[str, Any]) -> dict[str, Any] | None:
+    names, required, takes_all = _hook_parameters(hook)
+    if any(name not in literals for name in required):
+        return None
+    if takes_all:
+        return dict(literals)
+    return {name: literals[name] for name in names if name in literals}
+
+
+@functools.lru_cache(maxsize=1024)
+def _hook_parameters(hook: Any) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(parameter names, those without a default, whether it takes ``**kwargs``) of a bound
+    classmethod or a static function."""
+    try:
+        params = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: give it everything
+        return (), (), True
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return (tuple(p.name for p in named), tuple(p.name for p in named if p.default is p.empty),
+            any(p.kind is p.VAR_KEYWORD for p in params))
+
+
+def _check_link(node: NodeEntry, name: str, want: str, link: Link, check: _Check) -> NodeError | None:
+    source = check.graph.nodes.get(link.node)
     if source is None:
+        if link.node in check.successors:
+            return None  # a malformed node: reported on itself, and it breaks what it feeds
         return NodeError(node.id, node.class_type, "invalid_link", f"Link to missing node '{link.node}'", name,
                          link, "the id of a node in this workflow")
-    source_cls = registry.get(source.class_type)
+    source_cls = check.registry.get(source.class_type)
     if source_cls is None:
         return None  # reported on the source node itself
     outs = source_cls.outputs
@@ -342,7 +603,7 @@ def _check_link(node: NodeEntry, name: str, want: str, link: Link, graph: Graph,
                          f"Output index {link.index} out of range for node {link.node} ({source.class_type})",
                          name, link, f"an index in 0..{len(outs) - 1}" if outs else "a node with outputs")
     got = outs[link.index].kind
-    if not types_match(got, want):
+    if got != want and not types_match(got, want):
         return NodeError(node.id, node.class_type, "return_type_mismatch", "Return type mismatch between linked nodes",
                          name, link, f"{want}, but output {link.index} of node {link.node} "
                          f"({source.class_type}) is {got}")
@@ -350,9 +611,25 @@ def _check_link(node: NodeEntry, name: str, want: str, link: Link, graph: Graph,
 
 
 def _id_order(node_id: str) -> tuple:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    """Numeric ids in numeric order, then the others; never converts (ids may be long)."""
+    if node_id.isascii() and node_id.isdigit():
+        digits = node_id.lstrip("0")
+        return (0, len(digits), digits, node_id)
+    return (1, 0, node_id, node_id)
+
+
+def _a(word: str) -> str:
+    """The article for a type name: "an IMAGE", "a LATENT"."""
+    return "an" if word[:1] and word[0] in "AEIOUaeiou" else "a"
+
+
+def _exc_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value.to_json() if isinstance(value, Link) else value, default=repr)
+    try:
+        text = json.dumps(value.to_json() if isinstance(value, Link) else value, default=repr)
+    except (ValueError, TypeError, RecursionError):  # circular or too deeply nested
+        text = reprlib.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

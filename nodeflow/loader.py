@@ -12,7 +12,9 @@ from nodeflow.graph import WorkflowError, is_ui_format, load_json
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def read_workflow_file(path: Path) -> dict[str, Any]:
+def read_workflow_file(path: Path, registry: Any = None) -> dict[str, Any]:
+    """The API-format workflow in a file; UI-format workflows are converted with
+    ``registry``'s schemas (the default registry's when it is None)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -22,16 +24,16 @@ def read_workflow_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise WorkflowError(f"cannot read {path}: {exc.strerror or exc}") from None
     if raw.startswith(PNG_MAGIC):
-        return _from_png(path)
+        return _from_png(path, registry)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise WorkflowError(f"{path} is neither a JSON workflow nor a PNG with an embedded workflow") from None
     data = load_json(text)
-    return _api_format(data, path)
+    return _api_format(data, path, registry)
 
 
-def _from_png(path: Path) -> dict[str, Any]:
+def _from_png(path: Path, registry: Any = None) -> dict[str, Any]:
     from PIL import Image
 
     try:
@@ -42,20 +44,20 @@ def _from_png(path: Path) -> dict[str, Any]:
     for key in ("prompt", "workflow"):
         if isinstance(chunks.get(key), str):
             try:
-                return _api_format(load_json(chunks[key]), path)
+                return _api_format(load_json(chunks[key]), path, registry)
             except WorkflowError:
                 if key == "workflow":
                     raise
     raise WorkflowError(f"{path} carries no workflow (no 'prompt' or 'workflow' text chunk)")
 
 
-def _api_format(data: Any, path: Path) -> dict[str, Any]:
+def _api_format(data: Any, path: Path, registry: Any = None) -> dict[str, Any]:
     if is_ui_format(data):
         try:
             from nodeflow.uiformat import ui_to_api
         except ImportError:
             raise WorkflowError(f"{path} is a UI-format workflow, which this version cannot convert yet") from None
-        return ui_to_api(data)
+        return ui_to_api(data, registry)
     if not isinstance(data, dict):
         raise WorkflowError(f"{path} holds JSON {type(data).__name__}, not a workflow object")
     return data

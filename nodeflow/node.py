@@ -86,6 +86,9 @@ class Node:
     #: Other class names this node answers to (ComfyUI's names).
     aliases: ClassVar[tuple[str, ...]] = ()
     deprecated: ClassVar[bool] = False
+    #: Set ``abstract = True`` in a shared base class's own body to keep it out of the
+    #: registry (its subclasses are not affected; see ``nodeflow.registry.node_classes``).
+    abstract: ClassVar[bool] = False
 
     context: Context
 
@@ -112,8 +115,17 @@ class Node:
 
     @classmethod
     def validate_inputs(cls, **literals: Any) -> list[str] | None:
-        """Checks across inputs that the specs cannot express. Return error messages,
-        keyed implicitly to the node; ``None`` or an empty list when valid."""
+        """Checks across inputs that the specs cannot express, run at validation, before
+        anything runs. Return error messages (a list, or one string), keyed implicitly to
+        the node; ``None``, ``True`` or an empty list when valid.
+
+        It is called only when the node's inputs passed their own checks, and receives only
+        literal values, of the inputs it names as parameters (every literal when it takes
+        ``**kwargs``), as ComfyUI's ``VALIDATE_INPUTS`` does. An input fed by a link is
+        known only at run time and is not passed, nor is an optional input left out: give
+        such parameters a default (``low=None``) to be called anyway. When a parameter
+        without a default has no literal, the hook is not called (``run`` sees the value).
+        An exception raised here is reported as the node's validation error."""
         return None
 
     @classmethod

@@ -1,8 +1,9 @@
 """Which node types exist: built-ins from the ``nodes`` package, third-party packages
 (Python entry points in the group ``nodeflow.nodes``) and ComfyUI class-name aliases.
 
-An entry point may name a module (every ``Node`` subclass defined in it is registered),
-a ``Node`` subclass, or a callable returning an iterable of them.
+An entry point may name a module or package (the node classes it offers are registered:
+see ``node_classes``), a ``Node`` subclass, or a callable returning an iterable of them. One
+that yields no node at all is reported in ``load_errors``, as is one that fails to load.
 """
 
 from __future__ import annotations
@@ -49,10 +50,8 @@ class Registry:
         return cls
 
     def register_module(self, module: ModuleType) -> int:
-        found = [obj for obj in vars(module).values()
-                 if inspect.isclass(obj) and issubclass(obj, Node) and obj is not Node
-                 and obj.__module__ == module.__name__ and not inspect.isabstract(obj)
-                 and obj.__dict__.get("run") is not None]
+        """Register the node classes ``module`` offers (``node_classes``); returns how many."""
+        found = node_classes(module)
         for cls in found:
             self.register(cls)
         return len(found)
@@ -60,35 +59,50 @@ class Registry:
     def load_package(self, package: str) -> None:
         """Register the nodes of every module of a package (e.g. the built-in ``nodes``)."""
         pkg = importlib.import_module(package)
+        before = len(self._nodes)
         self.register_module(pkg)
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             if info.name.startswith("_"):
                 continue
             self._load_guarded(f"{package}.{info.name}",
                                lambda n=info.name: self.register_module(importlib.import_module(f"{package}.{n}")))
+        if len(self._nodes) == before and not any(k.startswith(f"{package}.") for k in self.load_errors):
+            self._warn(package, f"no node classes found in package {package}")
 
     def load_entry_points(self) -> None:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            self._load_guarded(f"entry point {ep.name}", lambda ep=ep: self._register_object(ep.load()))
+            self._load_guarded(f"entry point {ep.name}", lambda ep=ep: self._register_entry_point(ep))
 
-    def _register_object(self, obj: Any) -> None:
+    def _register_entry_point(self, ep: Any) -> None:
+        if not self._register_object(ep.load()):
+            self._warn(f"entry point {ep.name}",
+                       f"{ep.value} has no node classes (a node class subclasses nodeflow.Node, has a run "
+                       "method and declares inputs or outputs; see Registry docs)")
+
+    def _register_object(self, obj: Any) -> int:
         if isinstance(obj, ModuleType):
-            self.register_module(obj)
-        elif isinstance(obj, type):
+            return self.register_module(obj)
+        if isinstance(obj, type):
             self.register(obj)
-        elif callable(obj):
+            return 1
+        if callable(obj):
+            count = 0
             for cls in obj():
                 self.register(cls)
-        else:
-            raise TypeError(f"cannot register {obj!r}")
+                count += 1
+            return count
+        raise TypeError(f"cannot register {obj!r}")
 
     def _load_guarded(self, what: str, load) -> None:
         # One broken node package must not take the others down: remember why and go on.
         try:
             load()
         except Exception as exc:  # noqa: BLE001
-            self.load_errors[what] = f"{type(exc).__name__}: {exc}"
-            log.warning("could not load nodes from %s: %s", what, exc)
+            self._warn(what, f"{type(exc).__name__}: {exc}")
+
+    def _warn(self, what: str, why: str) -> None:
+        self.load_errors[what] = why
+        log.warning("could not load nodes from %s: %s", what, why)
 
     # -- lookup ---------------------------------------------------------------------
 
@@ -112,6 +126,8 @@ class Registry:
 
     def suggest(self, name: str, n: int = 3) -> list[str]:
         """The closest known names, for 'did you mean' messages."""
+        if len(name) > 200:
+            return []  # no type name is that long, and matching costs its length squared
         names = self.names()
         by_lower = {x.lower(): x for x in names}
         close = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)
@@ -128,6 +144,33 @@ class Registry:
         for alias, target in sorted(self._aliases.items()):
             info[alias] = node_info(self._nodes[target], alias)
         return info
+
+
+def node_classes(module: ModuleType) -> list[type[Node]]:
+    """The node types a module offers: each concrete ``Node`` subclass in its namespace,
+    whether defined there or imported from elsewhere in the same top-level package (so a
+    package's ``__init__`` may re-export the nodes of its modules), once each, in order.
+
+    Concrete means: it has a ``run`` (its own or a base class's, not ``Node``'s), declares
+    inputs or outputs or is an output node, is not an abstract class (``abc``), and does not
+    set ``abstract = True`` in its own body, which is how a shared base class stays out.
+    Classes imported from other packages (``from nodeflow import Node``, another package's
+    nodes) are left to their own package."""
+    top = module.__name__.partition(".")[0]
+    found: list[type[Node]] = []
+    for obj in list(vars(module).values()):
+        if not (inspect.isclass(obj) and issubclass(obj, Node)) or obj in found:
+            continue
+        if str(getattr(obj, "__module__", "")).partition(".")[0] == top and is_concrete(obj):
+            found.append(obj)
+    return found
+
+
+def is_concrete(cls: type[Node]) -> bool:
+    """Whether a ``Node`` subclass is a node type that can be registered (see ``node_classes``)."""
+    return (cls is not Node and cls.run is not Node.run and not inspect.isabstract(cls)
+            and not cls.__dict__.get("abstract", False)
+            and bool(cls.inputs or cls.optional or cls.outputs or cls.output_node))
 
 
 def node_info(cls: type[Node], name: str) -> dict[str, Any]:

@@ -10,10 +10,13 @@ coerces a value silently) and how to describe itself in ComfyUI's ``/object_info
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 ANY = "*"
 
@@ -201,7 +204,12 @@ class Combo(Widget):
         opts = self.options()
         if self.default is None:
             opts.pop("default", None)
-        return [self.options_list(), opts]
+        try:
+            choices = self.options_list()
+        except Exception as exc:  # noqa: BLE001 - one broken choices function must not hide every schema
+            log.warning("the choices of a %s input could not be listed: %s: %s", self.kind, type(exc).__name__, exc)
+            choices = []
+        return [choices, opts]
 
 
 class Hidden(InputSpec):

@@ -37,6 +37,10 @@ Not handled: subgraphs (the newer editor's ``definitions.subgraphs``) and the ol
 nodes" (``extra.groupNodes``) raise ``WorkflowError`` asking to unpack them in the editor
 first; groups (boxes around nodes) are ignored.
 
+A document whose structure is broken (``links`` that is not a list, a node whose ``inputs``
+is not a list, ...) raises ``WorkflowError`` naming the field and what it held; entries
+inside those lists that make no sense are skipped, as the editor skips them.
+
 This module imports no torch: it needs only the registry's schemas.
 """
 
@@ -84,13 +88,25 @@ class _Converter:
             if not isinstance(raw, dict) or "id" not in raw or not isinstance(raw.get("type"), str):
                 raise WorkflowError(f"UI-format workflow: entry {index} of 'nodes' is not a node "
                                     "(an object with 'id' and 'type')")
-            self.nodes[str(raw["id"])] = raw
-        self.links = dict(_read_links(data.get("links") or []))
+            node_id = str(raw["id"])
+            for key in ("inputs", "outputs"):
+                if raw.get(key) is not None and not isinstance(raw[key], list):
+                    raise WorkflowError(f"UI-format workflow: node {node_id} ({raw['type']}): '{key}' must be "
+                                        f"a list, got {_json_type(raw[key])}")
+            self.nodes[node_id] = raw
+        links = data.get("links")
+        if links is not None and not isinstance(links, list):
+            raise WorkflowError(f"UI-format workflow: 'links' must be a list, got {_json_type(links)}")
+        self.links = dict(_read_links(links or []))
         self._refuse_unsupported(data)
 
     def _refuse_unsupported(self, data: dict[str, Any]) -> None:
         definitions = data.get("definitions") if isinstance(data.get("definitions"), dict) else {}
-        subgraphs = {str(s.get("id")) for s in definitions.get("subgraphs") or [] if isinstance(s, dict)}
+        listed = definitions.get("subgraphs")
+        if listed is not None and not isinstance(listed, list):
+            raise WorkflowError(f"UI-format workflow: 'definitions.subgraphs' must be a list, "
+                                f"got {_json_type(listed)}")
+        subgraphs = {str(s.get("id")) for s in listed or [] if isinstance(s, dict)}
         extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
         groups = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
         for node_id, raw in self.nodes.items():
@@ -243,6 +259,19 @@ def _first_link(entries: list[Any], order: Iterable[int]) -> Any:
         if isinstance(entry, dict) and entry.get("link") is not None:
             return entry["link"]
     return None
+
+
+def _json_type(value: Any) -> str:
+    """A value's JSON type, for messages ("got object")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
 
 
 def _hashable(value: Any) -> Any:

@@ -6,7 +6,7 @@ import pytest
 
 import nodeflow
 from nodeflow import Executor, OutputCache, ValidationFailed, Workflow
-from toy_nodes import FileStamp, Slow
+from toy_nodes import FileStamp, Slow, make_registry
 
 
 def diamond(value=3, factor=2.0):
@@ -80,7 +80,9 @@ def test_cache_keys_ignore_node_ids(executor, runs):
                for k, v in diamond().items()}
     runs.clear()
     result = executor.run(renamed)
-    assert result.executed == [] and runs == {}
+    # Only Collect runs again: it asks for its UNIQUE_ID, so its id is part of its key.
+    assert result.executed == ["n6"] and runs == {"Collect": 1}
+    assert result.ui["n6"]["node"] == ["n6"]
 
 
 def test_fingerprint_change_reruns_node(executor, runs):
@@ -197,3 +199,81 @@ def test_workflow_builder_round_trip(registry):
     assert nodeflow.run(api, registry=registry).output("2") == 7
     with pytest.raises(KeyError, match="no output named"):
         b["nope"]
+
+
+# -- partly valid workflows, outputs of cached nodes, shared executors ----------------------------
+
+
+def with_cycle():
+    """A valid output (3) beside an invalid part that holds a cycle (4 <-> 5, feeding 6)."""
+    return {
+        "1": {"class_type": "Const", "inputs": {"value": 3}},
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 4}},
+        "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}},
+        "4": {"class_type": "Add", "inputs": {"a": ["5", 0], "b": ["1", 0]}},
+        "5": {"class_type": "Add", "inputs": {"a": ["4", 0], "b": 1}},
+        "6": {"class_type": "Collect", "inputs": {"value": ["5", 0]}},
+    }
+
+
+def test_cycle_in_the_invalid_part_does_not_stop_the_valid_outputs(executor, runs, registry):
+    graph, report = executor.prepare(with_cycle())
+    assert report.outputs == ["3"] and {e.node_id for e in report.errors} == {"4", "5"}
+    result = executor.execute(graph, report)
+    assert result.ok and set(result.ui) == {"3"} and result.ui["3"]["value"] == [7]
+    assert runs["Add"] == 1  # only node 2
+    assert nodeflow.run(with_cycle(), registry=registry).ui["3"]["value"] == [7]
+
+
+def test_output_of_a_node_served_from_the_cache(executor):
+    first = executor.run(diamond())
+    assert first.output("4") == 36
+    again = executor.run(diamond())
+    assert again.executed == [] and "4" not in again.values  # only the cached output was needed
+    assert again.output("4") == 36 and again.output(5) == 72.0 and again.output("1") == 3
+    with pytest.raises(KeyError, match=r"node 7 \(Pair\) has no outputs: it did not run"):
+        again.output("7")
+    with pytest.raises(KeyError, match="node 99 is not in this workflow"):
+        again.output("99")
+    with pytest.raises(IndexError, match="node 4 has 1 output"):
+        again.output("4", 3)
+
+
+def test_output_of_a_node_that_is_cached_from_another_workflow(executor):
+    executor.run({"1": {"class_type": "Pair", "inputs": {"value": 1}},
+                  "2": {"class_type": "Collect", "inputs": {"value": ["1", 1]}}})
+    result = executor.run(diamond())
+    assert result.output("7", 1) == "1"  # node 7 was not needed, but the same Pair ran before
+
+
+def test_unique_id_is_part_of_the_key_of_nodes_that_ask_for_it(executor, runs):
+    def collect(node_id):
+        return {"1": {"class_type": "Const", "inputs": {"value": 3}},
+                node_id: {"class_type": "Collect", "inputs": {"value": ["1", 0]}}}
+
+    assert executor.run(collect("a")).ui["a"]["node"] == ["a"]
+    second = executor.run(collect("b"))
+    assert second.executed == ["b"] and second.ui["b"]["node"] == ["b"]  # not a's replayed output
+    assert runs == {"Const": 1, "Collect": 2}
+    assert executor.run(collect("a")).executed == []
+
+
+def test_run_shares_one_executor_per_registry(registry, runs):
+    runs.clear()
+    first = nodeflow.run(diamond(), registry=registry)
+    assert first.ok and runs["Const"] == 1
+    second = nodeflow.run(diamond(), registry=registry)
+    assert second.executed == [] and runs["Const"] == 1
+    assert nodeflow.shared_executor(registry) is nodeflow.shared_executor(registry)
+    other = make_registry()
+    assert nodeflow.shared_executor(other) is not nodeflow.shared_executor(registry)
+    assert nodeflow.run(diamond(), registry=other).executed != []
+
+
+def test_default_cache_keeps_a_rerun_of_thousands_of_nodes(registry, runs):
+    wf = {"src": {"class_type": "Const", "inputs": {"value": 1}}}
+    for i in range(3000):
+        wf[str(i)] = {"class_type": "Collect", "inputs": {"value": ["src", 0], "label": f"sink {i}"}}
+    executor = Executor(registry)
+    assert len(executor.run(wf).executed) == 3001
+    assert executor.run(wf).executed == []

@@ -1,8 +1,13 @@
 """Every validation error the engine reports, each naming node, class, input and values."""
 
+import copy
+import time
+
 import pytest
 
-from nodeflow import WorkflowError, parse, validate
+from nodeflow import Combo, Executor, Int, Node, Output, Registry, WorkflowError, parse, validate
+from nodeflow.graph import load_json
+from toy_nodes import ALL
 
 
 def check(registry, prompt):
@@ -215,3 +220,222 @@ def test_long_chain_validates_without_recursion_limit(registry):
         prompt[str(i)] = {"class_type": "Add", "inputs": {"a": [str(i - 1), 0], "b": 1}}
     prompt["out"] = {"class_type": "Collect", "inputs": {"value": [str(n - 1), 0]}}
     assert check(registry, prompt).complete
+
+
+# -- hooks and choices that fail, linked inputs of validate_inputs ---------------------------------
+
+
+class RaisingHook(Node):
+    inputs = {"a": Int(default=0)}
+    outputs = [Output("INT")]
+
+    @classmethod
+    def validate_inputs(cls, a):
+        raise ValueError(f"cannot judge {a}")
+
+    def run(self, a):
+        return (a,)
+
+
+class LooseHook(Node):
+    """validate_inputs taking **kwargs, answering in ComfyUI's style (True or a message)."""
+    inputs = {"a": Int(default=0), "b": Int(default=0)}
+    outputs = [Output("INT")]
+    SEEN = []
+
+    @classmethod
+    def validate_inputs(cls, **given):
+        cls.SEEN.append(given)
+        return True if given.get("a", 0) >= 0 else "a must not be negative"
+
+    def run(self, a, b):
+        return (a + b,)
+
+
+def _denied():
+    raise PermissionError("models folder is not readable")
+
+
+class BrokenChoices(Node):
+    inputs = {"name": Combo(choices=_denied)}
+    outputs = [Output("STRING")]
+
+    def run(self, name):
+        return (name,)
+
+
+def hook_registry():
+    return Registry([*ALL, RaisingHook, LooseHook, BrokenChoices])
+
+
+def test_validate_inputs_gets_literals_only_and_is_skipped_when_one_it_needs_is_linked(registry):
+    wf = {"1": {"class_type": "Const", "inputs": {"value": 7}},
+          "2": {"class_type": "Checked", "inputs": {"low": ["1", 0], "high": 2}},
+          "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}}}
+    report = check(registry, wf)
+    assert report.complete, report.summary()  # low is known only at run time: checked then
+    wf["2"]["inputs"]["low"] = 5
+    assert "low (5) must be below high (2)" in only(check(registry, wf), "custom_validation_failed")[0].message
+
+
+def test_validate_inputs_with_kwargs_gets_every_literal_and_may_answer_like_comfyui():
+    LooseHook.SEEN.clear()
+    wf = {"1": {"class_type": "Const", "inputs": {"value": 7}},
+          "2": {"class_type": "LooseHook", "inputs": {"a": 1, "b": ["1", 0]}},
+          "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}}}
+    assert check(hook_registry(), wf).complete
+    assert LooseHook.SEEN == [{"a": 1}]
+    wf["2"]["inputs"]["a"] = -1
+    (err,) = only(check(hook_registry(), wf), "custom_validation_failed")
+    assert err.message == "a must not be negative" and err.node_id == "2"
+
+
+def test_a_failing_validate_inputs_is_a_node_error():
+    wf = {"1": {"class_type": "RaisingHook", "inputs": {"a": 4}},
+          "2": {"class_type": "Collect", "inputs": {"value": ["1", 0]}}}
+    report = check(hook_registry(), wf)
+    (err,) = only(report, "exception_during_validation")
+    assert err.node_id == "1" and err.class_type == "RaisingHook"
+    assert "validate_inputs failed: ValueError: cannot judge 4" in str(err)
+    assert not report.ok
+
+
+def test_a_failing_choices_function_is_an_error_on_its_input():
+    wf = {"1": {"class_type": "BrokenChoices", "inputs": {"name": "x.safetensors"}},
+          "2": {"class_type": "Collect", "inputs": {"value": ["1", 0]}},
+          "3": {"class_type": "Const", "inputs": {"value": 1}},
+          "4": {"class_type": "Collect", "inputs": {"value": ["3", 0]}}}
+    report = check(hook_registry(), wf)
+    (err,) = only(report, "exception_during_validation")
+    assert (err.node_id, err.input_name) == ("1", "name")
+    assert "PermissionError: models folder is not readable" in str(err)
+    assert report.outputs == ["4"]
+    # The schema still lists, with no choices, instead of failing every /object_info.
+    assert hook_registry().object_info("BrokenChoices")["BrokenChoices"]["input"]["required"]["name"][0] == []
+
+
+# -- cycles and many bad nodes, at scale ----------------------------------------------------------
+
+
+def test_a_long_cycle_is_reported_once_briefly_and_from_its_smallest_id(registry):
+    n = 3000
+    prompt = {str(i): {"class_type": "Add", "inputs": {"a": [str((i - 1) % n), 0], "b": 1}} for i in range(n)}
+    prompt["out"] = {"class_type": "Collect", "inputs": {"value": ["5", 0]}}
+    t0 = time.perf_counter()
+    report = check(registry, prompt)
+    elapsed = time.perf_counter() - t0
+    errs = only(report, "dependency_cycle")
+    assert len(errs) == n and errs[0].node_id == "0"
+    assert errs[0].details.startswith("cycle: 0 (Add) -> 1 (Add) -> 2 (Add)")
+    assert "… 2,980 more …" in errs[0].details and errs[0].details.endswith("-> 0 (Add) (3,000 nodes)")
+    assert errs[1].details == "on the cycle reported for node 0"
+    assert sum(len(str(e)) for e in report.errors) < 300_000
+    assert report.failed_outputs["0"] == ["out"] and not report.ok
+    # About 0.05 s; quadratic work took 7.5 s. The bound leaves room for a busy machine.
+    assert elapsed < 2.5, f"validating a {n}-node cycle took {elapsed:.2f} s"
+
+
+def test_cycle_path_does_not_depend_on_the_order_of_the_file(registry):
+    nodes = {"7": ["3", 0], "3": ["12", 0], "12": ["7", 0]}
+    forward = {k: {"class_type": "Add", "inputs": {"a": v, "b": 1}} for k, v in nodes.items()}
+    backward = dict(reversed(list(forward.items())))
+    texts = [only(check(registry, {**wf, "o": {"class_type": "Collect", "inputs": {"value": ["3", 0]}}}),
+                  "dependency_cycle")[0].details for wf in (forward, backward)]
+    assert texts[0] == texts[1] == "cycle: 3 (Add) -> 7 (Add) -> 12 (Add) -> 3 (Add)"  # as data flows
+
+
+def test_many_bad_nodes_validate_in_linear_time(registry):
+    n = 6000
+    prompt = {"0": {"class_type": "Const", "inputs": {"value": 1}}}
+    for i in range(1, n):
+        prompt[str(i)] = {"class_type": "Add", "inputs": {"a": [str(i - 1), 0], "b": "bad"}}
+    prompt["out"] = {"class_type": "Collect", "inputs": {"value": [str(n - 1), 0]}}
+    t0 = time.perf_counter()
+    report = check(registry, prompt)
+    elapsed = time.perf_counter() - t0
+    assert len(report.errors) == n - 1 and report.failed_outputs["1"] == ["out"]
+    # About 0.1 s; one walk per bad node took 18.6 s. The bound leaves room for a busy machine.
+    assert elapsed < 2.5, f"validating {n} bad nodes took {elapsed:.2f} s"
+
+
+# -- messages -------------------------------------------------------------------------------------
+
+
+def test_link_to_a_malformed_node_is_not_called_missing(registry):
+    report = check(registry, {**GOOD, "1": {"class_type": "Const", "inputs": [3]}})
+    assert [(e.node_id, e.type) for e in report.errors] == [("1", "invalid_prompt")]
+    assert report.failed_outputs == {"1": ["3"]} and not report.ok
+
+
+@pytest.mark.parametrize("node, text", [
+    ({"class_type": 5, "inputs": {}}, "'class_type' must be a string — expected a node type name such as "
+                                      '"SaveImage", got 5'),
+    ({"class_type": "Const", "inputs": [3]}, "node 1 (Const): 'inputs' must be an object — expected an object of "
+                                             'inputs, {"name": value or link}, got [3]'),
+])
+def test_malformed_node_messages_say_what_is_wrong(registry, node, text):
+    report = check(registry, {**GOOD, "1": node})
+    assert text in str(report.errors[0])
+
+
+def test_null_literal_says_got_null_and_articles_fit(registry):
+    report = check(registry, {**GOOD, "1": {"class_type": "Const", "inputs": {"value": None}}})
+    assert str(only(report, "invalid_input_type")[0]).endswith("got null")
+    assert only(report, "invalid_input_type")[0].to_comfy()["extra_info"]["received_value"] is None
+    report = check(registry, {"1": {"class_type": "Scale", "inputs": {"x": "pixels", "factor": 1.0, "mode": "round"}},
+                              "2": {"class_type": "Collect", "inputs": {"value": ["1", 0]}}})
+    assert "Input takes an INT link, not a literal" in str(report.errors[0])
+    report = check(registry, {"1": {"class_type": "Scale", "inputs": {"factor": 1.0, "mode": "round"}},
+                              "2": {"class_type": "Collect", "inputs": {}}})
+    assert {e.expected for e in report.errors} == {"an INT link", "a * link"}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    pytest.param("[" * 100_000, "nested too deeply", id="deep"),
+    pytest.param('{"1": {"class_type": "Const", "inputs": {"value": ' + "7" * 5000 + "}}}",
+                 "integer string conversion", id="long-int"),
+    pytest.param("{oops", "not valid JSON", id="syntax"),
+])
+def test_unreadable_json_is_a_workflow_error(text, fragment):
+    with pytest.raises(WorkflowError, match=fragment):
+        load_json(text)
+
+
+def test_odd_node_ids_sort_without_converting(registry):
+    long_id = "9" * 5000
+    report = check(registry, {"²": {"class_type": "Const", "inputs": {"value": "x"}},
+                              long_id: {"class_type": "Collect", "inputs": {"value": ["²", 0]}},
+                              "007": {"class_type": "Collect", "inputs": {"value": ["8", 0]}}})
+    assert [e.node_id for e in report.errors] == ["²", "007"] and set(report.failed_outputs) == {"²", "007"}
+
+
+def test_no_input_makes_validation_crash(registry):
+    """Every kind of junk in every place of a workflow is reported, never raised."""
+    base = {
+        "1": {"class_type": "Const", "inputs": {"value": 3}},
+        "2": {"class_type": "Checked", "inputs": {"low": ["1", 0], "high": 9}},
+        "3": {"class_type": "Scale", "inputs": {"x": ["2", 0], "factor": 2.0, "mode": "round"},
+              "_meta": {"title": "t"}},
+        "4": {"class_type": "Collect", "inputs": {"value": ["3", 0], "label": "x"}},
+    }
+    junk = [5, 1.5, "x", None, True, [], {}, [1], ["1", 0], ["9", 0], ["2", 5], [2, 0], ["4", 0], ["3", 0],
+            {"__value__": [1]}, {"a": 1}, float("nan"), [True, 0], "7" * 50]
+    places = [(k,) for k in base] + [(k, f) for k in base for f in base[k]] + \
+             [(k, "inputs", i) for k in base for i in base[k]["inputs"]]
+    executor = Executor(registry)
+    for place in places:
+        for value in junk:
+            prompt = copy.deepcopy(base)
+            target = prompt
+            for key in place[:-1]:
+                target = target[key]
+            target[place[-1]] = copy.deepcopy(value)
+            try:
+                graph = parse(prompt)
+            except WorkflowError:
+                continue
+            report = validate(graph, registry)
+            report.summary(), report.to_comfy(graph), report.dag
+            if report.ok:
+                result = executor.execute(graph, report)
+                assert result.status in ("success", "error"), (place, value)

@@ -307,3 +307,46 @@ def test_converter_imports_no_torch():
         assert "torch" not in sys.modules
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"nodes": [], "links": 5}, "'links' must be a list, got the number 5"),
+    ({"nodes": [], "links": {"1": [1, 2, 0, 3, 0, "IMAGE"]}}, "'links' must be a list, got an object"),
+    ({"nodes": [{"id": 1, "type": "Reroute", "inputs": {"a": 1}}], "links": []},
+     "node 1 (Reroute): 'inputs' must be a list, got an object"),
+    ({"nodes": [{"id": 2, "type": "SaveImage", "inputs": 5}], "links": []},
+     "node 2 (SaveImage): 'inputs' must be a list, got the number 5"),
+    ({"nodes": [{"id": 2, "type": "SaveImage", "outputs": "IMAGE"}], "links": []},
+     "node 2 (SaveImage): 'outputs' must be a list, got a string"),
+    ({"nodes": [], "links": [], "definitions": {"subgraphs": 5}},
+     "'definitions.subgraphs' must be a list, got the number 5"),
+])
+def test_malformed_ui_documents_say_what_is_wrong(doc, message):
+    with pytest.raises(WorkflowError, match="UI-format workflow: " + message.replace("(", r"\(").replace(")", r"\)")):
+        ui_to_api(doc, model_registry())
+
+
+def _places(obj, prefix=()):
+    yield prefix
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        yield from _places(value, prefix + (key,))
+
+
+def test_junk_anywhere_in_a_ui_document_is_a_workflow_error_or_converts():
+    """Every place of two editor files, each junk value: converting (then validating) never
+    raises anything but WorkflowError."""
+    junk = [5, 1.5, "x", None, True, [], {}, [1], {"a": 1}, "Reroute", 4, [1, 2, 3, 4, 5, "IMAGE"]]
+    for base, registry in ((DEFAULT_GRAPH, model_registry()), (editor_graph(), image_registry())):
+        for place in list(_places(base))[1:]:
+            for value in junk:
+                doc = json.loads(json.dumps(base))
+                target = doc
+                for key in place[:-1]:
+                    target = target[key]
+                target[place[-1]] = value
+                try:
+                    graph = parse(ui_to_api(doc, registry))
+                except WorkflowError:
+                    continue
+                validate(graph, registry).to_comfy(graph)
