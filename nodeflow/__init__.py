@@ -75,8 +75,32 @@ def run(workflow: Any, *, registry: Registry | None = None, executor: Executor |
     """
     if executor is None:
         executor = shared_executor(registry if registry is not None else default_registry())
-    return executor.run(load_workflow(workflow, executor.registry), outputs=outputs, observer=observer,
-                        extra_data=extra_data)
+    prompt = load_workflow(workflow, executor.registry)
+    editor = _editor_workflow(workflow)
+    if editor is not None:          # saved images reopen in the editor with their layout
+        extra_data = dict(extra_data or {})
+        info = dict(extra_data.get("extra_pnginfo") or {})
+        info.setdefault("workflow", editor)
+        extra_data["extra_pnginfo"] = info
+    return executor.run(prompt, outputs=outputs, observer=observer, extra_data=extra_data)
+
+
+def _editor_workflow(source: Any) -> dict[str, Any] | None:
+    """The UI-format workflow that ``source`` is or carries, if any."""
+    from nodeflow.graph import WorkflowError, is_ui_format, load_json
+
+    if isinstance(source, dict):
+        return source if is_ui_format(source) else None
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        try:
+            data = load_json(source)
+        except WorkflowError:
+            return None
+        return data if is_ui_format(data) else None
+    if isinstance(source, (str, os.PathLike)):
+        from nodeflow.loader import editor_workflow
+        return editor_workflow(Path(source))
+    return None
 
 
 def shared_executor(registry: Registry) -> Executor:

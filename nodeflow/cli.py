@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -179,6 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             train(target, log=(lambda m: None) if args.quiet else None)
         elif not args.quiet:
             print(f"installed the demo model at {target}", file=sys.stderr)
+    _install_example_inputs(folders, args.quiet)
     workflow = _find_workflow("txt2img.json")
     overrides = [f"4.ckpt_name={assets.DEMO_CHECKPOINT}", "5.width=64", "5.height=64", f"5.batch_size={args.batch}",
                  f"6.text={json.dumps(args.prompt)}", '7.text=""', f"3.seed={args.seed}", f"3.steps={args.steps}",
@@ -188,10 +190,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_prompt(_load(workflow, overrides, registry), workflow, folders, args, registry=registry)
 
 
+EXAMPLE_INPUTS = ("example.png", "example_masked.png")
+
+
+def _install_example_inputs(folders, quiet: bool = False) -> None:
+    """Copy the example workflows' input pictures (workflows/inputs/) into input/ where they
+    are missing, so that img2img.json, inpaint.json, … run as the README shows."""
+    try:
+        source = _find_workflow("inputs")
+    except CliError:
+        return
+    for name in EXAMPLE_INPUTS:
+        target = folders.input / name
+        if (source / name).is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, target)
+            if not quiet:
+                print(f"copied {name} into {folders.input}", file=sys.stderr)
+
+
 def _find_workflow(name: str) -> Path:
     here = Path(__file__).resolve().parents[1] / "workflows" / name
     for candidate in (Path.cwd() / "workflows" / name, here):
-        if candidate.is_file():
+        if candidate.exists():
             return candidate
     raise CliError(f"cannot find workflows/{name} (looked in {Path.cwd()} and {here.parent.parent})")
 

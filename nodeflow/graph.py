@@ -312,7 +312,7 @@ def validate(graph: Graph, registry: Registry, outputs: Iterable[str] | None = N
         if cls is not None and cls.output_node and (wanted is None or node.id in wanted):
             output_ids.append(node.id)
     if wanted:
-        for missing in sorted(wanted - set(output_ids), key=_id_order):
+        for missing in sorted(wanted - set(output_ids), key=id_order):
             errors.append(NodeError(missing, graph.nodes[missing].class_type if missing in graph.nodes else "",
                                     "invalid_output", "Not an output node of this workflow",
                                     expected="the id of an output node (e.g. SaveImage)"))
@@ -321,7 +321,7 @@ def validate(graph: Graph, registry: Registry, outputs: Iterable[str] | None = N
                                 details="add an output node such as SaveImage or PreviewImage"))
 
     tainted = _reach(successors, bad_nodes)
-    good = sorted((o for o in output_ids if o not in tainted), key=_id_order)
+    good = sorted((o for o in output_ids if o not in tainted), key=id_order)
     failed = _failed_outputs(successors, bad_nodes, tainted, [o for o in output_ids if o in tainted])
     return ValidationReport(errors, good, failed, successors, order)
 
@@ -350,7 +350,7 @@ def _failed_outputs(successors: Mapping[str, list[str]], bad: set[str], tainted:
             for target in targets:
                 predecessors.setdefault(target, []).append(source)
     result: dict[str, list[str]] = {}
-    for out in sorted(failed, key=_id_order):
+    for out in sorted(failed, key=id_order):
         seen = {out}
         stack = [out]
         while stack:
@@ -393,8 +393,8 @@ def _cycle_errors(graph: Graph, successors: Mapping[str, list[str]], left: set[s
     sub.add_edges_from((a, b) for a in left for b in successors[a] if b in left)
     errors = []
     components = [c for c in nx.strongly_connected_components(sub) if len(c) > 1 or _self_linked(c, sub)]
-    for component in sorted(components, key=lambda c: _id_order(min(c, key=_id_order))):
-        members = sorted(component, key=_id_order)
+    for component in sorted(components, key=lambda c: id_order(min(c, key=id_order))):
+        members = sorted(component, key=id_order)
         first = members[0]
         cycle = _cycle_through(first, successors, component)
         path = _cycle_text(graph, cycle)
@@ -422,7 +422,7 @@ def _cycle_through(start: str, successors: Mapping[str, list[str]], component: s
     while frontier:
         following = []
         for n in frontier:
-            for nxt in sorted(set(successors[n]), key=_id_order):
+            for nxt in sorted(set(successors[n]), key=id_order):
                 if nxt == start:
                     path = [n]
                     while parent[path[-1]] is not None:
@@ -610,7 +610,7 @@ def _check_link(node: NodeEntry, name: str, want: str, link: Link, check: _Check
     return None
 
 
-def _id_order(node_id: str) -> tuple:
+def id_order(node_id: str) -> tuple:
     """Numeric ids in numeric order, then the others; never converts (ids may be long)."""
     if node_id.isascii() and node_id.isdigit():
         digits = node_id.lstrip("0")

@@ -85,6 +85,12 @@ class Node:
     output_node: ClassVar[bool] = False
     #: Other class names this node answers to (ComfyUI's names).
     aliases: ClassVar[tuple[str, ...]] = ()
+    #: The display name shown for an alias in ``/object_info`` (ComfyUI's, e.g.
+    #: ``{"CheckpointLoaderSimple": "Load Checkpoint"}``); the alias itself when not given.
+    alias_display_names: ClassVar[dict[str, str]] = {}
+    #: Editor-only nodes (notes, reroutes) are known to the UI-format converter and accepted in
+    #: workflows, but left out of ``/object_info``: ComfyUI's frontend has its own.
+    editor_only: ClassVar[bool] = False
     deprecated: ClassVar[bool] = False
     #: Set ``abstract = True`` in a shared base class's own body to keep it out of the
     #: registry (its subclasses are not affected; see ``nodeflow.registry.node_classes``).

@@ -136,13 +136,16 @@ class Registry:
     # -- schemas ----------------------------------------------------------------------
 
     def object_info(self, name: str | None = None) -> dict[str, dict]:
-        """Schemas in the shape of ComfyUI's ``/object_info`` (every name, aliases too)."""
+        """Schemas in the shape of ComfyUI's ``/object_info`` (every name, aliases too), less
+        the editor-only nodes (notes, reroutes): ComfyUI's frontend brings its own, and a
+        backend definition would replace them."""
         if name is not None:
             cls = self.get(name)
-            return {name: node_info(cls, name)} if cls else {}
-        info = {n: node_info(self._nodes[n], n) for n in sorted(self._nodes)}
+            return {name: node_info(cls, name)} if cls and not cls.editor_only else {}
+        info = {n: node_info(cls, n) for n, cls in sorted(self._nodes.items()) if not cls.editor_only}
         for alias, target in sorted(self._aliases.items()):
-            info[alias] = node_info(self._nodes[target], alias)
+            if not self._nodes[target].editor_only:
+                info[alias] = node_info(self._nodes[target], alias)
         return info
 
 
@@ -181,13 +184,13 @@ def node_info(cls: type[Node], name: str) -> dict[str, Any]:
             "optional": {k: v.object_info() for k, v in cls.optional.items()},
             "hidden": {k: v.kind for k, v in cls.hidden.items()},
         },
-        "input_order": {"required": list(cls.inputs), "optional": list(cls.optional)},
+        "input_order": {"required": list(cls.inputs), "optional": list(cls.optional), "hidden": list(cls.hidden)},
         "output": [o.kind for o in cls.outputs],
         "output_is_list": [o.is_list for o in cls.outputs],
         "output_name": [o.name for o in cls.outputs],
         "output_tooltips": [o.tooltip for o in cls.outputs],
         "name": name,
-        "display_name": cls.display_name if name == cls.type_name else name,
+        "display_name": cls.display_name if name == cls.type_name else cls.alias_display_names.get(name, name),
         "description": cls.description,
         "python_module": cls.__module__,
         "category": cls.category,

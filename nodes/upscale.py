@@ -19,6 +19,7 @@ class LoadUpscaleModel(Node):
     category = "loaders"
     display_name = "Load Upscale Model"
     aliases = ("UpscaleModelLoader",)
+    alias_display_names = {"UpscaleModelLoader": "Load Upscale Model"}
     inputs = {"model_name": Combo(choices=lambda: folders().list_models(KIND),
                                   tooltip="a file in models/upscale_models")}
     outputs = [Output("UPSCALE_MODEL")]
@@ -46,6 +47,7 @@ class UpscaleImageWithModel(Node):
     category = "image/upscaling"
     display_name = "Upscale Image (using Model)"
     aliases = ("ImageUpscaleWithModel",)
+    alias_display_names = {"ImageUpscaleWithModel": "Upscale Image (using Model)"}
     inputs = {"upscale_model": Socket("UPSCALE_MODEL"), "image": Socket("IMAGE")}
     outputs = [Output("IMAGE")]
 

@@ -221,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     queue.add_argument("--requeue-interrupted", action="store_true",
                        help="after a crash, run the prompt that was running again (default: mark it failed)")
     queue.add_argument("--max-history", type=int, default=10_000, metavar="N", help="history entries kept")
-    queue.add_argument("--cache-size", type=int, default=256, metavar="N", help="node outputs cached between runs")
+    queue.add_argument("--cache-size", type=int, default=4096, metavar="N", help="node outputs cached between runs")
     sec = p.add_argument_group("security")
     sec.add_argument("--auth-token", default=os.environ.get("NODEFLOW_AUTH_TOKEN"), metavar="TOKEN",
                      help="require 'Authorization: Bearer TOKEN' (or ?token=) on every request "
@@ -266,10 +266,17 @@ def _split(values: Sequence[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
+def _path(arg: str | None) -> str | None:
+    """A path given on the command line, absolute against the current directory (as a user
+    expects), not against the base directory."""
+    return str(Path(arg).expanduser().resolve()) if arg else arg
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        hosts=_split([args.listen]) or ["127.0.0.1"], port=args.port, base_dir=args.base_dir,
-        input_dir=args.input_dir, output_dir=args.output_dir, temp_dir=args.temp_dir, db_path=args.db,
+        hosts=_split([args.listen]) or ["127.0.0.1"], port=args.port, base_dir=_path(args.base_dir),
+        input_dir=_path(args.input_dir), output_dir=_path(args.output_dir), temp_dir=_path(args.temp_dir),
+        db_path=_path(args.db),
         requeue_interrupted=args.requeue_interrupted, max_history=args.max_history, auth_token=args.auth_token or None,
         allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,

@@ -53,7 +53,7 @@ class ServerConfig:
     previews: bool = False
     preview_size: int = 512
     #: Node outputs kept in the executor's cache between runs.
-    cache_size: int = 256
+    cache_size: int = 4096
     #: A folder of web frontend files to serve at / (e.g. ComfyUI's frontend build).
     web_root: str | None = None
     #: The model stack's device ("cuda", "cuda:1", "mps", "cpu") and precision ("fp32",

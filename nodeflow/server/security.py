@@ -42,7 +42,7 @@ import networkx as nx
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
-from nodeflow.graph import Graph, Link, NodeError, ValidationReport
+from nodeflow.graph import Graph, Link, NodeError, ValidationReport, id_order
 from nodeflow.server.common import ServerConfig, error_response
 
 log = logging.getLogger(__name__)
@@ -347,17 +347,15 @@ def apply_limits(report: ValidationReport, errors: list[NodeError]) -> None:
     report.errors.extend(errors)
     runnable = set(report.outputs)
     broken: set[str] = set()
-    for node_id in sorted({e.node_id for e in errors}, key=_id_order):
+    for node_id in sorted({e.node_id for e in errors}, key=id_order):
         reach = {node_id}
         if report.dag is not None and node_id in report.dag:
             reach |= nx.descendants(report.dag, node_id)
         hit = reach & runnable
         if hit:
             known = set(report.failed_outputs.get(node_id, []))
-            report.failed_outputs[node_id] = sorted(known | hit, key=_id_order)
+            report.failed_outputs[node_id] = sorted(known | hit, key=id_order)
         broken |= hit
     report.outputs = [o for o in report.outputs if o not in broken]
 
 
-def _id_order(node_id: str) -> tuple:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)

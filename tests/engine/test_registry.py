@@ -98,3 +98,35 @@ def test_entry_points_register_packages_and_report_empty_or_broken_ones(package,
     assert "has no node classes" in registry.load_errors["entry point empty"]
     assert "ModuleNotFoundError" in registry.load_errors["entry point broken"]
     assert "entry point good" not in registry.load_errors
+
+
+def test_object_info_names_aliases_as_comfyui_and_leaves_editor_only_nodes_out():
+    from nodeflow import Node, Output, String
+
+    class LoadThing(Node):
+        """A loader known under ComfyUI's name too."""
+        aliases = ("ThingLoaderSimple", "ThingLoaderOld")
+        alias_display_names = {"ThingLoaderSimple": "Load Thing"}
+        inputs = {"name": String(default="a")}
+        hidden = {}
+        outputs = [Output("THING")]
+
+        def run(self, name):
+            return (name,)
+
+    class Memo(Node):
+        """An editor note: accepted in workflows, not offered to a frontend."""
+        editor_only = True
+        optional = {"text": String(default="")}
+
+        def run(self, text=""):
+            return ()
+
+    reg = Registry([LoadThing, Memo])
+    info = reg.object_info()
+    assert info["LoadThing"]["display_name"] == LoadThing.display_name
+    assert info["ThingLoaderSimple"]["display_name"] == "Load Thing"
+    assert info["ThingLoaderOld"]["display_name"] == "ThingLoaderOld"
+    assert info["ThingLoaderSimple"]["input_order"] == {"required": ["name"], "optional": [], "hidden": []}
+    assert "Memo" not in info and reg.object_info("Memo") == {}
+    assert reg.get("Memo") is Memo                        # still known to workflows and the converter

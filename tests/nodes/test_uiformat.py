@@ -279,6 +279,10 @@ def test_converted_ui_workflow_runs(base):
     (entry,) = result.ui["6"]["images"]
     with Image.open(base.output / entry["filename"]) as im:
         saved = np.asarray(im)
+        chunks = dict(im.text)
+    # The saved picture carries both forms: it reopens in the editor with its layout.
+    assert json.loads(chunks["workflow"]) == editor_graph()
+    assert json.loads(chunks["prompt"])["6"]["class_type"] == "SaveImage"
     # Width 8 from the primitive, height 6 from the widget, nearest-exact, not inverted (bypassed).
     expected = torch.nn.functional.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None].float(),
                                                size=(6, 8), mode="nearest-exact")[0].permute(1, 2, 0).numpy()

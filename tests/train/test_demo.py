@@ -46,3 +46,18 @@ def test_shipped_demo_model_follows_prompts():
     assert report.adherence >= 0.7, report.per_class
     assert report.adherence > report.unconditional + 0.4
     assert np.isfinite(report.frechet)
+
+
+def test_demo_command_installs_the_model_and_the_example_inputs(tmp_path, capsys):
+    from nodeflow import cli
+
+    rc = cli.main(["demo", "--base-dir", str(tmp_path), "--steps", "2", "--batch", "1", "--quiet"])
+    assert rc == 0
+    assert (tmp_path / "models" / "checkpoints" / assets.DEMO_CHECKPOINT).is_file()
+    assert sorted(p.name for p in (tmp_path / "input").iterdir()) == ["example.png", "example_masked.png"]
+    (saved,) = (tmp_path / "output").glob("demo_*.png")
+    assert saved.stat().st_size > 0
+    # an input the user replaced is left alone
+    (tmp_path / "input" / "example.png").write_bytes(b"mine")
+    assert cli.main(["demo", "--base-dir", str(tmp_path), "--steps", "2", "--batch", "1", "--quiet"]) == 0
+    assert (tmp_path / "input" / "example.png").read_bytes() == b"mine"
