@@ -15,18 +15,27 @@ prompt's by its weight), prompts past 75 tokens in chunks of 77, concatenated. T
 layer used is the family's default (SD 1.x: last, SD 2.x / SDXL: penultimate) unless
 ``set_last_layer(n)`` picks another. For SDXL, cond concatenates both towers (768 + 1280)
 and pooled is bigG's projected pooled output (the first chunk's).
+
+``embedding:NAME`` in a prompt stands for a textual-inversion embedding from the embeddings
+folders (``nodeflow.models.embeddings``: formats, lookup, a missing name left out with a
+warning): ``tokenize`` puts its vectors in the chunks in place of token ids, each tower taking
+its own (``clip_l`` / ``clip_g`` of an SDXL file), and ``ClipTextModel`` splices them into the
+token embeddings, before the position embeddings are added; the causal mask and the pooled
+output (taken at the end token, whose id stays in the input) are as for words.
 """
 
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from nodeflow.models import devices, patching
+from nodeflow.models import devices, embeddings, patching
 from nodeflow.models.files import CheckpointError, assign_weights
 from nodeflow.models.tokenizer import BOS, EOS, Chunk, ClipTokenizer
 
@@ -87,9 +96,29 @@ def text_config_from_shapes(shapes: Mapping[str, tuple], *, hidden_act: str, num
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, attn_implementation="sdpa")
 
 
+# (token embedding module, rows, columns, vectors) of the forward under way in this thread / task
+_SPLICE: ContextVar[tuple | None] = ContextVar("nodeflow_clip_splice", default=None)
+_PLACEHOLDER = 0      # the id at a spliced position; never the end token, which marks the pooled output
+
+
+def _splice_vectors(module: nn.Module, _args, output: torch.Tensor):
+    """Forward hook of a token embedding: puts the pending vectors (see ``ClipTextModel.forward``) in
+    place of the looked-up ones. Does nothing outside such a forward, or for another model."""
+    pending = _SPLICE.get()
+    if pending is None or pending[0] is not module:
+        return None
+    _, rows, cols, values = pending
+    output = output.clone()
+    output[rows.to(output.device), cols.to(output.device)] = values.to(output.device, output.dtype)
+    return output
+
+
 class ClipTextModel(nn.Module):
     """transformers' ``CLIPTextModel`` plus an optional ``text_projection``, returning the hidden
-    state of any layer and the (projected) pooled output."""
+    state of any layer and the (projected) pooled output. Input positions can take given vectors
+    instead of token ids' embeddings (textual inversion): transformers' ``CLIPTextModel`` takes no
+    ``inputs_embeds``, so a hook on its token embedding splices them in, leaving the rest of its
+    forward (position embeddings, causal mask, pooled output at the first end token) as it is."""
 
     def __init__(self, config, projection: bool, missing_last_layers: int = 0):
         super().__init__()
@@ -100,6 +129,7 @@ class ClipTextModel(nn.Module):
         self.num_layers = config.num_hidden_layers
         self.missing_last_layers = missing_last_layers   # final layers of the original tower this one lacks
         self.width = config.hidden_size
+        self._inner.embeddings.token_embedding.register_forward_hook(_splice_vectors)
 
     @property
     def _inner(self) -> nn.Module:
@@ -124,10 +154,21 @@ class ClipTextModel(nn.Module):
                              f"use {-1 - self.missing_last_layers} or an earlier layer")
         return index
 
-    def forward(self, ids: torch.Tensor, layer: int, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (B, 77) -> hidden state after layer ``layer`` (-1 = last), (B, 77, D); pooled (B, P)."""
+    def forward(self, ids: torch.Tensor, layer: int, final_norm: bool,
+                vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 77) -> hidden state after layer ``layer`` (-1 = last), (B, 77, D); pooled (B, P).
+        ``vectors``: ``(rows [N], columns [N], values [N, D])``: the input embedding at
+        ``(rows[i], columns[i])`` is ``values[i]`` instead of the token embedding of the id there (whose
+        value then does not matter, as long as it is not the end token: the pooled output is taken at
+        the first end token's position)."""
         index = self.hidden_index(layer)
-        out = self.transformer(input_ids=ids, output_hidden_states=True)
+        token = _SPLICE.set((self._inner.embeddings.token_embedding, *vectors)) if vectors is not None else None
+        try:
+            out = self.transformer(input_ids=ids, output_hidden_states=True)
+        finally:
+            if token is not None:
+                _SPLICE.reset(token)
         hidden = out.hidden_states[index]
         if final_norm:
             hidden = self._inner.final_layer_norm(hidden)
@@ -183,12 +224,14 @@ class TextEncoder:
     """The CLIP handle of a checkpoint: tokenizer(s), text tower(s), and the clip-skip setting."""
 
     def __init__(self, towers: list[Tower], *, family: str, device: torch.device | None = None,
-                 layer: int | None = None):
+                 layer: int | None = None, embedding_dirs: Iterable[str | Path] | None = None):
         self.towers = towers
         self.family = family
         self.device = device or devices.get_device()
         self.layer = layer                  # None: each tower's default; else -1 last, -2 penultimate, ...
         self.patches: dict[str, patching.Patches] = {}   # per tower name: weight patches (LoRA)
+        # where embedding:NAME is looked up; None: the configured embeddings folders (nodeflow.folders)
+        self.embedding_dirs = None if embedding_dirs is None else [Path(d) for d in embedding_dirs]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -196,7 +239,8 @@ class TextEncoder:
 
     def clone(self) -> "TextEncoder":
         """A handle sharing the weights, with its own settings."""
-        other = TextEncoder(list(self.towers), family=self.family, device=self.device, layer=self.layer)
+        other = TextEncoder(list(self.towers), family=self.family, device=self.device, layer=self.layer,
+                            embedding_dirs=self.embedding_dirs)
         other.patches = dict(self.patches)
         return other
 
@@ -214,8 +258,19 @@ class TextEncoder:
         return self.set_last_layer(-abs(n))
 
     def tokenize(self, text: str) -> dict[str, list[Chunk]]:
-        """The prompt as chunks of 77 (token, weight) pairs per tower: ``{"l": [...], "g": [...]}``."""
-        return {t.name: t.tokenizer.tokenize_weighted(text) for t in self.towers}
+        """The prompt as chunks of 77 (token, weight) pairs per tower: ``{"l": [...], "g": [...]}``.
+        ``embedding:NAME`` becomes the embedding's vectors for each tower (1-D tensors in place of
+        ids); a name that ``embedding_dirs`` (default: the configured embeddings folders) lacks is
+        left out, with one logged warning for all towers. A file that is not an embedding, or whose
+        vectors do not fit a tower's width, raises ``EmbeddingError`` naming it."""
+        missing: list[str] = []
+        out = {}
+        for t in self.towers:
+            lookup = embeddings.EmbeddingLookup(t.name, t.model.width, self.embedding_dirs)
+            out[t.name] = t.tokenizer.tokenize_weighted(text, lookup, missing)
+        if missing:
+            embeddings.warn_missing(missing, self.embedding_dirs)
+        return out
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cond [1, 77*k, D], pooled [1, P])`` float32 CPU for a prompt (weights, chunks; see module doc)."""
@@ -227,14 +282,15 @@ class TextEncoder:
         conds, pooled = [], None
         for tower in self.towers:
             chunks = tokens[tower.name]
-            ids = torch.tensor([[t for t, _ in c] for c in chunks])                      # (k, 77)
+            ids, vectors = self._ids_and_vectors(tower, chunks)                           # (k, 77)
             weights = torch.tensor([[w for _, w in c] for c in chunks], dtype=torch.float32)
             weighted = bool((weights != 1.0).any())
             if weighted:
                 ids = torch.cat([ids, torch.tensor([[t for t, _ in tower.tokenizer.empty_chunk()]])])
             devices.manager.load(tower.model, self.device)
             patching.sync(tower.model, self.patches.get(tower.name, {}))
-            hidden, pool = tower.model(ids.to(self.device), self.layer or tower.default_layer, tower.final_norm)
+            hidden, pool = tower.model(ids.to(self.device), self.layer or tower.default_layer, tower.final_norm,
+                                       vectors)
             hidden = hidden.float().cpu()                                                # (k[+1], 77, D)
             if weighted:
                 empty, hidden = hidden[-1], hidden[:-1]
@@ -244,6 +300,30 @@ class TextEncoder:
         if len({c.shape[1] for c in conds}) != 1:
             raise ValueError("the towers tokenized the prompt into different numbers of chunks")
         return torch.cat(conds, dim=-1), pooled
+
+    @staticmethod
+    def _ids_and_vectors(tower: Tower, chunks: list[Chunk]):
+        """The chunks' ids (k, 77), embedding vectors replaced by a placeholder id, and the
+        ``vectors`` argument of ``ClipTextModel.forward`` for them (None when there are none)."""
+        rows, at, values = [], [], []
+        for i, chunk in enumerate(chunks):
+            row = []
+            for j, (t, _) in enumerate(chunk):
+                if isinstance(t, torch.Tensor) and t.dim() == 1:
+                    if t.shape[0] != tower.model.width:
+                        raise ValueError(f"an embedding vector {t.shape[0]} wide was given to the CLIP-"
+                                         f"{tower.name.upper()} text encoder, which takes {tower.model.width}")
+                    at.append((i, j))
+                    values.append(t)
+                    row.append(_PLACEHOLDER)
+                else:
+                    row.append(int(t))
+            rows.append(row)
+        ids = torch.tensor(rows)
+        if not values:
+            return ids, None
+        where = torch.tensor(at)
+        return ids, (where[:, 0], where[:, 1], torch.stack([v.float() for v in values]))
 
 
 def make_text_encoder(models: dict[str, ClipTextModel], family: str, device: torch.device | None = None) -> TextEncoder:

@@ -16,15 +16,27 @@ Prompt syntax (A1111 / ComfyUI conventions):
   bracket without an opener is literal too; an opener never closed applies to the rest.
 - Prompts longer than 75 tokens are split into chunks of 77 (start, 75 tokens, end/pad);
   a word shorter than 8 tokens never straddles two chunks.
+- ``embedding:NAME`` (at the start of a word or after ``,`` / ``;``; ``NAME`` runs to the next
+  space, ``,`` or ``;``) stands for a textual-inversion embedding's vectors when ``tokenize_weighted``
+  is given a lookup (``nodeflow.models.embeddings``): they take ``n`` token places, carry the
+  weight of their group like words, and are never split across chunks (an embedding that does
+  not fit in the chunk's room starts the next chunk; only one of more than 75 vectors is split).
+  A name that is not found as written is tried without trailing ``.;:!?`` (``embedding:x.``
+  at a sentence's end), those characters staying as text. A name not found at all is left out.
+  Without a lookup the text is plain words.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
 
 BOS, EOS = 49406, 49407          # <|startoftext|>, <|endoftext|>
 MAX_LENGTH = 77                  # CLIP's context: start + 75 tokens + end
@@ -34,7 +46,15 @@ BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 # CLIP's pre-tokenisation pattern: contractions, letter runs, single digits, symbol runs.
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-Chunk = list[tuple[int, float]]  # 77 (token id, weight) pairs
+# 77 (token, weight) pairs; a token is an id (int) or, for an embedding, a vector (a 1-D tensor)
+Chunk = list[tuple[Any, float]]
+#: ``name -> vectors [n, width]`` (a tensor, or any sequence of 1-D vectors) or None if there is none
+EmbeddingLookup = Callable[[str], "Sequence | None"]
+
+EMBEDDING_PREFIX = "embedding:"
+# embedding:NAME at the start of a word or after "," or ";"; NAME runs to a space, "," or ";".
+_EMBEDDING = re.compile(r"(?<![^\s,;])embedding:(?P<name>[^\s,;]+)")
+_TRAILING = ".;:!?"              # tried off a name that is not found as written
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -162,31 +182,43 @@ class ClipTokenizer:
         """Plain token ids with start and end tokens, no padding, no weighting syntax."""
         return [BOS, *_bpe().encode(text, add_special_tokens=False).ids, EOS]
 
-    def words(self, text: str) -> list[tuple[list[int], float]]:
-        """The prompt as weighted words: ``[(token ids of one word, weight), ...]``."""
+    def words(self, text: str, embeddings: EmbeddingLookup | None = None,
+              missing: list[str] | None = None) -> list[tuple[list, float]]:
+        """The prompt as weighted words: ``[(token ids of one word, weight), ...]``. With an
+        ``embeddings`` lookup, each ``embedding:NAME`` found is one word whose tokens are the
+        embedding's vectors (1-D tensors); names not found are left out and appended to
+        ``missing`` (or, without that list, logged as a warning)."""
         out = []
         for segment, weight in parse_prompt_weights(text):
-            words = segment.split()
-            if not words:
-                continue
-            for enc in _bpe().encode_batch(words, add_special_tokens=False):
-                if enc.ids:
-                    out.append((list(enc.ids), weight))
+            for piece in _split_embeddings(segment, embeddings, missing):
+                if not isinstance(piece, str):                 # an embedding's vectors
+                    out.append((list(piece), weight))
+                    continue
+                words = piece.split()
+                if not words:
+                    continue
+                for enc in _bpe().encode_batch(words, add_special_tokens=False):
+                    if enc.ids:
+                        out.append((list(enc.ids), weight))
         return out
 
-    def tokenize_weighted(self, text: str) -> list[Chunk]:
-        """The prompt as chunks of 77 ``(token id, weight)`` pairs: start token, up to 75
-        prompt tokens, end token, padding. An empty prompt gives one chunk."""
+    def tokenize_weighted(self, text: str, embeddings: EmbeddingLookup | None = None,
+                          missing: list[str] | None = None) -> list[Chunk]:
+        """The prompt as chunks of 77 ``(token, weight)`` pairs: start token, up to 75
+        prompt tokens, end token, padding. An empty prompt gives one chunk. ``embeddings``:
+        how ``embedding:NAME`` finds its vectors (see ``words``; without it, plain text)."""
         body = MAX_LENGTH - 2
-        chunks: list[list[tuple[int, float]]] = [[]]
-        for ids, weight in self.words(text):
+        chunks: list[list[tuple[Any, float]]] = [[]]
+        for ids, weight in self.words(text, embeddings, missing):
             pairs = [(t, weight) for t in ids]
+            vectors = not isinstance(ids[0], int)
             while pairs:
                 room = body - len(chunks[-1])
                 if len(pairs) <= room:
                     chunks[-1].extend(pairs)
                     pairs = []
-                elif len(pairs) >= MAX_WORD_LENGTH:       # a long word is split at the chunk end
+                elif (len(pairs) > body) if vectors else (len(pairs) >= MAX_WORD_LENGTH):
+                    # a long word (or an embedding longer than a chunk) is split at the chunk end
                     chunks[-1].extend(pairs[:room])
                     pairs = pairs[room:]
                     chunks.append([])
@@ -204,3 +236,32 @@ class ClipTokenizer:
     def empty_chunk(self) -> Chunk:
         """The chunk of the empty prompt (start, end, padding): the reference that weights scale from."""
         return self.tokenize_weighted("")[0]
+
+
+def _split_embeddings(segment: str, embeddings: EmbeddingLookup | None,
+                      missing: list[str] | None) -> Iterator:
+    """``segment`` as text pieces (str) and embeddings' vectors, in order."""
+    if embeddings is None or EMBEDDING_PREFIX not in segment:
+        yield segment
+        return
+    start = 0
+    for m in _EMBEDDING.finditer(segment):
+        name, leftover = m.group("name"), ""
+        vectors = embeddings(name)
+        if vectors is None:
+            stripped = name.rstrip(_TRAILING)
+            if stripped and stripped != name:
+                vectors = embeddings(stripped)
+                if vectors is not None:
+                    leftover = name[len(stripped):]
+        yield segment[start:m.start()]
+        if vectors is None:
+            if missing is None:
+                log.warning("embedding %r not found; left out of the prompt", name)
+            else:
+                missing.append(name)
+        else:
+            yield vectors
+        yield leftover
+        start = m.end()
+    yield segment[start:]

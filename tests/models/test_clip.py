@@ -65,3 +65,40 @@ def test_sdxl_towers_and_padding(sdxl):
     assert tokens["l"][0][-1][0] == EOS and tokens["g"][0][-1][0] == 0
     assert [t.default_layer for t in sdxl.clip.towers] == [-2, -2]
     assert not any(t.final_norm for t in sdxl.clip.towers)
+
+
+def test_spliced_vectors_replace_token_embeddings(sd1, sdxl):
+    """ClipTextModel.forward's ``vectors``: the token embeddings of the ids they replace give the
+    ids' own output; the hook is inert outside such a forward and for other models."""
+    from nodeflow.models.clip import _SPLICE
+
+    for clip in (sd1.clip, sdxl.clip):
+        for tower in clip.towers:
+            ids = torch.tensor([[t for t, _ in tower.tokenizer.tokenize_weighted("a red cat")[0]]] * 2)
+            table = tower.model._inner.embeddings.token_embedding.weight
+            rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 2, 3])
+            placeheld = ids.clone()
+            placeheld[rows, cols] = 0
+            with torch.no_grad():
+                plain = tower.model(ids, -2, True)
+                spliced = tower.model(placeheld, -2, True, (rows, cols, table[ids[rows, cols]]))
+                other = tower.model(placeheld, -2, True)
+            assert torch.equal(plain[0], spliced[0]) and torch.equal(plain[1], spliced[1])
+            assert not torch.equal(other[0], plain[0])              # no splice left over
+            assert _SPLICE.get() is None
+
+
+def test_a_failed_forward_leaves_no_splice(sd1):
+    from nodeflow.models.clip import _SPLICE
+
+    model = sd1.clip.towers[0].model
+    with pytest.raises(Exception):
+        model(torch.zeros(1, 77, dtype=torch.long), -1, True, (torch.tensor([0]), torch.tensor([1]), torch.zeros(1, 5)))
+    assert _SPLICE.get() is None
+
+
+def test_embedding_tokens_of_the_wrong_width_are_refused(sd1):
+    tokens = sd1.clip.tokenize("a cat")
+    tokens["l"][0][1] = (torch.zeros(7), 1.0)
+    with pytest.raises(ValueError, match="7 wide .*CLIP-L.* takes 32"):
+        sd1.clip.encode_tokens(tokens)

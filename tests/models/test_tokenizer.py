@@ -88,3 +88,87 @@ def test_long_words_are_split_at_the_chunk_end():
     chunks = tok.tokenize_weighted(" ".join(["cat"] * 70) + " " + long_word)
     assert len(chunks) == 2
     assert ids(chunks[0])[71:76] == tok.words(long_word)[0][0][:5]
+
+
+# --- embedding:NAME ---------------------------------------------------------------------------
+
+def lookup_of(table):
+    """A lookup like ``nodeflow.models.embeddings.EmbeddingLookup``, from a dict of name -> [n, 2] tensors."""
+    calls = []
+
+    def lookup(name):
+        calls.append(name)
+        return table.get(name)
+    lookup.calls = calls
+    return lookup
+
+
+def vecs(n):
+    import torch
+    return torch.arange(2.0 * n).reshape(n, 2)
+
+
+def is_vector(t):
+    return not isinstance(t, int)
+
+
+def test_embedding_words_become_vectors():
+    tok = ClipTokenizer()
+    lookup = lookup_of({"x": vecs(3)})
+    words = tok.words("a embedding:x b", lookup)
+    a, b = tok.encode("a")[1], tok.encode("b")[1]
+    assert [len(w) for w, _ in words] == [1, 3, 1] and words[0][0] == [a] and words[2][0] == [b]
+    assert all(is_vector(t) for t in words[1][0]) and words[1][0][2].tolist() == [4.0, 5.0]
+    (chunk,) = tok.tokenize_weighted("a embedding:x b", lookup)
+    assert chunk[:2] == [(BOS, 1.0), (a, 1.0)] and chunk[5:7] == [(b, 1.0), (EOS, 1.0)]
+    assert [is_vector(t) for t, _ in chunk[2:5]] == [True] * 3
+
+
+def test_without_a_lookup_embedding_text_is_words():
+    tok = ClipTokenizer()
+    (chunk,) = tok.tokenize_weighted("embedding:x")
+    plain = tok.encode("embedding:x")
+    assert len(plain) > 3 and ids(chunk)[:len(plain)] == plain
+
+
+def test_where_embedding_names_are_recognised():
+    tok = ClipTokenizer()
+    lookup = lookup_of({"x": vecs(1), "sub/y.pt": vecs(2)})
+    assert sum(map(is_vector, (t for w, _ in tok.words("cat,embedding:x;embedding:sub/y.pt", lookup)
+                               for t in w))) == 3
+    assert not any(is_vector(t) for w, _ in tok.words("xembedding:x (a:embedding:x)", lookup) for t in w)
+    # weighting groups and escapes around it
+    words = tok.words(r"(embedding:x:1.3) [embedding:x] \(embedding:x\)", lookup)
+    assert [(len(w), round(wt, 4)) for w, wt in words][:2] == [(1, 1.3), (1, round(1 / 1.1, 4))]
+    assert not any(is_vector(t) for w, _ in words[2:] for t in w)      # "(embedding:x)" literally: no match
+
+
+def test_trailing_punctuation_and_missing_names():
+    tok = ClipTokenizer()
+    lookup = lookup_of({"x": vecs(1)})
+    missing = []
+    words = tok.words("embedding:x. embedding:x, embedding:gone! end", lookup, missing)
+    assert missing == ["gone!"]
+    assert lookup.calls == ["x.", "x", "x", "gone!", "gone"]
+    period, comma, end = tok.encode(".")[1], tok.encode(",")[1], tok.encode("end")[1]
+    assert [w if not is_vector(w[0]) else "V" for w, _ in words] == ["V", [period], "V", [comma], [end]]
+
+
+def test_missing_names_are_logged_without_a_list(caplog):
+    with caplog.at_level("WARNING", logger="nodeflow.models.tokenizer"):
+        (chunk,) = ClipTokenizer().tokenize_weighted("a embedding:nope", lookup_of({}))
+    assert ids(chunk)[:3] == [BOS, 320, EOS] and "'nope' not found" in caplog.text
+
+
+def test_embeddings_never_straddle_chunks():
+    tok = ClipTokenizer()
+    lookup = lookup_of({"e7": vecs(7), "e10": vecs(10), "e80": vecs(80)})
+    for name, n in (("e7", 7), ("e10", 10)):                  # a word of 10 tokens would be split here
+        chunks = tok.tokenize_weighted("cat " * 70 + f"embedding:{name}", lookup)
+        assert len(chunks) == 2 and ids(chunks[0])[70:72] == [2368, EOS]
+        assert [is_vector(t) for t in ids(chunks[1])[1:n + 2]] == [True] * n + [False]
+    fits = tok.tokenize_weighted("cat " * 65 + "embedding:e10", lookup)
+    assert len(fits) == 1 and is_vector(ids(fits[0])[75]) and ids(fits[0])[76] == EOS
+    huge = tok.tokenize_weighted("cat embedding:e80 dog", lookup)      # longer than a chunk: split
+    assert len(huge) == 2 and sum(is_vector(t) for c in huge for t in ids(c)) == 80
+    assert ids(huge[0])[1] == 2368 and is_vector(ids(huge[0])[75]) and ids(huge[1])[7] == tok.encode("dog")[1]
