@@ -6,12 +6,21 @@ inside ``apply_model`` is measured and subtracted. Target: under 1 ms per step o
 latent (a 512×512 image).
 
     python bench/sampling_overhead.py [--steps 20] [--size 64] [--batch 1] [--repeat 3] [--threads N]
-                                      [--samplers euler,dpmpp_2m] [--json out.json]
+                                      [--samplers euler,dpmpp_2m] [--tree comfy|torchsde|builtin]
+                                      [--clock wall|cpu] [--json out.json]
+
+``--clock cpu`` counts this process's CPU time instead of wall time: steadier on a shared,
+loaded machine (use it with ``--threads 1``, or idle intra-op threads' spinning counts too).
+
+``--tree`` picks the Brownian tree of the SDE samplers: ``comfy`` (the default: ComfyUI's
+torchsde tree computed by nodeflow), ``torchsde`` (torchsde's own object: the same numbers)
+or ``builtin`` (same law, other numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -21,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodeflow.sampling import SAMPLER_NAMES, ksampler  # noqa: E402
+from nodeflow.sampling import SAMPLER_NAMES, ksampler, steps as sampler_steps  # noqa: E402
+from nodeflow.sampling.noise import BrownianTreeNoiseSampler  # noqa: E402
 from nodeflow.sampling.model_sampling import scaled_linear_alphas_cumprod  # noqa: E402
 
 
@@ -32,6 +42,8 @@ class DummyModel:
     in_channels = 4
     latent_channels = 4
     device = "cpu"
+
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self):
         self.alphas_cumprod = scaled_linear_alphas_cumprod().float()
@@ -48,9 +60,9 @@ class DummyModel:
         return {}
 
     def apply_model(self, x, t, context, y=None, c_concat=None):
-        start = time.perf_counter()
+        start = self.clock()
         out = x * 0.1
-        self.model_seconds += time.perf_counter() - start
+        self.model_seconds += self.clock() - start
         self.calls += 1
         return out
 
@@ -63,10 +75,10 @@ def measure(name: str, steps: int, size: int, batch: int, repeat: int) -> dict:
         positive = [[torch.randn(1, 77, 768), {}]]
         negative = [[torch.zeros(1, 77, 768), {}]]
         done = []
-        start = time.perf_counter()
+        start = DummyModel.clock()
         ksampler(model, latent, positive, negative, seed=1, steps=steps, cfg=7.0, sampler_name=name,
                  scheduler="karras", callback=lambda s, t, x, d: done.append(s))
-        total = time.perf_counter() - start
+        total = DummyModel.clock() - start
         outside = total - model.model_seconds
         result = {"sampler": name, "steps": steps, "model_calls": model.calls, "total_ms": total * 1e3,
                   "outside_ms": outside * 1e3, "outside_ms_per_step": outside * 1e3 / steps}
@@ -83,15 +95,23 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per sampler; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
+    parser.add_argument("--tree", choices=["comfy", "torchsde", "builtin"], default="comfy",
+                        help="the SDE samplers' Brownian tree")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (steadier on a loaded machine)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.clock == "cpu":
+        DummyModel.clock = staticmethod(time.process_time)
     if args.threads:
         torch.set_num_threads(args.threads)
+    use_torchsde = {"comfy": None, "torchsde": True, "builtin": False}[args.tree]
+    sampler_steps.BrownianTreeNoiseSampler = functools.partial(BrownianTreeNoiseSampler, use_torchsde=use_torchsde)
     names = [n for n in args.samplers.split(",") if n]
     measure(names[0], 2, args.size, args.batch, 1)        # warm-up
     rows = [measure(n, args.steps, args.size, args.batch, args.repeat) for n in names]
     print(f"latent {args.batch}x4x{args.size}x{args.size}, {args.steps} steps, cfg 7, karras, "
-          f"{torch.get_num_threads()} thread(s)")
+          f"{torch.get_num_threads()} thread(s), Brownian tree: {args.tree}, {args.clock} clock")
     print(f"{'sampler':32s} {'calls':>5s} {'total ms':>9s} {'outside ms':>10s} {'ms/step':>8s}")
     for r in rows:
         flag = "" if r["outside_ms_per_step"] < 1.0 else "  > 1 ms"

@@ -30,7 +30,8 @@ from nodeflow.sampling.model_sampling import DiscreteSchedule
 
 __all__ = ["CFGDenoiser", "prepare_conditioning", "repeat_to_batch_size", "blank_inpaint_latent"]
 
-FEATHER = 8   # latent rows/columns over which an area's weight ramps up at its inner edges
+FEATHER = 8   # at most this many latent rows/columns over which an area's weight ramps up at its
+              # inner edges: min(FEATHER, size // 4) along each axis, as ComfyUI does
 
 
 def repeat_to_batch_size(t: Tensor, batch: int) -> Tensor:
@@ -202,16 +203,16 @@ def _finish(entry: Entry, shape) -> None:
         mult = torch.ones((b, ch, ah, aw), device=entry.cond.device)
     mult = mult * meta.get("strength", 1.0)
     if mask is None and area is not None:
-        ramp = [(t + 1) / FEATHER for t in range(FEATHER)]
-        for t, r in enumerate(ramp):
-            if ay != 0:
-                mult[:, :, t:t + 1, :] *= r
-            if ah + ay < h:
-                mult[:, :, ah - 1 - t:ah - t, :] *= r
-            if ax != 0:
-                mult[:, :, :, t:t + 1] *= r
-            if aw + ax < w:
-                mult[:, :, :, aw - 1 - t:aw - t] *= r
+        # feather the edges that lie inside the latent: the weight ramps 1/rr, 2/rr, … 1 over
+        # rr = min(8, size // 4) cells along each axis (no ramp for an area under 4 cells)
+        for dim, size, start, full in ((2, ah, ay, h), (3, aw, ax, w)):
+            rr = min(FEATHER, size // 4)
+            for t in range(rr):
+                r = (1.0 / rr) * (t + 1)
+                if start != 0:
+                    mult.narrow(dim, t, 1).mul_(r)
+                if size + start < full:
+                    mult.narrow(dim, size - 1 - t, 1).mul_(r)
     entry.mult = mult
 
 
@@ -275,6 +276,7 @@ class _Batch:
     entries: list[Entry]
     context: Tensor
     kwargs: dict
+    whole: bool = False        # every entry covers the whole latent: the model input is x, n times
 
 
 def _make_batches(entries: list[Entry], max_entries: int | None) -> list[_Batch]:
@@ -287,12 +289,20 @@ def _make_batches(entries: list[Entry], max_entries: int | None) -> list[_Batch]
         todo = [e for e in todo if not any(e is g for g in group)]
         kwargs = {k: torch.cat([e.crop_kwargs[k] for e in group]) if isinstance(first.crop_kwargs[k], Tensor)
                   else first.crop_kwargs[k] for k in first.crop_kwargs}
-        batches.append(_Batch(group, _cat_conds([e.cond for e in group]), kwargs))
+        batches.append(_Batch(group, _cat_conds([e.cond for e in group]), kwargs,
+                              whole=all(e.area is None for e in group)))
     return batches
 
 
 class CFGDenoiser:
-    """D(x, σ) with conditioning and classifier-free guidance, for one sampling run."""
+    """D(x, σ) with conditioning and classifier-free guidance, for one sampling run.
+
+    Per call the work outside the model is a few tensor operations: the batches are prepared
+    once per set of active entries, the σ-dependent factors (σ per row, timestep, σ² + 1,
+    √(σ² + 1)) once per call and remembered per σ value when σ is on the CPU; a σ on another
+    device is never read back to Python unless an entry has a start/end percentage."""
+
+    _TERMS_CACHE = 32            # σ values remembered (a run revisits few; multistage ones more)
 
     def __init__(self, model, schedule: DiscreteSchedule, positive, negative, cfg: float, shape, device,
                  latent_image: Tensor | None = None, denoise_mask: Tensor | None = None,
@@ -302,34 +312,86 @@ class CFGDenoiser:
                                             latent_image=latent_image, denoise_mask=denoise_mask)
         self.max_batch_entries = max_batch_entries
         self._batches: dict[tuple, list[_Batch]] = {}
+        self._timed = any(e.sigma_start is not None or e.sigma_end is not None for e in self.entries)
+        # the per-call shortcuts assume DiscreteSchedule's own σ maps (a subclass, e.g. LCM's or
+        # x₀-prediction's, gets the plain per-row computation)
+        self._plain_schedule = all(getattr(type(schedule), name) is getattr(DiscreteSchedule, name)
+                                   for name in ("timestep", "terms", "calculate_input", "calculate_denoised"))
+        self._terms: dict[tuple, tuple] = {}
         self.model_calls = 0                      # forward passes so far (for tests and stats)
 
-    def _batches_for(self, sigma: float, with_uncond: bool) -> list[_Batch]:
-        active = tuple(e.active(sigma) and (with_uncond or not e.uncond) for e in self.entries)
-        if active not in self._batches:
-            chosen = [e for e, on in zip(self.entries, active) if on]
-            self._batches[active] = _make_batches(chosen, self.max_batch_entries)
-        return self._batches[active]
+    def _batches_for(self, sigma: Tensor, with_uncond: bool) -> list[_Batch]:
+        if self._timed:
+            value = float(sigma.reshape(-1)[0])
+            active = tuple(e.active(value) and (with_uncond or not e.uncond) for e in self.entries)
+        else:
+            active = with_uncond
+        batches = self._batches.get(active)
+        if batches is None:
+            if isinstance(active, bool):
+                chosen = [e for e in self.entries if with_uncond or not e.uncond]
+            else:
+                chosen = [e for e, on in zip(self.entries, active) if on]
+            batches = self._batches[active] = _make_batches(chosen, self.max_batch_entries)
+        return batches
+
+    def _sigma_terms(self, sigma: Tensor, n: int, like: Tensor):
+        """(σ for the n·B rows, their timesteps, their SigmaTerms), remembered per σ. A σ on
+        the CPU that is the same for every row (as samplers pass it) is worked out on the
+        host, without a tensor operation per factor."""
+        if sigma.device.type != "cpu" or not self._plain_schedule:
+            sigma_in = sigma.repeat(n) if n > 1 else sigma
+            return sigma_in, self.schedule.timestep(sigma_in), self.schedule.terms(sigma_in, like)
+        values = sigma.tolist()
+        key = (tuple(values), n, like.dtype, like.device)
+        found = self._terms.get(key)
+        if found is not None:
+            return found
+        if like.dtype == torch.float32 and values.count(values[0]) == len(values):
+            t = self.schedule.timestep_value(values[0])
+            found = (sigma, torch.full((n * len(values),), t, device=sigma.device),
+                     self.schedule.terms_value(values[0], like))
+        else:
+            sigma_in = sigma.repeat(n) if n > 1 else sigma
+            found = (sigma_in, self.schedule.timestep(sigma_in), self.schedule.terms(sigma_in, like))
+        if len(self._terms) >= self._TERMS_CACHE:
+            self._terms.pop(next(iter(self._terms)))
+        self._terms[key] = found
+        return found
 
     def _predict(self, x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
         """(D_c, D_u or None) as area/strength-weighted averages over the active entries."""
         b, _, h, w = x.shape
         sums: list[Tensor | None] = [None, None]            # Σ weight · D per side
         counts: list = [1e-37, 1e-37]                       # Σ weight per side (a float while uniform)
-        for batch in self._batches_for(float(sigma.reshape(-1)[0]), with_uncond):
-            crops = []
-            for e in batch.entries:
-                ah, aw, ay, ax = e.area if e.area is not None else (h, w, 0, 0)
-                crops.append(x[:, :, ay:ay + ah, ax:ax + aw])
-            x_in = torch.cat(crops) if len(crops) > 1 else crops[0]       # (n·B, C, h, w)
-            sigma_in = sigma.repeat(len(batch.entries))                   # (n·B,)
-            t = self.schedule.timestep(sigma_in)
-            output = self.model.apply_model(self.schedule.calculate_input(sigma_in, x_in), t, batch.context,
-                                            **batch.kwargs)
+        for batch in self._batches_for(sigma, with_uncond):
+            n = len(batch.entries)
+            sigma_in, t, terms = self._sigma_terms(sigma, n, x)
+            if batch.whole and (n == 1 or (self._plain_schedule and terms.root.shape[0] == 1)):
+                # n copies of x under one σ: scale x once, and take D against x broadcast
+                # over the n entries — the same values as on n stacked copies, with less work
+                scaled = self.schedule.calculate_input(sigma_in, x, terms)
+                output = self.model.apply_model(scaled if n == 1 else torch.cat([scaled] * n), t, batch.context,
+                                                **batch.kwargs)
+                output = output.float()
+                if n > 1:
+                    output = output.reshape((n,) + tuple(x.shape))        # (n, B, C, h, w)
+                denoised = self.schedule.calculate_denoised(sigma_in, output, x, terms)
+            else:
+                crops = []
+                for e in batch.entries:
+                    ah, aw, ay, ax = e.area if e.area is not None else (h, w, 0, 0)
+                    crops.append(x[:, :, ay:ay + ah, ax:ax + aw])
+                x_in = torch.cat(crops) if n > 1 else crops[0]             # (n·B, C, ah, aw)
+                output = self.model.apply_model(self.schedule.calculate_input(sigma_in, x_in, terms), t,
+                                                batch.context, **batch.kwargs)
+                denoised = self.schedule.calculate_denoised(sigma_in, output.float(), x_in, terms)
+                if n > 1:
+                    denoised = denoised.reshape((n, b) + tuple(denoised.shape[1:]))
             self.model_calls += 1
-            denoised = self.schedule.calculate_denoised(sigma_in, output.float(), x_in)
             for k, e in enumerate(batch.entries):
-                side, d = int(e.uncond), denoised[k * b:(k + 1) * b]
+                side = int(e.uncond)
+                d = denoised if n == 1 else denoised[k]
                 if e.mult is None:                                        # whole latent, one weight
                     d = d if e.weight == 1.0 else d * e.weight
                     sums[side] = d if sums[side] is None else sums[side] + d

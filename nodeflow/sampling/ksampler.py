@@ -4,9 +4,10 @@
         ──sampler(D, x_T, σ₀ … σ_N)──► x₀ ──process_latent_out──► LATENT
 
 D is the CFG denoiser (``guidance.py``) wrapped, when the LATENT has a ``noise_mask``, so that
-outside the mask the model always sees the input latent noised to the current σ and its
-prediction is replaced by the input latent (ComfyUI's KSamplerX0Inpaint): the unmasked region
-ends exactly where it started. Sampling runs on the model's device; noise is made on the CPU.
+the model sees x·m + (L + σ·noise)·(1 − m) and its prediction becomes D·m + L·(1 − m), with L
+the input latent and m the mask resized bilinearly to the latent (ComfyUI's KSamplerX0Inpaint).
+A soft mask (0 < m < 1) therefore ends at m·D + (1 − m)·L, and the unmasked region (m = 0)
+exactly where it started. Sampling runs on the model's device; noise is made on the CPU.
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ class MaskedDenoiser:
 
     def __init__(self, inner, latent_image: Tensor, noise: Tensor, mask: Tensor | None):
         self.inner, self.latent_image, self.noise, self.mask = inner, latent_image, noise, mask
+        if mask is not None:                                  # the per-call constants, computed once
+            self._keep = 1.0 - mask
+            self._latent_kept = latent_image * self._keep
 
     def _input(self, x: Tensor, sigma: Tensor) -> Tensor:
         s = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
-        return x * self.mask + (self.latent_image + self.noise * s) * (1.0 - self.mask)
+        return x * self.mask + (self.latent_image + self.noise * s) * self._keep
 
     def _output(self, denoised: Tensor) -> Tensor:
-        return denoised * self.mask + self.latent_image * (1.0 - self.mask)
+        return denoised * self.mask + self._latent_kept
 
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
         if self.mask is None:
@@ -139,8 +143,12 @@ def sample(model, noise: Tensor, positive, negative, *, cfg: float, sampler_name
                             callback=on_step if callback is not None else None, **options)
     out = model.process_latent_out(samples.float()).float().cpu()
     if mask is not None and float(sigmas[-1]) == 0.0:
-        keep = mask.cpu()
-        out = out * keep + latent_image * (1.0 - keep)      # exact input outside the mask
+        # The last step already lands on the masked denoiser's blend m·D + (1 − m)·L, which
+        # is ComfyUI's result (blending again would give m²·D + (1 − m²)·L in soft cells).
+        # Only where m = 0 is the exact input restored: the sampler's arithmetic leaves
+        # rounding there, and dpm_fast/dpm_adaptive stop at σ_min > 0. A schedule cut before
+        # σ = 0 (return_with_leftover_noise) is returned as sampled, as in ComfyUI.
+        out = torch.where(mask.cpu() == 0, latent_image, out)
     return out
 
 

@@ -23,12 +23,24 @@ ComfyUI compatibility facts kept here: sigmas are float32 computed from a float6
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DiscreteSchedule", "scaled_linear_alphas_cumprod"]
+__all__ = ["DiscreteSchedule", "SigmaTerms", "scaled_linear_alphas_cumprod"]
+
+
+class SigmaTerms(NamedTuple):
+    """The σ-dependent factors of one model call, shaped to broadcast over x ([B, 1, …]):
+    σ, σ² + 1 and √(σ² + 1). Computed once per call (or per σ) and shared by
+    ``calculate_input`` and ``calculate_denoised``."""
+    sigma: Tensor
+    s2p1: Tensor
+    root: Tensor
 
 
 def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -61,6 +73,7 @@ class DiscreteSchedule:
         self.num_timesteps = int(ac.shape[0])
         self.sigmas = sigmas64.float()               # (T,) ascending
         self.log_sigmas = sigmas64.log().float()     # (T,)
+        self._log_sigma_table = None                 # (log_sigmas, as floats, as numpy) for timestep_value
         self.sigma_min = float(self.sigmas[0])
         self.sigma_max = float(self.sigmas[-1])
 
@@ -96,6 +109,28 @@ class DiscreteSchedule:
         w = ((log_sigmas[low] - log_sigma.reshape(-1)) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
         return ((1 - w) * low + w * high).reshape(sigma.shape)
 
+    def timestep_value(self, sigma: float) -> float:
+        """``timestep`` of one σ given as a float (a float32 value): the same float32
+        arithmetic — log σ, its distance to each training log σ, the first nearest — without
+        a tensor of T distances. Only the two training steps around log σ can be nearest, as
+        the float32 distances fall and then rise along the ascending log σ_t."""
+        if (not self.quantize or not math.isfinite(sigma) or sigma <= 0
+                or type(self).timestep is not DiscreteSchedule.timestep):     # a subclass maps σ its own way
+            return float(self.timestep(torch.tensor([sigma], dtype=torch.float32))[0])
+        table = self._log_sigma_table
+        if table is None or table[0] is not self.log_sigmas:
+            table = self._log_sigma_table = (self.log_sigmas, self.log_sigmas.tolist(), self.log_sigmas.numpy().copy())
+        _, values, array = table
+        log_sigma = np.float32(torch.tensor([sigma], dtype=torch.float32).log().item())
+        i = bisect.bisect_left(values, float(log_sigma))
+        best, best_distance = None, None
+        for j in (i - 1, i):
+            if 0 <= j < len(values):
+                distance = abs(log_sigma - array[j])                    # float32, as in timestep()
+                if best is None or distance < best_distance:            # the first of equals, as argmin
+                    best, best_distance = j, distance
+        return float(best)
+
     def sigma(self, timestep) -> Tensor:
         """σ at a (fractional) timestep: log σ interpolated linearly between integers."""
         t = torch.as_tensor(timestep, dtype=torch.float32).clamp(0, self.num_timesteps - 1)
@@ -120,16 +155,33 @@ class DiscreteSchedule:
             return torch.ones_like(sigma), -sigma, c_in
         return 1.0 / (sigma ** 2 + 1.0), -sigma * c_in, c_in
 
-    def calculate_input(self, sigma: Tensor, x: Tensor) -> Tensor:
-        """The network input x / √(σ²+1) (σ is a per-sample vector)."""
-        return x / (_per_sample(sigma, x) ** 2 + 1.0) ** 0.5
+    def terms(self, sigma: Tensor, like: Tensor) -> SigmaTerms:
+        """σ, σ² + 1 and √(σ² + 1) for a per-sample σ, in ``like``'s dtype and device,
+        shaped to broadcast over it."""
+        s = _per_sample(sigma, like)
+        s2p1 = s ** 2 + 1.0
+        return SigmaTerms(s, s2p1, s2p1 ** 0.5)
 
-    def calculate_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor) -> Tensor:
+    def terms_value(self, sigma: float, like: Tensor) -> SigmaTerms:
+        """``terms`` for one σ shared by every row of ``like``: the same torch arithmetic on a
+        single value (x ** 0.5 is not always the correctly rounded square root, so it is not
+        done on the host), shaped [1, 1, …] to broadcast over ``like``."""
+        s = torch.tensor([sigma], dtype=like.dtype, device=like.device).reshape((1,) * like.ndim)
+        s2p1 = s ** 2 + 1.0
+        return SigmaTerms(s, s2p1, s2p1 ** 0.5)
+
+    def calculate_input(self, sigma: Tensor, x: Tensor, terms: SigmaTerms | None = None) -> Tensor:
+        """The network input x / √(σ²+1) (σ is a per-sample vector; ``terms`` its precomputed
+        factors, if at hand)."""
+        return x / (self.terms(sigma, x) if terms is None else terms).root
+
+    def calculate_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor,
+                           terms: SigmaTerms | None = None) -> Tensor:
         """D = c_skip·x + c_out·F for the network output F (ε or v)."""
-        s = _per_sample(sigma, x)
+        terms = self.terms(sigma, x) if terms is None else terms
         if self.prediction_type == "eps":
-            return x - model_output * s
-        return x / (s ** 2 + 1.0) - model_output * s / (s ** 2 + 1.0) ** 0.5
+            return x - model_output * terms.sigma
+        return x / terms.s2p1 - model_output * terms.sigma / terms.root
 
     def noise_scaling(self, sigma, noise: Tensor, latent_image: Tensor | None, max_denoise: bool = False) -> Tensor:
         """The starting point of sampling: latent + σ·noise, or √(1+σ²)·noise when starting

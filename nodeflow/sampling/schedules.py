@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -99,12 +100,13 @@ def ddim_uniform_sigmas(s: DiscreteSchedule, steps: int) -> Tensor:
 
 
 def beta_sigmas(s: DiscreteSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
-    """Training σ at t = round(T_max · F⁻¹(1 − i/steps)), F the Beta(α, β) CDF; repeated
-    timesteps are dropped; then 0."""
+    """Training σ at t = rint(T_max · F⁻¹(q_i)), q_i = 1 − i/steps (numpy's linspace, so the
+    float64 values are ComfyUI's), F the Beta(α, β) CDF; repeated timesteps are dropped; then 0."""
     total = len(s.sigmas) - 1
+    quantiles = 1.0 - np.linspace(0.0, 1.0, steps, endpoint=False)
     sigs, last_t = [], None
-    for i in range(steps):
-        t = int(round_half_even(beta_ppf(1.0 - i / steps, alpha, beta) * total))
+    for q in quantiles.tolist():
+        t = int(round_half_even(beta_ppf(q, alpha, beta) * total))
         if t != last_t:
             sigs.append(float(s.sigmas[t]))
         last_t = t

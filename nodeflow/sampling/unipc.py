@@ -86,7 +86,14 @@ def _uni_pc_update(model_fn, x, model_prev, t_prev, t, order, variant, use_corre
 
 @torch.no_grad()
 def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, disable=None, variant="bh1"):
-    """UniPC-3 multistep with lower orders for warm-up and the final steps (``variant`` bh1/bh2)."""
+    """UniPC-3 multistep with lower orders for warm-up and the final steps (``variant`` bh1/bh2).
+
+    One step (``len(sigmas) == 2``) differs from ComfyUI on purpose: ComfyUI's order is
+    min(3, steps − 1) = 0 there, so it evaluates the model once and returns x_T rescaled to
+    σ = 0.001 — essentially the scaled starting noise. Here a single step is a first-order
+    UniP step (DDIM in data prediction) from σ₀ to the end: the model's x₀ estimate, a usable
+    image. For two or more steps the two agree.
+    """
     _, kwargs = split_extra_args(extra_args)
     ts = sigmas.clone().float()
     if ts[-1] == 0:
@@ -99,7 +106,7 @@ def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, disable=None
     def model_fn(x_vp, sigma):                 # D at the σ-space point x_VP·√(1+σ²)
         return model(x_vp * torch.sqrt(sigma ** 2 + 1.0), sigma * s_in, **kwargs)
 
-    order = max(1, min(3, steps - 1))           # ComfyUI: min(3, steps − 1), 0 for one step
+    order = max(1, min(3, steps - 1))           # ComfyUI: min(3, steps − 1): 0 for one step (see above)
     x = x / torch.sqrt(1.0 + ts[0] ** 2)
     model_prev = [model_fn(x, ts[0])]
     t_prev = [ts[0]]

@@ -105,6 +105,76 @@ def test_noise_mask_keeps_the_unmasked_region(fake_model, make_cond, sampler_nam
     assert torch.equal(out["noise_mask"], mask)
 
 
+def _bilinear_latent_mask(pixel_mask: torch.Tensor) -> torch.Tensor:
+    """A [H, W] pixel mask resized to [H/8, W/8] as bilinear interpolation (half-pixel centres,
+    no antialiasing) does for a factor of 8: latent cell i samples pixel coordinate 8i + 3.5,
+    i.e. the mean of pixels 8i+3 and 8i+4 along each axis."""
+    h, w = pixel_mask.shape
+    out = torch.zeros(h // 8, w // 8)
+    for i in range(h // 8):
+        for j in range(w // 8):
+            out[i, j] = pixel_mask[8 * i + 3:8 * i + 5, 8 * j + 3:8 * j + 5].mean()
+    return out
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("m", [0.25, 0.5])
+def test_soft_noise_mask_ends_at_m_times_d_plus_one_minus_m_times_the_input(fake_model, make_cond, sampler_name, m):
+    """ComfyUI applies a soft mask once: the last step lands on KSamplerX0Inpaint's blend
+    m·D + (1 − m)·L (not m²·D + (1 − m²)·L)."""
+    lat = latent()
+    out = run(fake_model(), make_cond, {"samples": lat, "noise_mask": torch.full((1, 8, 8), m)},
+              sampler_name=sampler_name, target=0.5)["samples"]
+    expected = m * (0.5 / SCALE) + (1 - m) * lat
+    assert torch.allclose(out, expected, atol=1e-3)
+
+
+def test_pixel_mask_off_the_latent_grid_is_resized_bilinearly_and_applied_once(fake_model, make_cond):
+    lat = latent()
+    pixels = torch.zeros(64, 64)
+    pixels[20:44, 20:44] = 1.0                     # edges at 20 and 44: not multiples of 8
+    m = _bilinear_latent_mask(pixels)
+    assert m[2, 2] == 0.25 and m[2, 3] == 0.5 and m[3, 3] == 1.0 and m[5, 5] == 0.25   # soft cells
+    out = run(fake_model(), make_cond, {"samples": lat, "noise_mask": pixels[None]}, target=0.5)["samples"]
+    expected = m * (0.5 / SCALE) + (1 - m) * lat
+    assert torch.allclose(out, expected, atol=1e-3)
+    assert torch.equal(out[:, :, m == 0], lat[:, :, m == 0])      # the unmasked region is the input, exactly
+
+
+def test_masked_denoiser_prediction_outside_the_mask_is_the_input_latent(fake_model, make_cond):
+    """At every step (not only in the final result), D outside the mask is the input latent
+    and the state there is the input latent noised to the step's σ."""
+    lat = latent()
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :, 4:] = 1.0
+    seen = {}
+    run(fake_model(), make_cond, {"samples": lat, "noise_mask": mask}, target=0.5,
+        callback=lambda step, total, x, den: seen.setdefault(step, (x.clone(), den.clone())))
+    sigmas = calculate_sigmas(SD, "simple", 10)
+    noise = prepare_noise(lat, 42)
+    # from σ_max the start is L + √(1+σ₀²)·noise; Euler with D = L scales x − L by σ_{i+1}/σ_i
+    k = math.sqrt(1 + float(sigmas[0]) ** 2) / float(sigmas[0])
+    for step in (1, 4, 7):
+        x, den = seen[step]
+        assert torch.equal(den[..., :4], (lat * SCALE)[..., :4])
+        assert torch.allclose(den[..., 4:], torch.full_like(den[..., 4:], 0.5), atol=1e-4)
+        assert torch.allclose(x[..., :4], (lat * SCALE + noise * k * float(sigmas[step]))[..., :4], atol=1e-4)
+
+
+def test_masked_leftover_noise_is_returned_as_sampled(fake_model, make_cond):
+    """With return_with_leftover_noise ComfyUI returns the sampler's state: outside the mask,
+    the input latent still noised to the last σ of the window."""
+    lat = latent()
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :, 4:] = 1.0
+    out = run(fake_model(), make_cond, {"samples": lat, "noise_mask": mask}, target=0.5, end_at_step=6,
+              return_with_leftover_noise=True)["samples"]
+    sigmas = calculate_sigmas(SD, "simple", 10)
+    k = math.sqrt(1 + float(sigmas[0]) ** 2) / float(sigmas[0])       # started from √(1+σ₀²)·noise
+    noise = prepare_noise(lat, 42)
+    assert torch.allclose(out[..., :4], (lat + noise * k * float(sigmas[6]) / SCALE)[..., :4], atol=1e-3)
+
+
 def test_masked_model_inputs_see_the_input_latent_noised_to_sigma(fake_model, make_cond):
     model = fake_model()
     lat = latent()

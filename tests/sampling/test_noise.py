@@ -81,6 +81,47 @@ def test_brownian_tree_uses_torchsde_like_comfyui_when_available():
     assert torch.equal(ours(s, s_next), expected)
 
 
+def test_comfyui_tree_is_torchsdes_bit_for_bit_in_any_query_order():
+    """The default tree computes torchsde's BrownianTree itself (faster); the numbers must be
+    the same tensors for queries anywhere, in any order, including tiny intervals, the end
+    points and queries that straddle many tree levels."""
+    pytest.importorskip("torchsde")
+    x = torch.zeros(2, 3, 5)
+    ours = BrownianTreeNoiseSampler(x, 0.0292, 14.6146, seed=2 ** 64 - 5)
+    ref = BrownianTreeNoiseSampler(x, 0.0292, 14.6146, seed=2 ** 64 - 5, use_torchsde=True)
+    g = torch.Generator().manual_seed(0)
+    for k in range(150):
+        a, b = (torch.rand(2, generator=g) * 14.6 + 0.0292).tolist()
+        if k % 7 == 0:
+            b = 14.6146
+        if k % 11 == 0:
+            a = 0.0292
+        if k % 13 == 0:
+            b = a + 2e-6
+        assert torch.equal(ours(a, b), ref(a, b)), (k, a, b)
+    # an interval below the tree's resolution (1e-6): torchsde recurses until Python gives up;
+    # here it is no increment at all
+    assert torch.equal(ours(1.0000001, 1.0000003), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun"])
+def test_sde_samplers_get_torchsdes_noise(name, mixture):
+    """Whole runs: the default noise and torchsde's own tree give identical samples."""
+    pytest.importorskip("torchsde")
+    from nodeflow.sampling import SAMPLERS, DiscreteSchedule, ksampler_sigmas
+    sigmas = ksampler_sigmas(DiscreteSchedule.scaled_linear(), "karras", 9)
+    x = mixture.sample_noisy(6, float(sigmas[0]), torch.Generator().manual_seed(0))
+    positive = sigmas[sigmas > 0]
+    outs = []
+    for use_torchsde in (None, True):
+        noise = BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=77, use_torchsde=use_torchsde,
+                                         cpu=not name.endswith("_gpu"))
+        outs.append(SAMPLERS[name].function(mixture.denoiser, x, sigmas, extra_args={"seed": 77}, noise_sampler=noise))
+    assert torch.equal(outs[0], outs[1])
+    # and the samplers' own noise source is that tree
+    assert torch.equal(SAMPLERS[name].function(mixture.denoiser, x, sigmas, extra_args={"seed": 77}), outs[0])
+
+
 def test_brownian_tree_increments_along_a_schedule_are_independent_standard_normals():
     """The schedule's points are knots of the tree: the noise of consecutive steps (and of the
     two half-steps of the two-stage solvers) must still be independent N(0, 1)."""

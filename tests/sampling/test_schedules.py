@@ -47,6 +47,29 @@ def test_sigma_timestep_round_trip(sd):
     assert float(interp.timestep(mid[:1])) == pytest.approx(10.5, abs=1e-3)
 
 
+def test_timestep_of_one_sigma_value_is_timestep(sd):
+    """The host-side timestep_value (used per model call) picks the same training step as the
+    tensor computation, near ties included: geometric midpoints between neighbouring σ_t,
+    values a float32 step either side of them, and σ beyond both ends."""
+    ref = sd.sigmas.double()
+    mids = (ref[1:] * ref[:-1]).sqrt().float()
+    values = torch.cat([sd.sigmas, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(99.0)),
+                        torch.tensor([1e-4, 0.01, 14.7, 100.0]),
+                        torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 15])
+    expected = sd.timestep(values)
+    got = torch.tensor([sd.timestep_value(float(v)) for v in values])
+    assert torch.equal(got, expected)
+
+
+def test_sigma_terms_of_one_value_are_the_per_row_terms(sd):
+    like = torch.zeros(3, 4, 2, 2)
+    for v in torch.rand(500, generator=torch.Generator().manual_seed(1)) * 15:
+        rows = sd.terms(v.repeat(3), like)
+        one = sd.terms_value(float(v), like)
+        for a, b in zip(rows, one):
+            assert torch.equal(a, b.expand_as(a))
+
+
 def test_percent_to_sigma(sd):
     assert sd.percent_to_sigma(0.0) > sd.sigma_max
     assert sd.percent_to_sigma(1.0) == 0.0
@@ -152,13 +175,66 @@ def test_beta_scheduler_timesteps(sd):
     assert float(sigmas[5]) == pytest.approx(ref[round(999 * 0.5)], rel=1e-6)
 
 
+# ComfyUI's beta scheduler: t_i = numpy.rint(999 · scipy.stats.beta.ppf(1 − numpy.linspace(0, 1,
+# steps, endpoint=False)[i], 0.6, 0.6)), consecutive repeats dropped. These lists were computed
+# with exactly that expression (scipy 1.17.1, numpy 2.x), independently of nodeflow's own
+# quantile function. With α = β = 0.5 the 10-step list would be [999, 975, 904, 793, 654, 499, …].
+BETA_TIMESTEPS = {
+    4: [999, 823, 500, 176],
+    7: [999, 928, 782, 598, 401, 217, 71],
+    10: [999, 959, 876, 765, 637, 500, 362, 234, 123, 40],
+    20: [999, 986, 959, 922, 876, 823, 765, 703, 637, 569, 500, 430, 362, 296, 234, 176, 123, 77, 40, 13],
+}
+
+
+@pytest.mark.parametrize("steps", sorted(BETA_TIMESTEPS))
+def test_beta_scheduler_is_comfyuis(sd, steps):
+    ref = sd_sigmas_float64()
+    sigmas = calculate_sigmas(sd, "beta", steps)
+    assert sigmas[-1] == 0
+    assert np.allclose(sigmas[:-1].numpy(), ref[BETA_TIMESTEPS[steps]], rtol=1e-6)
+
+
+def test_beta_scheduler_drops_repeated_timesteps(sd):
+    """With many steps the quantiles of the ends round to the same timestep: ComfyUI keeps one
+    (200 steps → 199 values, 400 → 387, both ending …, 2, 1, 0 before the final 0)."""
+    ref = sd_sigmas_float64()
+    for steps, count in ((100, 100), (200, 199), (400, 387)):
+        sigmas = calculate_sigmas(sd, "beta", steps)
+        assert len(sigmas) == count + 1
+        assert torch.all(sigmas[:-1] > sigmas[1:])
+    tail = calculate_sigmas(sd, "beta", 400)[-7:-1]
+    assert np.allclose(tail.numpy(), ref[[5, 4, 3, 2, 1, 0]], rtol=1e-6)
+
+
+def test_beta_scheduler_against_scipy_when_available(sd):
+    stats = pytest.importorskip("scipy.stats")
+    for steps in (3, 5, 12, 25, 50, 64, 150):
+        ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * 999)
+        keep = [int(t) for k, t in enumerate(ts) if k == 0 or t != ts[k - 1]]
+        assert torch.equal(calculate_sigmas(sd, "beta", steps)[:-1], sd.sigmas[keep])
+
+
 def test_denoise_runs_the_tail_of_a_longer_schedule(sd):
     for denoise, longer in ((0.5, 20), (0.3, 33), (0.75, 13)):
         tail = ksampler_sigmas(sd, "karras", 10, denoise)
         full = calculate_sigmas(sd, "karras", longer)
         assert len(tail) == 11 and torch.equal(tail, full[-11:])
     assert len(ksampler_sigmas(sd, "normal", 10, 0.0)) == 0
+    # the longer schedule has int(steps / denoise) steps, truncated, not rounded (ComfyUI)
+    for scheduler in ("karras", "normal"):
+        for steps, denoise, longer in ((10, 0.6, 16), (10, 0.35, 28), (20, 0.7, 28), (7, 0.8, 8)):
+            assert int(steps / denoise) == longer != round(steps / denoise)
+            tail = ksampler_sigmas(sd, scheduler, steps, denoise)
+            assert torch.equal(tail, calculate_sigmas(sd, scheduler, longer)[-(steps + 1):]), (scheduler, denoise)
     assert torch.equal(ksampler_sigmas(sd, "normal", 10, 1.0), calculate_sigmas(sd, "normal", 10))
+
+
+def test_discard_penultimate_samplers_are_comfyuis():
+    """ComfyUI's KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS."""
+    from nodeflow.sampling import SAMPLERS
+    flagged = {name for name, spec in SAMPLERS.items() if spec.discard_penultimate}
+    assert flagged == {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
 
 
 def test_discard_penultimate(sd):
