@@ -32,7 +32,7 @@ __all__ = [
     "Bool", "Combo", "ExecutionResult", "Executor", "Float", "Graph", "Hidden", "Int", "Interrupted", "Link",
     "Node", "Output", "OutputCache", "Registry", "Result", "Socket", "String", "ValidationFailed",
     "ValidationReport", "Workflow", "WorkflowError", "default_registry", "load_workflow", "parse", "run",
-    "shared_executor", "validate",
+    "configure_devices", "shared_executor", "validate",
 ]
 
 _executors_lock = threading.Lock()
@@ -114,3 +114,23 @@ def shared_executor(registry: Registry) -> Executor:
             # would keep it alive through the executor's reference).
             executor = registry._shared_executor = Executor(registry)
         return executor
+
+
+def configure_devices(device: str | None = None, precision: str | None = None) -> None:
+    """Choose where models run (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``) and in which
+    precision (``"fp32"``, ``"fp16"``, ``"bf16"``) — what ``--device``/``--precision`` do. Imports
+    the model stack (torch) only when something is given; raises ``ValueError`` naming the
+    option when the device is not there or the stack cannot load."""
+    if device is None and precision is None:
+        return
+    try:
+        from nodeflow.models import devices
+    except ImportError as exc:
+        raise ValueError(f"--device/--precision need the model stack (torch): {exc}") from None
+    try:
+        if device:
+            devices.set_device(device)
+        if precision:
+            devices.set_precision(precision)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"--device {device}: {exc}" if device else f"--precision {precision}: {exc}") from None

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from nodeflow import configure_devices
 from nodeflow import folders as folders_mod
 from nodeflow.executor import Executor, ValidationFailed
 from nodeflow.graph import WorkflowError, is_link, parse, validate
@@ -333,18 +334,9 @@ def _registry() -> Registry:
 
 
 def _configure_devices(device: str | None, precision: str | None) -> None:
-    if device is None and precision is None:
-        return
     try:
-        from nodeflow.models import devices
-    except ImportError as exc:
-        raise CliError(f"--device/--precision need the model stack: {exc}") from None
-    try:
-        if device:
-            devices.set_device(device)
-        if precision:
-            devices.set_precision(precision)
-    except (ValueError, RuntimeError) as exc:
+        configure_devices(device, precision)
+    except ValueError as exc:
         raise CliError(str(exc)) from None
 
 

@@ -320,13 +320,13 @@ def validate(graph: Graph, registry: Registry, outputs: Iterable[str] | None = N
         errors.append(NodeError(None, "", "prompt_no_outputs", "Prompt has no outputs",
                                 details="add an output node such as SaveImage or PreviewImage"))
 
-    tainted = _reach(successors, bad_nodes)
+    tainted = reachable(successors, bad_nodes)
     good = sorted((o for o in output_ids if o not in tainted), key=id_order)
     failed = _failed_outputs(successors, bad_nodes, tainted, [o for o in output_ids if o in tainted])
     return ValidationReport(errors, good, failed, successors, order)
 
 
-def _reach(successors: Mapping[str, list[str]], starts: Iterable[str]) -> set[str]:
+def reachable(successors: Mapping[str, list[str]], starts: Iterable[str]) -> set[str]:
     """Every node reachable from ``starts`` (themselves included) along the links."""
     seen = {s for s in starts if s in successors}
     stack = list(seen)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from nodeflow.sampling import CFGDenoiser, DiscreteSchedule, get_sampler, prepare_mask, prepare_noise
-from nodeflow.sampling.ksampler import MaskedDenoiser
+from nodeflow.sampling.ksampler import MaskedDenoiser, fix_empty_latent_channels
 
 
 # -- SAMPLER, NOISE ---------------------------------------------------------------------------------
@@ -121,15 +121,6 @@ class Guider:
 
 # -- the run -----------------------------------------------------------------------------------------
 
-def _fix_empty_latent_channels(model, latent: Tensor) -> Tensor:
-    """An all-zero latent with another channel count than the model's becomes zeros of the
-    model's latent channels (EmptyLatentImage made for another family), as in the KSampler."""
-    channels = getattr(model, "latent_channels", latent.shape[1])
-    if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
-        return torch.zeros((latent.shape[0], channels) + tuple(latent.shape[2:]), dtype=latent.dtype)
-    return latent
-
-
 @torch.no_grad()
 def sample_custom(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, latent: dict, noise,
                   callback: Callable[[int, int, Tensor, Tensor], None] | None = None) -> tuple[dict, dict]:
@@ -141,7 +132,7 @@ def sample_custom(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, latent
     spec = get_sampler(sampler.name)
     schedule = DiscreteSchedule.from_model(model)
     device = torch.device(getattr(model, "device", None) or "cpu")
-    latent_image = _fix_empty_latent_channels(model, torch.as_tensor(latent["samples"]).detach().cpu().float())
+    latent_image = fix_empty_latent_channels(model, torch.as_tensor(latent["samples"]).detach().cpu().float())
     source = dict(latent)
     source["samples"] = latent_image
     initial = torch.as_tensor(noise.generate(source)).detach().to("cpu", torch.float32)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nodeflow.sampling import DiscreteSchedule
+from nodeflow.sampling.model_sampling import per_sample
 
 #: ᾱ of the last timestep after the zero-terminal-SNR rescale: ComfyUI's small positive
 #: stand-in for 0, which keeps σ_max finite (≈ 4518.8).
@@ -31,11 +32,6 @@ def zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     out = root ** 2
     out[-1] = ZSNR_LAST_ALPHA_CUMPROD
     return out
-
-
-def _per_sample(v: Tensor, like: Tensor) -> Tensor:
-    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
-    return v if v.ndim == 0 else v.reshape(v.shape[:1] + (1,) * (like.ndim - 1))
 
 
 class X0Schedule(DiscreteSchedule):
@@ -98,8 +94,8 @@ class LCMSchedule(DiscreteSchedule):
 
     def calculate_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor, terms=None) -> Tensor:
         """``terms``: σ's precomputed factors (``DiscreteSchedule.terms``), if at hand."""
-        s = terms.sigma if terms is not None else _per_sample(sigma, x)
-        t = _per_sample(self.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)), x)
+        s = terms.sigma if terms is not None else per_sample(sigma, x)
+        t = per_sample(self.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)), x)
         t = t.reshape(s.shape) * self.timestep_scaling
         x0 = x - model_output * s
         c_skip = self.sigma_data ** 2 / (t ** 2 + self.sigma_data ** 2)

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from nodeflow.models.files import CheckpointError, SafetensorsFile, TorchFile
+from nodeflow.models.files import CheckpointError, SafetensorsFile, load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,6 @@ def missing_message(name: str, dirs: Sequence[Path] | None = None) -> str:
 
 # --- reading files ----------------------------------------------------------------------------
 
-class _Pickle(TorchFile):
-    """A pickled file read the safe way ``TorchFile`` reads checkpoints (``weights_only``, damage and
-    refusal explained), keeping the whole object: A1111 embeddings nest their tensor in dicts."""
-
-    def __init__(self, path: Path):  # noqa: super().__init__ would keep top-level tensors only
-        self.path = Path(path)
-        self.obj = self._load()
-
-
 def _tensors(obj, path: Path) -> dict[str, torch.Tensor]:
     """The candidate tensors of a loaded embedding file, by name."""
     if isinstance(obj, dict) and "string_to_param" in obj:            # A1111
@@ -150,12 +141,12 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise EmbeddingError(f"embedding file {path}: cannot read it: {e.strerror or e}") from None
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        obj = _Pickle(path).obj
+        obj = load_pickle(path)
     elif (len(head) == 9 and head[8:9] == b"{") or path.suffix.lower() in _SAFETENSORS:
         with SafetensorsFile(path) as f:
             obj = {k: f.get(k) for k in list(f.keys())}
     else:
-        obj = _Pickle(path).obj
+        obj = load_pickle(path)
     out = {}
     for key, t in _tensors(obj, path).items():
         if not t.is_floating_point():

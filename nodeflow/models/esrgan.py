@@ -256,33 +256,14 @@ def compact_config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> CompactCo
 
 # --- detection and loading ----------------------------------------------------------------------
 
-class _TrainingFile(TorchFile):
-    """A pickled weights file whose state dict may sit under BasicSR's ``params_ema`` / ``params`` (or
-    ``state_dict`` / ``model``) key: the safe reader of ``files.TorchFile``, unwrapping those too."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        obj = self._load()
-        while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
-            if inner is None:
-                break
-            obj = inner
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{self.path}: expected a state dict, found a pickled {type(obj).__name__}")
-        self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-        self.dtypes = {k: v.dtype for k, v in self._tensors.items()}
-
-
 def _open(path: Path) -> TensorFile:
-    """The file's reader: pickles (by suffix, else by their first bytes) through ``_TrainingFile``,
-    everything else through ``files.open_state_dict``."""
+    """The file's reader: pickles (by suffix, else by their first bytes) through ``TorchFile``
+    (unwrapping ``WRAPPERS``), everything else through ``files.open_state_dict``."""
     if path.is_file() and path.suffix.lower() not in (".safetensors", ".sft"):
         with open(path, "rb") as f:
             head = f.read(2)
         if path.suffix.lower() in PICKLE_SUFFIXES or head == b"PK" or head[:1] == b"\x80":
-            return _TrainingFile(path)
+            return TorchFile(path, wrappers=WRAPPERS)
     return open_state_dict(path)                                       # also: no such file, unknown format
 
 

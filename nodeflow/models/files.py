@@ -38,7 +38,7 @@ import struct
 import threading
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -224,15 +224,28 @@ _UNSAFE = re.compile(  # torch's weights_only refusals (2.1 - 2.13), naming what
     re.M)
 
 
+def load_pickle(path: str | os.PathLike) -> Any:
+    """The whole object of a pickled file, read as ``TorchFile`` reads checkpoints
+    (``weights_only``; damage and refusals explained in a ``CheckpointError``)."""
+    reader = TorchFile.__new__(TorchFile)
+    reader.path = Path(path)
+    return reader._load()
+
+
 class TorchFile(TensorFile):
     """A pickled checkpoint loaded with ``torch.load(weights_only=True)`` (memory-mapped when the
-    file is in the zip format). A top-level ``"state_dict"`` entry is unwrapped; non-tensors dropped."""
+    file is in the zip format). While the top level holds no tensor, the first of ``wrappers``
+    found there is unwrapped (training frameworks nest the weights: LDM's ``"state_dict"``,
+    BasicSR's ``"params_ema"``); non-tensors are dropped."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, wrappers: tuple[str, ...] = ("state_dict",)):
         self.path = Path(path)
         obj = self._load()
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
+        while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in wrappers if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
         if not isinstance(obj, dict):
             raise CheckpointError(f"{self.path}: expected a state dict, found a pickled {type(obj).__name__}")
         self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -74,7 +74,7 @@ def _model_device(model, device) -> torch.device:
     return torch.device(getattr(model, "device", None) or "cpu")
 
 
-def _fix_empty_latent_channels(model, latent: Tensor) -> Tensor:
+def fix_empty_latent_channels(model, latent: Tensor) -> Tensor:
     """An all-zero latent with the wrong channel count (EmptyLatentImage for another family)
     becomes zeros of the model's latent channels."""
     channels = getattr(model, "latent_channels", latent.shape[1])
@@ -159,7 +159,7 @@ def ksampler(model, latent: dict, positive, negative, *, seed: int, steps: int, 
     """The KSampler / KSamplerAdvanced nodes: LATENT dict in, LATENT dict out (keeping
     ``noise_mask`` and ``batch_index``). KSampler is the defaults; KSamplerAdvanced sets
     ``add_noise``, ``start_at_step``, ``end_at_step`` and ``return_with_leftover_noise``."""
-    latent_image = _fix_empty_latent_channels(model, torch.as_tensor(latent["samples"]).detach().cpu().float())
+    latent_image = fix_empty_latent_channels(model, torch.as_tensor(latent["samples"]).detach().cpu().float())
     if add_noise:
         noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
     else:

@@ -158,7 +158,7 @@ class DiscreteSchedule:
     def terms(self, sigma: Tensor, like: Tensor) -> SigmaTerms:
         """σ, σ² + 1 and √(σ² + 1) for a per-sample σ, in ``like``'s dtype and device,
         shaped to broadcast over it."""
-        s = _per_sample(sigma, like)
+        s = per_sample(sigma, like)
         s2p1 = s ** 2 + 1.0
         return SigmaTerms(s, s2p1, s2p1 ** 0.5)
 
@@ -186,7 +186,7 @@ class DiscreteSchedule:
     def noise_scaling(self, sigma, noise: Tensor, latent_image: Tensor | None, max_denoise: bool = False) -> Tensor:
         """The starting point of sampling: latent + σ·noise, or √(1+σ²)·noise when starting
         from pure noise at σ_max (the variance of x_T under the VP forward process)."""
-        s = _per_sample(torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device).reshape(-1), noise)
+        s = per_sample(torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device).reshape(-1), noise)
         scaled = noise * (1.0 + s ** 2) ** 0.5 if max_denoise else noise * s
         return scaled if latent_image is None else scaled + latent_image
 
@@ -196,7 +196,7 @@ class DiscreteSchedule:
         return math.isclose(self.sigma_max, sigma0, rel_tol=1e-5) or sigma0 > self.sigma_max
 
 
-def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
+def per_sample(sigma: Tensor, x: Tensor) -> Tensor:
     """Reshape a σ vector (B,) or scalar to broadcast over x (B, …)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.ndim == 0:

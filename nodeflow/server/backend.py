@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from nodeflow import configure_devices
 from nodeflow.node import Node
 from nodeflow.queue import LocalBackend
 from nodeflow.registry import Registry
@@ -133,22 +134,5 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-# -- devices --------------------------------------------------------------------------------------
-
-
-def apply_devices(device: str | None, precision: str | None) -> None:
-    """Apply ``--device`` / ``--precision`` to the model stack (importing torch); raises
-    ``ValueError`` naming the option when the device is not there or the stack cannot load."""
-    if device is None and precision is None:
-        return
-    try:
-        from nodeflow.models import devices
-    except ImportError as exc:
-        raise ValueError(f"--device/--precision need the model stack (torch): {exc}") from None
-    try:
-        if device:
-            devices.set_device(device)
-        if precision:
-            devices.set_precision(precision)
-    except (ValueError, RuntimeError) as exc:
-        raise ValueError(f"--device {device}: {exc}" if device else f"--precision {precision}: {exc}") from None
+#: ``--device`` / ``--precision``, applied when the worker starts.
+apply_devices = configure_devices

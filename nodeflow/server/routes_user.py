@@ -134,23 +134,34 @@ async def post_userdata(request: web.Request) -> web.Response:
 
 def _write(path: Path, body: bytes, overwrite: bool) -> bool:
     """Write ``body`` to ``path`` atomically; False if it exists and ``overwrite`` is off."""
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _prepare(path)
     tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(body)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the name exists, even when created meanwhile
-            except FileExistsError:
-                return False
+        return _place(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _prepare(dest: Path) -> None:
+    """Refuse a folder's name; make the folders leading to ``dest``."""
+    if dest.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _place(source: Path, dest: Path, overwrite: bool) -> bool:
+    """Give ``source``'s file the name ``dest`` (``source`` keeps its name too unless
+    replacing); False if ``dest`` exists and ``overwrite`` is off."""
+    if overwrite:
+        os.replace(source, dest)
+        return True
+    try:
+        os.link(source, dest)  # fails if the name exists, even when created meanwhile
+    except FileExistsError:
+        return False
     return True
 
 
@@ -183,17 +194,10 @@ async def move_userdata(request: web.Request) -> web.Response:
 
 
 def _move(source: Path, dest: Path, overwrite: bool) -> bool:
-    if dest.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        os.replace(source, dest)
-        return True
-    try:
-        os.link(source, dest)
-    except FileExistsError:
+    _prepare(dest)
+    if not _place(source, dest, overwrite):
         return False
-    source.unlink()
+    source.unlink(missing_ok=True)
     return True
 
 

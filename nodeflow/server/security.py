@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import unquote_plus, urlsplit
 
-import networkx as nx
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
-from nodeflow.graph import Graph, Link, NodeError, ValidationReport, id_order
+from nodeflow.graph import Graph, Link, NodeError, ValidationReport, id_order, reachable
 from nodeflow.server.common import ServerConfig, error_response
 
 log = logging.getLogger(__name__)
@@ -348,9 +347,7 @@ def apply_limits(report: ValidationReport, errors: list[NodeError]) -> None:
     runnable = set(report.outputs)
     broken: set[str] = set()
     for node_id in sorted({e.node_id for e in errors}, key=id_order):
-        reach = {node_id}
-        if report.dag is not None and node_id in report.dag:
-            reach |= nx.descendants(report.dag, node_id)
+        reach = {node_id} | reachable(report.successors, [node_id])
         hit = reach & runnable
         if hit:
             known = set(report.failed_outputs.get(node_id, []))
