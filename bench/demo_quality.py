@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from nodeflow.train import assets  # noqa: E402
-from nodeflow.train.evaluate import evaluate, grid  # noqa: E402
+from nodeflow.train import assets
+from nodeflow.train.evaluate import evaluate, grid
 
 
 def main() -> None:

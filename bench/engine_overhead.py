@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodeflow import Executor, Int, Node, Output, Registry, Result, Socket, parse, validate  # noqa: E402
+from nodeflow import Executor, Int, Node, Output, Registry, Result, Socket, parse, validate
 
 
 class Source(Node):

@@ -51,8 +51,12 @@ def prepare(workdir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig
 
-    from nodeflow.models.diffusers_format import (diffusers_unet_config, diffusers_vae_config, ldm_unet_to_diffusers,
-                                                  ldm_vae_to_diffusers)
+    from nodeflow.models.diffusers_format import (
+        diffusers_unet_config,
+        diffusers_vae_config,
+        ldm_unet_to_diffusers,
+        ldm_vae_to_diffusers,
+    )
     from nodeflow.models.testing import clip_l_shapes, random_tensors
     from nodeflow.models.unet import UNet, UNetConfig
     from nodeflow.models.vae import AutoencoderKL, VAEConfig
@@ -99,7 +103,7 @@ def touch(modules) -> None:
 
 
 def child_load(which: str, workdir: Path) -> dict:
-    from transformers import CLIPTextModel  # noqa: F401  (both sides import it before the clock starts)
+    from transformers import CLIPTextModel
     if which == "ours":
         from nodeflow.models import load_checkpoint
         base = current_rss()

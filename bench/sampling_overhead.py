@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodeflow.sampling import SAMPLER_NAMES, ksampler, steps as sampler_steps  # noqa: E402
-from nodeflow.sampling.noise import BrownianTreeNoiseSampler  # noqa: E402
-from nodeflow.sampling.model_sampling import scaled_linear_alphas_cumprod  # noqa: E402
+from nodeflow.sampling import SAMPLER_NAMES, ksampler
+from nodeflow.sampling import steps as sampler_steps
+from nodeflow.sampling.model_sampling import scaled_linear_alphas_cumprod
+from nodeflow.sampling.noise import BrownianTreeNoiseSampler
 
 
 class DummyModel:
@@ -77,7 +78,7 @@ def measure(name: str, steps: int, size: int, batch: int, repeat: int) -> dict:
         done = []
         start = DummyModel.clock()
         ksampler(model, latent, positive, negative, seed=1, steps=steps, cfg=7.0, sampler_name=name,
-                 scheduler="karras", callback=lambda s, t, x, d: done.append(s))
+                 scheduler="karras", callback=lambda s, t, x, d, done=done: done.append(s))
         total = DummyModel.clock() - start
         outside = total - model.model_seconds
         result = {"sampler": name, "steps": steps, "model_calls": model.calls, "total_ms": total * 1e3,

@@ -29,10 +29,34 @@ from nodeflow.workflow import Workflow
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bool", "Combo", "ExecutionResult", "Executor", "Float", "Graph", "Hidden", "Int", "Interrupted", "Link",
-    "Node", "Output", "OutputCache", "Registry", "Result", "Socket", "String", "ValidationFailed",
-    "ValidationReport", "Workflow", "WorkflowError", "default_registry", "load_workflow", "parse", "run",
-    "configure_devices", "shared_executor", "validate",
+    "Bool",
+    "Combo",
+    "ExecutionResult",
+    "Executor",
+    "Float",
+    "Graph",
+    "Hidden",
+    "Int",
+    "Interrupted",
+    "Link",
+    "Node",
+    "Output",
+    "OutputCache",
+    "Registry",
+    "Result",
+    "Socket",
+    "String",
+    "ValidationFailed",
+    "ValidationReport",
+    "Workflow",
+    "WorkflowError",
+    "configure_devices",
+    "default_registry",
+    "load_workflow",
+    "parse",
+    "run",
+    "shared_executor",
+    "validate",
 ]
 
 _executors_lock = threading.Lock()

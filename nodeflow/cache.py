@@ -12,8 +12,9 @@ import hashlib
 import marshal
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,5 +120,6 @@ def _canonical(value: Any) -> str:
     if kind is list or kind is tuple:
         return "[" + ",".join(_canonical(v) for v in value) + "]"
     if kind is dict:
-        return "{" + ",".join(f"{_canonical(k)}:{_canonical(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) + "}"
+        items = sorted(value.items(), key=lambda kv: str(kv[0]))
+        return "{" + ",".join(f"{_canonical(k)}:{_canonical(v)}" for k, v in items) + "}"
     return kind.__name__ + ":" + repr(value)

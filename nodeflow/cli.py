@@ -21,12 +21,13 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nodeflow import configure_devices
 from nodeflow import folders as folders_mod
-from nodeflow.executor import Executor, ValidationFailed
+from nodeflow.executor import Executor
 from nodeflow.graph import WorkflowError, is_link, parse, validate
 from nodeflow.registry import Registry, default_registry
 
@@ -347,7 +348,7 @@ def _dir(arg: str | None) -> str | None:
 
 
 def _run_and_wait(worker: threading.Thread, done: threading.Event, executor: Executor, prompt_id: str,
-                  progress: "_Progress") -> None:
+                  progress: _Progress) -> None:
     """Start the run's thread and wait for it. The first Ctrl-C asks the run to stop at its
     next step and waits for that; a second one quits at once.
 

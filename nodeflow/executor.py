@@ -22,8 +22,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from nodeflow.cache import CacheEntry, OutputCache, signature
 from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, validate
@@ -86,7 +87,7 @@ class ExecutionResult:
 class _RunContext:
     """The ``Context`` a node sees while it runs."""
 
-    __slots__ = ("prompt_id", "node_id", "_emit", "_flag", "_last_preview")
+    __slots__ = ("_emit", "_flag", "_last_preview", "node_id", "prompt_id")
 
     def __init__(self, prompt_id: str, node_id: str, emit: Observer, flag: threading.Event) -> None:
         self.prompt_id, self.node_id, self._emit, self._flag = prompt_id, node_id, emit, flag
@@ -295,7 +296,7 @@ class Executor:
     def _gather(self, node, cls: type[Node], graph: Graph, values: dict[str, tuple],
                 extra_data: dict) -> dict[str, Any]:
         inputs: dict[str, Any] = {}
-        for name, spec in (*cls.inputs.items(), *cls.optional.items()):
+        for name in (*cls.inputs, *cls.optional):
             if name not in node.inputs:
                 continue
             value = node.inputs[name]

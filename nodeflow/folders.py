@@ -66,7 +66,7 @@ class Folders:
 
     @classmethod
     def from_base(cls, base: str | os.PathLike | None = None, *, input_dir=None, output_dir=None,
-                  temp_dir=None, extra_models: dict[str, list[str]] | None = None) -> "Folders":
+                  temp_dir=None, extra_models: dict[str, list[str]] | None = None) -> Folders:
         base_path = Path(base or os.environ.get("NODEFLOW_HOME") or os.getcwd()).expanduser().absolute()
         config = _read_config(base_path)
         extra = {**config.get("models", {}), **(extra_models or {})}

@@ -15,8 +15,9 @@ import functools
 import inspect
 import json
 import reprlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import networkx as nx
 
@@ -71,7 +72,7 @@ class Graph:
     nodes: dict[str, NodeEntry]
     prompt: dict[str, Any]
     #: Per-node problems found while parsing (a node that is not an object, ...).
-    parse_errors: list["NodeError"] = field(default_factory=list)
+    parse_errors: list[NodeError] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.nodes)

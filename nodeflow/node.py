@@ -22,7 +22,8 @@ no other state between runs.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
 
 from nodeflow.spec import Hidden, InputSpec, Output
 
@@ -61,7 +62,7 @@ class NullContext:
 class Result:
     """Outputs of a node plus what its UI should show (output nodes)."""
 
-    __slots__ = ("values", "ui")
+    __slots__ = ("ui", "values")
 
     def __init__(self, *values: Any, ui: Mapping[str, Any] | None = None) -> None:
         self.values = values

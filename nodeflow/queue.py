@@ -34,9 +34,10 @@ import sqlite3
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -598,7 +599,8 @@ class PromptQueue:
         with self._reading() as db:
             total = db.execute(f"SELECT COUNT(*) FROM prompts WHERE {where}", params).fetchone()[0]
             rows = db.execute(
-                "SELECT CASE WHEN exec_start IS NOT NULL AND exec_end IS NOT NULL THEN exec_end - exec_start ELSE 0 END "
+                "SELECT CASE WHEN exec_start IS NOT NULL AND exec_end IS NOT NULL THEN exec_end - exec_start "
+                "ELSE 0 END "
                 f"AS duration, COALESCE(create_time, 0) AS ct, number, prompt_id FROM prompts WHERE {where} "
                 f"ORDER BY {order} LIMIT ?", (*params, -1 if limit is None else limit)).fetchall()
         keys = [((d, ct, _number(n), pid) if by_duration else (ct, _number(n), pid), pid) for d, ct, n, pid in rows]
@@ -946,7 +948,7 @@ class Dispatcher:
             self._cancel = True
         try:
             self.backend.interrupt(item.prompt_id)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("backend interrupt failed")
         return True
 
@@ -958,7 +960,7 @@ class Dispatcher:
                 item = self.queue.claim(timeout=self._poll, stop=self._stop)
             except QueueError:
                 return  # closed
-            except Exception:  # noqa: BLE001 - e.g. a database error: log, wait, try again
+            except Exception:
                 log.exception("could not take a prompt from the queue")
                 self._stop.wait(1.0)
                 continue
@@ -966,7 +968,7 @@ class Dispatcher:
                 continue
             try:
                 self._run(item)
-            except BaseException:  # noqa: BLE001 - the worker must outlive anything a prompt does
+            except BaseException:
                 log.exception("unexpected failure while running prompt %s", item.prompt_id)
                 with self._lock:
                     self._current = None
@@ -982,7 +984,7 @@ class Dispatcher:
         def send(event: str, data: dict) -> None:
             try:
                 self._emit(event, data, client)
-            except Exception:  # noqa: BLE001 - a lost event must not fail the prompt
+            except Exception:
                 log.exception("could not deliver %s for prompt %s", event, pid)
 
         def observer(event: str, data: dict) -> None:
@@ -999,7 +1001,7 @@ class Dispatcher:
                 outcome = _interrupted_before_start(item, observer)
             else:
                 outcome = self.backend.execute(item, observer)
-        except BaseException as exc:  # noqa: BLE001 - even SystemExit from a node fails this prompt only
+        except BaseException as exc:
             log.exception("prompt %s failed outside any node", pid)
             error = {"prompt_id": pid, "node_id": self.current_node, "node_type": None, "executed": [],
                      "exception_message": f"{type(exc).__name__}: {exc}",
@@ -1016,14 +1018,14 @@ class Dispatcher:
             return
         try:
             self.queue.finish(item, outcome)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not record the history of prompt %s", pid)
             self.queue.release(item)
         # The history entry is written: now the closing message (clients fetch it on this).
         send("executing", {"node": None, "display_node": None, "prompt_id": pid})
         try:
             self._on_change()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("on_change failed")
 
 

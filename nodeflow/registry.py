@@ -14,9 +14,10 @@ import inspect
 import logging
 import pkgutil
 import threading
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 from nodeflow.node import Node
 

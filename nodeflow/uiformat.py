@@ -46,8 +46,9 @@ This module imports no torch: it needs only the registry's schemas.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from nodeflow.graph import WorkflowError, is_ui_format
 from nodeflow.registry import Registry

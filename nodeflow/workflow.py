@@ -23,7 +23,7 @@ from nodeflow.registry import Registry
 class NodeRef:
     """A node added to a ``Workflow``; indexing gives links to its outputs."""
 
-    def __init__(self, workflow: "Workflow", node_id: str, class_type: str) -> None:
+    def __init__(self, workflow: Workflow, node_id: str, class_type: str) -> None:
         self.workflow, self.id, self.class_type = workflow, node_id, class_type
 
     def __getitem__(self, key: int | str) -> Link:

@@ -16,15 +16,14 @@ imports torch; node modules import it inside ``run`` only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from nodeflow.sampling import CFGDenoiser, DiscreteSchedule, get_sampler, prepare_mask, prepare_noise
 from nodeflow.sampling.ksampler import MaskedDenoiser, fix_empty_latent_channels
-
 
 # -- SAMPLER, NOISE ---------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from nodeflow import Bool, Combo, Float, Int, Node, Output, Socket
 from nodeflow.spec import MAX_SEED
-from nodes.sampling import _Sampling, _sampler_names, _scheduler_names
+from nodes.sampling import _sampler_names, _Sampling, _scheduler_names
 
 SIGMA_MAX, SIGMA_MIN = 14.614642, 0.0291675        # SD's scaled-linear schedule, for the explicit schedulers
 
@@ -362,7 +362,8 @@ class SamplerCustom(_Sampling, Node):
     outputs = [Output("LATENT", "output"), Output("LATENT", "denoised_output")]
 
     def run(self, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
-        from nodes._custom_sampling import Guider, NoNoise, RandomNoise as Noise, sample_custom
+        from nodes._custom_sampling import Guider, NoNoise, sample_custom
+        from nodes._custom_sampling import RandomNoise as Noise
 
         noise = Noise(noise_seed) if add_noise else NoNoise(noise_seed)
         return sample_custom(Guider(model, "cfg", (positive, negative), cfg), sampler, sigmas, latent_image, noise,

@@ -353,7 +353,7 @@ def save_images(images, filename_prefix: str, kind: str, compress_level: int, pr
             filename = f"{name_stem}_{counter:05}_.png"
             path = store.io_path(kind, filename, subfolder)
             try:
-                handle = open(path, "xb")  # never overwrite, even with another writer racing us
+                handle = open(path, "xb")  # noqa: SIM115 - never overwrite, even with another writer racing us
             except FileExistsError:
                 counter += 1
                 continue

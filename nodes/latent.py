@@ -416,6 +416,6 @@ class LatentBatchSeedBehavior(Node):
         if seed_behavior == "random":
             out.pop("batch_index", None)
         else:
-            first = list(samples.get("batch_index", [0]))[0]
+            first = next(iter(samples.get("batch_index", [0])))
             out["batch_index"] = [first] * samples["samples"].shape[0]
         return (out,)

@@ -107,7 +107,7 @@ class SaveLatent(Node):
             filename = f"{stem}_{counter:05}_{EXTENSION}"
             path = store.io_path("output", filename, subfolder)
             try:
-                handle = open(path, "xb")     # never overwrite, even with another writer racing us
+                handle = open(path, "xb")  # noqa: SIM115 - never overwrite, even with another writer racing us
             except FileExistsError:
                 counter += 1
                 continue

@@ -19,6 +19,18 @@ from nodeflow.models.files import CheckpointError
 from nodeflow.models.vae import VAE
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "DiffusionModel", "TextEncoder", "VAE", "base_family", "detect_family",
-    "get_device", "load_checkpoint", "load_diffusers", "load_vae", "manager", "set_device", "set_precision",
+    "VAE",
+    "Checkpoint",
+    "CheckpointError",
+    "DiffusionModel",
+    "TextEncoder",
+    "base_family",
+    "detect_family",
+    "get_device",
+    "load_checkpoint",
+    "load_diffusers",
+    "load_vae",
+    "manager",
+    "set_device",
+    "set_precision",
 ]

@@ -39,8 +39,10 @@ from nodeflow.models.clip import TextEncoder, build_text_model, make_text_encode
 from nodeflow.models.diffusers_format import diffusers_unet_to_ldm, diffusers_vae_to_ldm
 from nodeflow.models.diffusion import LATENT_SCALE, DiffusionModel, base_family
 from nodeflow.models.files import CheckpointError, DictFile, TensorFile, assign_weights, open_state_dict
-from nodeflow.models.unet import UNet, config_from_shapes as unet_config_from_shapes
-from nodeflow.models.vae import VAE, AutoencoderKL, config_from_shapes as vae_config_from_shapes
+from nodeflow.models.unet import UNet
+from nodeflow.models.unet import config_from_shapes as unet_config_from_shapes
+from nodeflow.models.vae import VAE, AutoencoderKL
+from nodeflow.models.vae import config_from_shapes as vae_config_from_shapes
 
 log = logging.getLogger(__name__)
 

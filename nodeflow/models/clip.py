@@ -27,10 +27,10 @@ output (taken at the end token, whose id stays in the input) are as for words.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -237,14 +237,14 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.towers[0].model.parameters()).dtype
 
-    def clone(self) -> "TextEncoder":
+    def clone(self) -> TextEncoder:
         """A handle sharing the weights, with its own settings."""
         other = TextEncoder(list(self.towers), family=self.family, device=self.device, layer=self.layer,
                             embedding_dirs=self.embedding_dirs)
         other.patches = dict(self.patches)
         return other
 
-    def set_last_layer(self, n: int) -> "TextEncoder":
+    def set_last_layer(self, n: int) -> TextEncoder:
         """A clone that takes the hidden state of layer ``n`` (ComfyUI's CLIPSetLastLayer: -1 = last,
         -2 = penultimate, ...). Layers past the first count as the last."""
         if not isinstance(n, int) or n >= 0:
@@ -253,7 +253,7 @@ class TextEncoder:
         clone.layer = n
         return clone
 
-    def clip_skip(self, n: int) -> "TextEncoder":
+    def clip_skip(self, n: int) -> TextEncoder:
         """``set_last_layer`` that also takes A1111's positive form (clip skip 2 = layer -2)."""
         return self.set_last_layer(-abs(n))
 

@@ -13,7 +13,7 @@ diffusers, to give diffusers' own models our weights).
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -52,7 +52,7 @@ class DiffusionModel:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def clone(self) -> "DiffusionModel":
+    def clone(self) -> DiffusionModel:
         """A handle on the same weights with its own copy of the patches and of every setting
         (prediction type, schedule, sampling patches), so patches applied in any order add up."""
         other = copy.copy(self)

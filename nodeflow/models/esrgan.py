@@ -32,17 +32,23 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nodeflow.models import devices
-from nodeflow.models.files import (PICKLE_SUFFIXES, CheckpointError, TensorFile, TorchFile, assign_weights,
-                                   open_state_dict)
+from nodeflow.models.files import (
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    TensorFile,
+    TorchFile,
+    assign_weights,
+    open_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +290,7 @@ def detect(shapes: Mapping[str, Sequence[int]]) -> tuple[str, object, dict[str, 
     raise ValueError("unknown layout")
 
 
-def load_upscale_model(path, *, device=None, dtype: torch.dtype | None = None) -> "UpscaleModel":
+def load_upscale_model(path, *, device=None, dtype: torch.dtype | None = None) -> UpscaleModel:
     """Load an ESRGAN-family upscale model (``.pth``/``.pt`` read with ``weights_only``, or ``.safetensors``).
 
     ``device``: where it runs (default ``devices.get_device()``); the weights wait in CPU memory in
@@ -439,7 +445,7 @@ class UpscaleModel:
                 nonlocal done
                 done += 1
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total)  # noqa: B023 - called within this iteration
 
             try:
                 with torch.no_grad():

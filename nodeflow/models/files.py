@@ -37,8 +37,9 @@ import re
 import struct
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -264,7 +265,7 @@ class TorchFile(TensorFile):
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=is_zip)
         except MemoryError:
             raise
-        except Exception as e:                     # torch raises anything at all on damaged files
+        except Exception as e:  # noqa: BLE001 - torch raises anything at all on damaged files
             raise self._error(e) from None
 
     def _error(self, e: Exception) -> CheckpointError:

@@ -77,8 +77,8 @@ def parse_lora(sd: dict[str, torch.Tensor], where: str = "LoRA") -> dict[str, Lo
                 out[_normalise(base)] = LoraWeights(up, sd[key], float(alpha) if alpha is not None else None)
                 break
     if not out:
-        raise CheckpointError(f"{where} holds no LoRA weights (expected keys ending in .lora_down.weight/.lora_up.weight "
-                              "or .lora_A.weight/.lora_B.weight)")
+        raise CheckpointError(f"{where} holds no LoRA weights (expected keys ending in "
+                              ".lora_down.weight/.lora_up.weight or .lora_A.weight/.lora_B.weight)")
     return out
 
 

@@ -27,14 +27,14 @@ Patches = dict[str, list[tuple[float, Patch]]]
 
 
 class _State:
-    __slots__ = ("signature", "backups")
+    __slots__ = ("backups", "signature")
 
     def __init__(self) -> None:
         self.signature: tuple = ()
         self.backups: dict[str, torch.Tensor] = {}
 
 
-_states: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+_states: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 

@@ -203,8 +203,12 @@ def write_tiny_diffusers(folder, family: str = "sd1", *, seed: int = 0, v_predic
     from transformers import CLIPTextConfig
 
     from nodeflow.models.clip import openclip_to_hf
-    from nodeflow.models.diffusers_format import (diffusers_unet_config, diffusers_vae_config,
-                                                  ldm_unet_to_diffusers, ldm_vae_to_diffusers)
+    from nodeflow.models.diffusers_format import (
+        diffusers_unet_config,
+        diffusers_vae_config,
+        ldm_unet_to_diffusers,
+        ldm_vae_to_diffusers,
+    )
     from nodeflow.models.tokenizer import write_vocab_files
 
     folder = Path(folder)

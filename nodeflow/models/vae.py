@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +300,7 @@ class VAE:
             raise ValueError(f"VAE.encode expects an image (B, H, W, 3), got shape {tuple(image.shape)}")
         f = self.downscale
         H, W = image.shape[1] // f * f, image.shape[2] // f * f
-        if (H, W) != tuple(image.shape[1:3]):
+        if tuple(image.shape[1:3]) != (H, W):
             top, left = (image.shape[1] - H) // 2, (image.shape[2] - W) // 2
             image = image[:, top:top + H, left:left + W]
         x = image[..., :3].movedim(-1, 1).float() * 2 - 1                           # (B, 3, H, W) in -1..1

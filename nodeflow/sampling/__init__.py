@@ -31,6 +31,17 @@ from nodeflow.sampling.registry import SAMPLER_NAMES, SAMPLERS, get_sampler
 from nodeflow.sampling.schedules import SCHEDULER_NAMES, calculate_sigmas, ksampler_sigmas
 
 __all__ = [
-    "SAMPLER_NAMES", "SCHEDULER_NAMES", "SAMPLERS", "prepare_noise", "calculate_sigmas", "ksampler_sigmas",
-    "sample", "ksampler", "latent_to_rgb_preview", "DiscreteSchedule", "CFGDenoiser", "get_sampler", "prepare_mask",
+    "SAMPLERS",
+    "SAMPLER_NAMES",
+    "SCHEDULER_NAMES",
+    "CFGDenoiser",
+    "DiscreteSchedule",
+    "calculate_sigmas",
+    "get_sampler",
+    "ksampler",
+    "ksampler_sigmas",
+    "latent_to_rgb_preview",
+    "prepare_mask",
+    "prepare_noise",
+    "sample",
 ]

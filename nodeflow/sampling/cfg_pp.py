@@ -15,13 +15,22 @@ import torch
 
 from nodeflow.sampling.dpmpp import _lam, _res_multistep, _sigma
 from nodeflow.sampling.steps import (
-    ancestral_noise, denoise_with_uncond, get_ancestral_step, report, split_extra_args, to_d,
+    ancestral_noise,
+    denoise_with_uncond,
+    get_ancestral_step,
+    report,
+    split_extra_args,
+    to_d,
 )
 
 __all__ = [
-    "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp",
-    "sample_dpmpp_2m_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
+    "sample_dpmpp_2m_cfg_pp",
+    "sample_dpmpp_2s_ancestral_cfg_pp",
+    "sample_euler_ancestral_cfg_pp",
+    "sample_euler_cfg_pp",
     "sample_gradient_estimation_cfg_pp",
+    "sample_res_multistep_ancestral_cfg_pp",
+    "sample_res_multistep_cfg_pp",
 ]
 
 

@@ -5,7 +5,8 @@ With t = −log σ (= λ) and ε̂ = (x − D)/σ, the exact solution x_t = x_s 
 the k-th order singlestep updates (h = t_next − t):
 
     DPM-Solver-1:  x' = x − σ_{t'} (e^h − 1) ε̂(x, t)
-    DPM-Solver-2:  u  = x − σ_{s₁}(e^{r₁h} − 1) ε̂(x, t);   x' = x − σ_{t'}(e^h − 1) ε̂ − σ_{t'}/(2r₁) (e^h − 1)(ε̂(u, s₁) − ε̂)
+    DPM-Solver-2:  u  = x − σ_{s₁}(e^{r₁h} − 1) ε̂(x, t);
+                   x' = x − σ_{t'}(e^h − 1) ε̂ − σ_{t'}/(2r₁) (e^h − 1)(ε̂(u, s₁) − ε̂)
     DPM-Solver-3:  two intermediate points at r₁ = ⅓, r₂ = ⅔ (Algorithm 2 of the paper)
 
 ``dpm_fast`` spends exactly ``steps`` model evaluations on uniform steps in t between the
@@ -22,7 +23,7 @@ import torch
 
 from nodeflow.sampling.steps import default_noise_sampler, get_ancestral_step, split_extra_args
 
-__all__ = ["DPMSolver", "sample_dpm_fast", "sample_dpm_adaptive"]
+__all__ = ["DPMSolver", "sample_dpm_adaptive", "sample_dpm_fast"]
 
 
 class PIDStepSizeController:

@@ -19,17 +19,37 @@ import math
 import numpy as np
 import torch
 
-from nodeflow.sampling.steps import (
-    ancestral_noise, brownian_noise, denoise_with_uncond, get_ancestral_step, report, split_extra_args, to_d,
-)
 from nodeflow.sampling.samplers import lagrange_integrals
+from nodeflow.sampling.steps import (
+    ancestral_noise,
+    brownian_noise,
+    denoise_with_uncond,
+    get_ancestral_step,
+    report,
+    split_extra_args,
+    to_d,
+)
 
 __all__ = [
-    "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_sde_gpu", "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_2m_sde_heun_gpu",
-    "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu", "sample_res_multistep", "sample_res_multistep_ancestral",
-    "sample_seeds_2", "sample_seeds_3", "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde", "sample_er_sde",
-    "sample_sa_solver", "sample_sa_solver_pece",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2m_sde_gpu",
+    "sample_dpmpp_2m_sde_heun",
+    "sample_dpmpp_2m_sde_heun_gpu",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_3m_sde_gpu",
+    "sample_dpmpp_sde",
+    "sample_dpmpp_sde_gpu",
+    "sample_er_sde",
+    "sample_exp_heun_2_x0",
+    "sample_exp_heun_2_x0_sde",
+    "sample_res_multistep",
+    "sample_res_multistep_ancestral",
+    "sample_sa_solver",
+    "sample_sa_solver_pece",
+    "sample_seeds_2",
+    "sample_seeds_3",
 ]
 
 
@@ -445,7 +465,8 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
                     x = x + ((dt ** 2) / 2 + integral_2 * scaler(t)) * denoised_u
                 old_denoised_d = denoised_d
             if s_noise > 0:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * (t ** 2 - s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+                spread = (t ** 2 - s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+                x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * spread
         old_denoised = denoised
         report(callback, i, x, sigmas, denoised)
     return x
@@ -515,9 +536,11 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
             tau_t = tau_func(sigmas[i + 1])
             b = _sa_coefficients(lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau_t, sig[i + 1])
             h = lambdas[i + 1] - lambdas[i]
-            x_pred = sig[i + 1] / sig[i] * math.exp(-(tau_t ** 2) * h) * x + sum(c * d for c, d in zip(b, preds[-p_order:]))
+            x_pred = (sig[i + 1] / sig[i] * math.exp(-(tau_t ** 2) * h) * x
+                      + sum(c * d for c, d in zip(b, preds[-p_order:])))
             if tau_t > 0 and s_noise > 0:
-                last_noise = noise(sigmas[i], sigmas[i + 1]) * sig[i + 1] * math.sqrt(-math.expm1(-2 * tau_t ** 2 * h)) * s_noise
+                last_noise = (noise(sigmas[i], sigmas[i + 1]) * sig[i + 1]
+                              * math.sqrt(-math.expm1(-2 * tau_t ** 2 * h)) * s_noise)
                 x_pred = x_pred + last_noise
         report(callback, i, x_pred, sigmas, denoised)
     return x_pred

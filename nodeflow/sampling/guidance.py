@@ -28,7 +28,7 @@ from torch import Tensor
 
 from nodeflow.sampling.model_sampling import DiscreteSchedule
 
-__all__ = ["CFGDenoiser", "prepare_conditioning", "repeat_to_batch_size", "blank_inpaint_latent"]
+__all__ = ["CFGDenoiser", "blank_inpaint_latent", "prepare_conditioning", "repeat_to_batch_size"]
 
 FEATHER = 8   # at most this many latent rows/columns over which an area's weight ramps up at its
               # inner edges: min(FEATHER, size // 4) along each axis, as ComfyUI does
@@ -70,9 +70,7 @@ class Entry:
     def active(self, sigma: float) -> bool:
         if self.sigma_start is not None and sigma > self.sigma_start:
             return False
-        if self.sigma_end is not None and sigma < self.sigma_end:
-            return False
-        return True
+        return self.sigma_end is None or sigma >= self.sigma_end
 
 
 def _mask_bounds(mask: Tensor):
@@ -167,9 +165,9 @@ def _add_same_area_counterparts(entries: list[Entry], others: list[Entry]) -> No
                     smallest = e
                 continue
             h, w, y, x = e.area
-            if cy >= y and cx >= x and h + y >= ch + cy and w + x >= cw + cx:
-                if smallest is None or smallest.area is None or smallest.area[0] * smallest.area[1] > h * w:
-                    smallest = e
+            inside = cy >= y and cx >= x and h + y >= ch + cy and w + x >= cw + cx
+            if inside and (smallest is None or smallest.area is None or smallest.area[0] * smallest.area[1] > h * w):
+                smallest = e
         if smallest is None or (smallest.area is not None and smallest.area == c.area):
             continue
         entries.append(Entry(cond=smallest.cond, kwargs=smallest.kwargs, meta=c.meta, uncond=entries[0].uncond,
@@ -260,7 +258,8 @@ def _can_batch(a: Entry, b: Entry) -> bool:
             return False
     if a.crop_kwargs.keys() != b.crop_kwargs.keys():
         return False
-    return all(getattr(a.crop_kwargs[k], "shape", None) == getattr(b.crop_kwargs[k], "shape", None) for k in a.crop_kwargs)
+    return all(getattr(a.crop_kwargs[k], "shape", None) == getattr(b.crop_kwargs[k], "shape", None)
+               for k in a.crop_kwargs)
 
 
 def _cat_conds(conds: list[Tensor]) -> Tensor:

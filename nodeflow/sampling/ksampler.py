@@ -12,7 +12,7 @@ exactly where it started. Sampling runs on the model's device; noise is made on 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from nodeflow.sampling.noise import prepare_noise
 from nodeflow.sampling.registry import get_sampler
 from nodeflow.sampling.schedules import SCHEDULER_NAMES, ksampler_sigmas
 
-__all__ = ["sample", "ksampler", "prepare_mask", "MaskedDenoiser"]
+__all__ = ["MaskedDenoiser", "ksampler", "prepare_mask", "sample"]
 
 ProgressCallback = Callable[[int, int, Tensor, Tensor], None]   # (step done, total, x, denoised)
 
@@ -119,7 +119,10 @@ def sample(model, noise: Tensor, positive, negative, *, cfg: float, sampler_name
     if len(sigmas) == 0:
         return latent_image.clone()
 
-    noise = torch.zeros_like(latent_image) if disable_noise else torch.as_tensor(noise).detach().to("cpu", torch.float32)
+    if disable_noise:
+        noise = torch.zeros_like(latent_image)
+    else:
+        noise = torch.as_tensor(noise).detach().to("cpu", torch.float32)
     latent = model.process_latent_in(latent_image.to(device))
     noise_d = noise.to(device)
     mask = prepare_mask(noise_mask, latent.shape, device) if noise_mask is not None else None

@@ -80,11 +80,11 @@ class DiscreteSchedule:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, timesteps: int = 1000,
-                      prediction_type: str = "eps") -> "DiscreteSchedule":
+                      prediction_type: str = "eps") -> DiscreteSchedule:
         return cls(scaled_linear_alphas_cumprod(beta_start, beta_end, timesteps), prediction_type)
 
     @classmethod
-    def from_model(cls, model) -> "DiscreteSchedule":
+    def from_model(cls, model) -> DiscreteSchedule:
         """The schedule of a model handle (``alphas_cumprod`` + ``prediction_type``); a
         DiscreteSchedule is returned as is."""
         if isinstance(model, DiscreteSchedule):

@@ -27,16 +27,17 @@ Per-step noise of the DPM-Solver++ SDE samplers (``BrownianTreeNoiseSampler``)
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import warnings
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["prepare_noise", "default_noise_sampler", "BrownianTreeNoiseSampler", "NoiseSampler"]
+__all__ = ["BrownianTreeNoiseSampler", "NoiseSampler", "default_noise_sampler", "prepare_noise"]
 
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]   # (σ, σ_next) -> standard normal, x's shape
 
@@ -193,9 +194,9 @@ class _VirtualBrownianTree:
 
 class _Node:
     """An interval [start, end] of the dyadic tree; split at its rounded midpoint on demand."""
-    __slots__ = ("start", "end", "parent", "is_left", "mid", "left", "right", "key", "depth", "seed")
+    __slots__ = ("depth", "end", "is_left", "key", "left", "mid", "parent", "right", "seed", "start")
 
-    def __init__(self, start: float, end: float, parent: "_Node | None", is_left: bool):
+    def __init__(self, start: float, end: float, parent: _Node | None, is_left: bool):
         self.start, self.end, self.parent, self.is_left = start, end, parent, is_left
         self.mid = self.left = self.right = self.seed = None
         self.key, self.depth = 0, 0
@@ -359,7 +360,7 @@ class BrownianTreeNoiseSampler:
             if sigmas is not None:
                 s = [float(v) for v in sigmas if float(v) > 0]
                 # and the sub-step points of the two-stage SDE solvers: geometric midpoints
-                knots = s + [math.sqrt(a * b) for a, b in zip(s, s[1:])]
+                knots = s + [math.sqrt(a * b) for a, b in itertools.pairwise(s)]
             self._tree = _VirtualBrownianTree(x.shape, t0, t1, seed, tree_device, torch.float32, knots=knots)
 
     def __call__(self, sigma, sigma_next) -> Tensor:

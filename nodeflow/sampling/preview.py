@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["latent_to_rgb_preview", "LATENT_RGB_FACTORS"]
+__all__ = ["LATENT_RGB_FACTORS", "latent_to_rgb_preview"]
 
 #: (4 × 3 matrix, RGB bias) per model family.
 LATENT_RGB_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {

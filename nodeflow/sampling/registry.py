@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nodeflow.sampling import cfg_pp, dpm_solver, dpmpp, samplers, unipc
 
-__all__ = ["SamplerSpec", "SAMPLERS", "SAMPLER_NAMES", "get_sampler"]
+__all__ = ["SAMPLERS", "SAMPLER_NAMES", "SamplerSpec", "get_sampler"]
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,29 @@ import numpy as np
 import torch
 
 from nodeflow.sampling.steps import (
-    ancestral_noise, default_noise_sampler, get_ancestral_step, report, split_extra_args, to_d,
+    ancestral_noise,
+    default_noise_sampler,
+    get_ancestral_step,
+    report,
+    split_extra_args,
+    to_d,
 )
 
 __all__ = [
-    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_heunpp2", "sample_dpm_2",
-    "sample_dpm_2_ancestral", "sample_lms", "sample_ddim", "sample_ddpm", "sample_lcm", "sample_ipndm",
-    "sample_ipndm_v", "sample_deis", "sample_gradient_estimation",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_deis",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_gradient_estimation",
+    "sample_heun",
+    "sample_heunpp2",
+    "sample_ipndm",
+    "sample_ipndm_v",
+    "sample_lcm",
+    "sample_lms",
 ]
 
 

@@ -28,9 +28,18 @@ from torch import Tensor
 from nodeflow.sampling.model_sampling import DiscreteSchedule
 
 __all__ = [
-    "SCHEDULER_NAMES", "calculate_sigmas", "ksampler_sigmas", "karras_sigmas", "exponential_sigmas",
-    "normal_sigmas", "simple_sigmas", "ddim_uniform_sigmas", "beta_sigmas", "linear_quadratic_sigmas",
-    "kl_optimal_sigmas", "beta_ppf",
+    "SCHEDULER_NAMES",
+    "beta_ppf",
+    "beta_sigmas",
+    "calculate_sigmas",
+    "ddim_uniform_sigmas",
+    "exponential_sigmas",
+    "karras_sigmas",
+    "kl_optimal_sigmas",
+    "ksampler_sigmas",
+    "linear_quadratic_sigmas",
+    "normal_sigmas",
+    "simple_sigmas",
 ]
 
 

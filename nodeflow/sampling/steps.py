@@ -13,7 +13,7 @@ done, from 0), ``x`` (the state after it), ``sigma``, ``sigma_next`` and ``denoi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

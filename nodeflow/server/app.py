@@ -22,8 +22,9 @@ import logging
 import os
 import sqlite3
 import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -33,10 +34,21 @@ from nodeflow.queue import Backend, Dispatcher, PromptQueue, QueueLocked, defaul
 from nodeflow.registry import Registry
 from nodeflow.server import routes_files, routes_info, routes_prompt, routes_user, ws
 from nodeflow.server.backend import ServerBackend, apply_devices
-from nodeflow.server.common import (API_ROUTES, CONFIG, DISPATCHER, FOLDERS, HUB, LIMITS, QUEUE, REGISTRY, Route,
-                                    ServerConfig, describe_error, error_response)
-from nodeflow.server.security import (AccessLogger, ResourceLimits, auth_middleware, is_loopback_host,
-                                      origin_middleware)
+from nodeflow.server.common import (
+    API_ROUTES,
+    CONFIG,
+    DISPATCHER,
+    FOLDERS,
+    HUB,
+    LIMITS,
+    QUEUE,
+    REGISTRY,
+    Route,
+    ServerConfig,
+    describe_error,
+    error_response,
+)
+from nodeflow.server.security import AccessLogger, ResourceLimits, auth_middleware, is_loopback_host, origin_middleware
 from nodeflow.server.ws import Hub, ThreadEmitter
 
 log = logging.getLogger("nodeflow.server")
@@ -146,7 +158,7 @@ async def json_errors(request: web.Request, handler):
                               f"{request.method} {request.path}: {exc.reason}", headers=keep)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("error in %s %s", request.method, request.path)
         folders = request.app.get(FOLDERS)
         roots = (folders.base, folders.input, folders.output, folders.temp) if folders is not None else ()

@@ -19,7 +19,8 @@ ComfyUI's error details.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nodeflow import configure_devices
 from nodeflow.node import Node

@@ -17,8 +17,8 @@ paths.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -171,7 +171,7 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
                 continue
             if part.name == "image" and upload is None:
                 filename = part.filename or ""
-                upload = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY)
+                upload = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY)  # noqa: SIM115 - closed below
                 if not await _copy_part(part, upload, limit):
                     return _too_large(limit)
             elif part.name in ("overwrite", "subfolder", "type", "original_ref"):

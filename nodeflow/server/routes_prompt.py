@@ -22,10 +22,31 @@ from nodeflow.graph import Graph, ValidationReport, WorkflowError, parse, valida
 from nodeflow.node import Node
 from nodeflow.queue import SENSITIVE_EXTRA_DATA_KEYS, DuplicatePrompt, QueueError, QueueItem, workflow_id
 from nodeflow.registry import Registry
-from nodeflow.server.common import (DISPATCHER, HUB, LIMITS, QUEUE, REGISTRY, Route, dumps, error_body,
-                                    error_response, json_response, raw_json)
-from nodeflow.server.schemas import (FreeRequest, History, HistoryEntry, InterruptRequest, JobsResponse,
-                                     PromptRequest, PromptResponse, PromptStatus, QueueAction, QueueResponse)
+from nodeflow.server.common import (
+    DISPATCHER,
+    HUB,
+    LIMITS,
+    QUEUE,
+    REGISTRY,
+    Route,
+    dumps,
+    error_body,
+    error_response,
+    json_response,
+    raw_json,
+)
+from nodeflow.server.schemas import (
+    FreeRequest,
+    History,
+    HistoryEntry,
+    InterruptRequest,
+    JobsResponse,
+    PromptRequest,
+    PromptResponse,
+    PromptStatus,
+    QueueAction,
+    QueueResponse,
+)
 from nodeflow.server.security import apply_limits
 from nodeflow.spec import Combo
 
@@ -88,7 +109,7 @@ def _validate_in_thread(registry: Registry, prompt: dict) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _may_touch_disk(cls: type[Node]) -> bool:
     if cls.validate_inputs.__func__ is not Node.validate_inputs.__func__:
         return True

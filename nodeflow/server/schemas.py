@@ -29,7 +29,8 @@ class PromptRequest(BaseModel):
     front: bool = Field(False, description="Queue before everything pending")
     number: float | None = Field(None, allow_inf_nan=False, ge=-MAX_NUMBER, le=MAX_NUMBER,
                                  description="Queue position: lower runs first (finite, at most 2**53 in magnitude)")
-    prompt_id: str | None = Field(None, min_length=1, max_length=128, description="Chosen by the client (default: a UUID)")
+    prompt_id: str | None = Field(None, min_length=1, max_length=128,
+                                  description="Chosen by the client (default: a UUID)")
     partial_execution_targets: list[str] | None = Field(None, description="Run only these output nodes")
 
 
@@ -245,7 +246,8 @@ def openapi(routes: list[Route], version: str) -> dict[str, Any]:
         responses: dict[str, Any] = {"200": {"description": "OK"}}
         if r.response is not None:
             responses["200"]["content"] = {"application/json": {"schema": ref(r.response)}}
-        responses["400"] = {"description": "Bad request", "content": {"application/json": {"schema": ref(ErrorResponse)}}}
+        responses["400"] = {"description": "Bad request",
+                            "content": {"application/json": {"schema": ref(ErrorResponse)}}}
         responses["401"] = {"description": "Authentication required (when the server has a token)"}
         op["responses"] = responses
         paths.setdefault(_openapi_path(r.path), {})[r.method.lower()] = op

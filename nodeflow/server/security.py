@@ -34,8 +34,9 @@ import hmac
 import ipaddress
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 from aiohttp import hdrs, web

@@ -214,7 +214,7 @@ def encode_preview(image: Any, max_size: int = 512, fmt: str = "JPEG") -> bytes 
             image.convert("RGB").save(buffer, format="JPEG", quality=90)
             kind = FORMAT_JPEG
         return struct.pack(">II", PREVIEW_IMAGE, kind) + buffer.getvalue()
-    except Exception:  # noqa: BLE001 - a bad preview is dropped, never fails the prompt
+    except Exception:
         log.exception("could not encode a preview")
         return None
 

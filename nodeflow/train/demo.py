@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = DemoConfig(vae_steps=args.vae_steps, text_steps=args.text_steps, unet_steps=args.unet_steps, images=args.images, seed=args.seed)
+    cfg = DemoConfig(vae_steps=args.vae_steps, text_steps=args.text_steps, unet_steps=args.unet_steps,
+                     images=args.images, seed=args.seed)
     cfg.unet.model_channels = args.unet_channels
     train(args.out, cfg, torch.float32 if args.fp32 else torch.float16)
     return 0

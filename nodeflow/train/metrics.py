@@ -46,7 +46,7 @@ class ShapeClassifier:
 
     WEIGHTS = np.array([1, 1, 1, 0, 0, 0, 3, 0, 0, 3], dtype=np.float64)
 
-    def fit(self, samples: list[Sample]) -> "ShapeClassifier":
+    def fit(self, samples: list[Sample]) -> ShapeClassifier:
         x = np.stack([features(s.image) for s in samples])
         y = np.array([s.label for s in samples])
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6

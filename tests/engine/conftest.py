@@ -5,9 +5,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nodeflow import Executor
-
 from toy_nodes import RUNS, Slow, make_registry
+
+from nodeflow import Executor
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from toy_nodes import make_registry
 
 from nodeflow import cli
 from nodeflow import folders as folders_mod
-from toy_nodes import make_registry
 
 GOOD = {
     "1": {"class_type": "Const", "inputs": {"value": 3}},

@@ -3,10 +3,10 @@
 import threading
 
 import pytest
+from toy_nodes import FileStamp, Slow, make_registry
 
 import nodeflow
 from nodeflow import Executor, OutputCache, ValidationFailed, Workflow
-from toy_nodes import FileStamp, Slow, make_registry
 
 
 def diamond(value=3, factor=2.0):

@@ -4,10 +4,10 @@ import copy
 import time
 
 import pytest
+from toy_nodes import ALL
 
 from nodeflow import Combo, Executor, Int, Node, Output, Registry, WorkflowError, parse, validate
 from nodeflow.graph import load_json
-from toy_nodes import ALL
 
 
 def check(registry, prompt):

@@ -11,8 +11,7 @@ import types
 import pytest
 import torch
 
-from nodeflow.models import (CheckpointError, detect_family, load_checkpoint, load_diffusers, load_vae)
-from nodeflow.models import testing
+from nodeflow.models import CheckpointError, detect_family, load_checkpoint, load_diffusers, load_vae, testing
 from nodeflow.models.files import read_all
 
 
@@ -48,7 +47,7 @@ def test_each_layout_loads_detects_and_runs(request, fixture, family, prediction
     assert cond.shape == (1, 77, cond_width) and cond.dtype == torch.float32
     assert pooled.shape == (1, pooled_width)
     assert out.shape == (2, 4, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert image.shape == (1, 64, 64, 3) and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (1, 64, 64, 3) and image.min() >= 0 and image.max() <= 1
 
 
 def test_ckpt_and_safetensors_give_the_same_model(sd1_path, sd1_ckpt_path):

@@ -15,10 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from nodeflow.models import load_checkpoint
-from nodeflow.models import testing
-from nodeflow.models.diffusers_format import (diffusers_unet_config, diffusers_vae_config, ldm_unet_to_diffusers,
-                                              ldm_vae_to_diffusers)
+from nodeflow.models import load_checkpoint, testing
+from nodeflow.models.diffusers_format import (
+    diffusers_unet_config,
+    diffusers_vae_config,
+    ldm_unet_to_diffusers,
+    ldm_vae_to_diffusers,
+)
 from nodeflow.models.unet import UNet, UNetConfig, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")

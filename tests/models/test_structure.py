@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from nodeflow.models.diffusers_format import diffusers_unet_config, diffusers_vae_config, ldm_unet_to_diffusers, \
-    ldm_vae_to_diffusers
+from nodeflow.models.diffusers_format import (
+    diffusers_unet_config,
+    diffusers_vae_config,
+    ldm_unet_to_diffusers,
+    ldm_vae_to_diffusers,
+)
 from nodeflow.models.unet import UNet, UNetConfig, config_from_shapes
 from nodeflow.models.vae import AutoencoderKL, VAEConfig
 

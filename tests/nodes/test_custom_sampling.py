@@ -12,11 +12,27 @@ import torch
 from nodeflow import Executor, default_registry
 from nodeflow.models.diffusion import sd_alphas_cumprod
 from nodeflow.sampling import DiscreteSchedule, ksampler
-from nodes.custom_sampling import (BasicGuider, BasicScheduler, CFGGuider, DisableNoise, DualCFGGuider,
-                                   ExponentialScheduler, FlipSigmas, KarrasScheduler, KSamplerSelect,
-                                   PolyexponentialScheduler, RandomNoise, SamplerCustom, SamplerCustomAdvanced,
-                                   SamplerDPMPP_2M_SDE, SamplerDPMPP_SDE, SamplerEulerAncestral, SDTurboScheduler,
-                                   SplitSigmas, SplitSigmasDenoise)
+from nodes.custom_sampling import (
+    BasicGuider,
+    BasicScheduler,
+    CFGGuider,
+    DisableNoise,
+    DualCFGGuider,
+    ExponentialScheduler,
+    FlipSigmas,
+    KarrasScheduler,
+    KSamplerSelect,
+    PolyexponentialScheduler,
+    RandomNoise,
+    SamplerCustom,
+    SamplerCustomAdvanced,
+    SamplerDPMPP_2M_SDE,
+    SamplerDPMPP_SDE,
+    SamplerEulerAncestral,
+    SDTurboScheduler,
+    SplitSigmas,
+    SplitSigmasDenoise,
+)
 
 SD_SIGMAS = ((1 - sd_alphas_cumprod().double()) / sd_alphas_cumprod().double()).sqrt()   # σ_t, t = 0 … 999
 

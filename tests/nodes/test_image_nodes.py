@@ -6,11 +6,29 @@ import pytest
 import torch
 from PIL import Image
 
-from nodeflow import Registry, parse, validate
-from nodes.image import (EmptyImage, GetImageSize, ImageAddNoise, ImageBatch, ImageBlend, ImageBlur, ImageCompositeMasked, ImageCrop, ImageFlip,
-                         ImageFromBatch, ImageInvert, ImageRotate, ImageSharpen, JoinImageWithAlpha,
-                         PadImageForOutpaint, RepeatImageBatch, ScaleImage, ScaleImageBy, ScaleImageToTotalPixels,
-                         SplitImageWithAlpha)
+from nodeflow import Registry
+from nodes.image import (
+    EmptyImage,
+    GetImageSize,
+    ImageAddNoise,
+    ImageBatch,
+    ImageBlend,
+    ImageBlur,
+    ImageCompositeMasked,
+    ImageCrop,
+    ImageFlip,
+    ImageFromBatch,
+    ImageInvert,
+    ImageRotate,
+    ImageSharpen,
+    JoinImageWithAlpha,
+    PadImageForOutpaint,
+    RepeatImageBatch,
+    ScaleImage,
+    ScaleImageBy,
+    ScaleImageToTotalPixels,
+    SplitImageWithAlpha,
+)
 
 
 def pattern(h=4, w=6, b=1, seed=0):

@@ -4,10 +4,25 @@ import pytest
 import torch
 
 from nodes._imaging import bislerp
-from nodes.latent import (LatentAdd, LatentBatch, LatentBatchSeedBehavior, LatentBlend, LatentComposite,
-                          LatentCompositeMasked, LatentCrop, LatentFlip, LatentFromBatch, LatentInterpolate,
-                          LatentMultiply, LatentRotate, LatentSubtract, RepeatLatentBatch, ScaleLatent, ScaleLatentBy,
-                          SetLatentNoiseMask)
+from nodes.latent import (
+    LatentAdd,
+    LatentBatch,
+    LatentBatchSeedBehavior,
+    LatentBlend,
+    LatentComposite,
+    LatentCompositeMasked,
+    LatentCrop,
+    LatentFlip,
+    LatentFromBatch,
+    LatentInterpolate,
+    LatentMultiply,
+    LatentRotate,
+    LatentSubtract,
+    RepeatLatentBatch,
+    ScaleLatent,
+    ScaleLatentBy,
+    SetLatentNoiseMask,
+)
 
 
 def latent(b=1, h=8, w=8, value=None, seed=0):

@@ -3,8 +3,18 @@
 import pytest
 import torch
 
-from nodes.mask import (CropMask, FeatherMask, GrowMask, ImageColorToMask, ImageToMask, InvertMask, MaskComposite,
-                        MaskToImage, SolidMask, ThresholdMask)
+from nodes.mask import (
+    CropMask,
+    FeatherMask,
+    GrowMask,
+    ImageColorToMask,
+    ImageToMask,
+    InvertMask,
+    MaskComposite,
+    MaskToImage,
+    SolidMask,
+    ThresholdMask,
+)
 
 
 def dot(size=5, at=(2, 2)):

@@ -1,11 +1,17 @@
 """Node logic around the models, checked with stand-in models whose behaviour is known."""
 
-import pytest
 import torch
 
 from nodeflow import Registry, parse, validate
-from nodes.conditioning import (AverageConditioning, CombineConditioning, ConcatConditioning,
-                                ConditioningSetAreaStrength, SetConditioningArea, SetConditioningMask, ZeroConditioning)
+from nodes.conditioning import (
+    AverageConditioning,
+    CombineConditioning,
+    ConcatConditioning,
+    ConditioningSetAreaStrength,
+    SetConditioningArea,
+    SetConditioningMask,
+    ZeroConditioning,
+)
 from nodes.sampling import EmptyLatent
 from nodes.vae import InpaintModelConditioning, VAEEncode, VAEEncodeForInpaint
 

@@ -41,7 +41,8 @@ class CLIPTextEncode(Node):
 
 class EmptyLatentImage(Node):
     display_name = "Empty Latent Image"
-    inputs = {"width": Int(default=512, min=16, max=16384, step=8), "height": Int(default=512, min=16, max=16384, step=8),
+    inputs = {"width": Int(default=512, min=16, max=16384, step=8),
+              "height": Int(default=512, min=16, max=16384, step=8),
               "batch_size": Int(default=1, min=1, max=4096)}
     outputs = [Output("LATENT")]
 
@@ -103,7 +104,8 @@ DEFAULT_GRAPH = {
          "outputs": [out("LATENT", "LATENT", [7])], "properties": {"Node name for S&R": "KSampler"},
          "widgets_values": [156680208700286, "randomize", 20, 8, "euler", "normal", 1]},
         {"id": 8, "type": "VAEDecode", "pos": [1209, 188], "size": {"0": 210, "1": 46}, "flags": {}, "order": 5,
-         "mode": 0, "inputs": [{"name": "samples", "type": "LATENT", "link": 7}, {"name": "vae", "type": "VAE", "link": 8}],
+         "mode": 0,
+         "inputs": [{"name": "samples", "type": "LATENT", "link": 7}, {"name": "vae", "type": "VAE", "link": 8}],
          "outputs": [out("IMAGE", "IMAGE", [9])], "properties": {"Node name for S&R": "VAEDecode"}},
         {"id": 9, "type": "SaveImage", "pos": [1451, 189], "size": {"0": 210, "1": 58}, "flags": {}, "order": 6,
          "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 9}], "properties": {},
@@ -130,10 +132,12 @@ DEFAULT_API = {
     "5": {"inputs": {"width": 512, "height": 512, "batch_size": 1}, "class_type": "EmptyLatentImage",
           "_meta": {"title": "Empty Latent Image"}},
     "6": {"inputs": {"text": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
-                     "clip": ["4", 1]}, "class_type": "CLIPTextEncode", "_meta": {"title": "CLIP Text Encode (Prompt)"}},
+                     "clip": ["4", 1]}, "class_type": "CLIPTextEncode",
+          "_meta": {"title": "CLIP Text Encode (Prompt)"}},
     "7": {"inputs": {"text": "text, watermark", "clip": ["4", 1]}, "class_type": "CLIPTextEncode",
           "_meta": {"title": "CLIP Text Encode (Prompt)"}},
-    "8": {"inputs": {"samples": ["3", 0], "vae": ["4", 2]}, "class_type": "VAEDecode", "_meta": {"title": "VAE Decode"}},
+    "8": {"inputs": {"samples": ["3", 0], "vae": ["4", 2]}, "class_type": "VAEDecode",
+          "_meta": {"title": "VAE Decode"}},
     "9": {"inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}, "class_type": "SaveImage",
           "_meta": {"title": "Save Image"}},
 }
@@ -158,8 +162,8 @@ def test_default_graph_with_the_builtin_registry():
 def test_newer_format_link_objects_and_widget_inputs():
     graph = json.loads(json.dumps(DEFAULT_GRAPH))
     graph["version"] = 1
-    graph["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3], "target_slot": l[4],
-                       "type": l[5]} for l in graph["links"]]
+    graph["links"] = [{"id": link[0], "origin_id": link[1], "origin_slot": link[2], "target_id": link[3],
+                       "target_slot": link[4], "type": link[5]} for link in graph["links"]]
     sampler = next(n for n in graph["nodes"] if n["id"] == 3)
     # Newer editors list every widget among the inputs too, unlinked.
     sampler["inputs"] += [{"name": name, "type": kind, "widget": {"name": name}, "link": None}

@@ -60,7 +60,7 @@ def test_workflow_upscales_by_the_models_factor(base, models):
     assert result.ok, result.error
     out = result.output("3")
     assert out.shape == (1, 80, 112, 3) and out.dtype == torch.float32 and out.device.type == "cpu"
-    assert 0 <= out.min() and out.max() <= 1
+    assert out.min() >= 0 and out.max() <= 1
     (entry,) = result.ui["4"]["images"]
     with Image.open(base.output / entry["filename"]) as im:
         assert im.size == (112, 80)

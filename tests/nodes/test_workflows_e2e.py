@@ -31,7 +31,8 @@ def base(tmp_path_factory):
     # A kohya-layout LoRA on one attention projection of the tiny SD1 UNet (diffusers naming).
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     g = torch.Generator().manual_seed(0)
-    save({f"{name}.lora_down.weight": torch.randn(2, 32, generator=g), f"{name}.lora_up.weight": torch.randn(32, 2, generator=g),
+    save({f"{name}.lora_down.weight": torch.randn(2, 32, generator=g),
+          f"{name}.lora_up.weight": torch.randn(32, 2, generator=g),
           f"{name}.alpha": torch.tensor(2.0)}, base / "models" / "loras" / "example_lora.safetensors")
     from nodeflow.models.esrgan import RRDBConfig, RRDBNet
     torch.manual_seed(0)
@@ -91,7 +92,7 @@ def test_example_workflow_end_to_end(base, name):
     path = base / "output" / entry["subfolder"] / entry["filename"]
     image = result.output("8")
     assert image.shape == (1, size[1], size[0], 3) and torch.isfinite(image).all()
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
     with Image.open(path) as saved:
         assert saved.size == size
         embedded = json.loads(saved.text["prompt"])
@@ -138,7 +139,8 @@ def comfy_default_ui(ckpt: str) -> dict:
         "last_node_id": 9, "last_link_id": 9, "version": 0.4, "groups": [], "config": {}, "extra": {},
         "nodes": [
             node(7, "CLIPTextEncode", [{"name": "clip", "type": "CLIP", "link": 5}],
-                 [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [6], "slot_index": 0}], ["text, watermark"], 3),
+                 [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [6], "slot_index": 0}],
+                 ["text, watermark"], 3),
             node(6, "CLIPTextEncode", [{"name": "clip", "type": "CLIP", "link": 3}],
                  [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [4], "slot_index": 0}],
                  ["beautiful scenery nature glass bottle landscape, , purple galaxy bottle,"], 2),
@@ -150,7 +152,8 @@ def comfy_default_ui(ckpt: str) -> dict:
                                  {"name": "latent_image", "type": "LATENT", "link": 2}],
                  [{"name": "LATENT", "type": "LATENT", "links": [7], "slot_index": 0}],
                  [156680208700286, "randomize", 20, 8, "euler", "normal", 1], 4),
-            node(8, "VAEDecode", [{"name": "samples", "type": "LATENT", "link": 7}, {"name": "vae", "type": "VAE", "link": 8}],
+            node(8, "VAEDecode",
+                 [{"name": "samples", "type": "LATENT", "link": 7}, {"name": "vae", "type": "VAE", "link": 8}],
                  [{"name": "IMAGE", "type": "IMAGE", "links": [9], "slot_index": 0}], [], 5),
             node(9, "SaveImage", [{"name": "images", "type": "IMAGE", "link": 9}], [], ["ComfyUI"], 6),
             node(4, "CheckpointLoaderSimple", [],
@@ -158,7 +161,8 @@ def comfy_default_ui(ckpt: str) -> dict:
                   {"name": "CLIP", "type": "CLIP", "links": [3, 5], "slot_index": 1},
                   {"name": "VAE", "type": "VAE", "links": [8], "slot_index": 2}], [ckpt], 0),
         ],
-        "links": [[1, 4, 0, 3, 0, "MODEL"], [2, 5, 0, 3, 3, "LATENT"], [3, 4, 1, 6, 0, "CLIP"], [4, 6, 0, 3, 1, "CONDITIONING"],
+        "links": [[1, 4, 0, 3, 0, "MODEL"], [2, 5, 0, 3, 3, "LATENT"], [3, 4, 1, 6, 0, "CLIP"],
+                  [4, 6, 0, 3, 1, "CONDITIONING"],
                   [5, 4, 1, 7, 0, "CLIP"], [6, 7, 0, 3, 2, "CONDITIONING"], [7, 3, 0, 8, 0, "LATENT"],
                   [8, 4, 2, 8, 1, "VAE"], [9, 8, 0, 9, 0, "IMAGE"]],
     }

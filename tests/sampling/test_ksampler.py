@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from nodeflow.sampling import (
-    SAMPLER_NAMES, DiscreteSchedule, calculate_sigmas, ksampler, latent_to_rgb_preview, prepare_noise, sample,
+    SAMPLER_NAMES,
+    DiscreteSchedule,
+    calculate_sigmas,
+    ksampler,
+    latent_to_rgb_preview,
+    prepare_noise,
+    sample,
 )
 
 SD = DiscreteSchedule.scaled_linear()
@@ -101,7 +107,8 @@ def test_noise_mask_keeps_the_unmasked_region(fake_model, make_cond, sampler_nam
     assert torch.equal(out["samples"][keep], lat[keep])
     assert not torch.allclose(out["samples"][~keep], lat[~keep])
     if sampler_name != "dpm_fast":           # dpm_fast stops at the last σ > 0 of the schedule (0.34 here)
-        assert torch.allclose(out["samples"][~keep], torch.full_like(out["samples"][~keep], 0.5 / SCALE), atol=0.05 / SCALE)
+        kept = out["samples"][~keep]
+        assert torch.allclose(kept, torch.full_like(kept, 0.5 / SCALE), atol=0.05 / SCALE)
     assert torch.equal(out["noise_mask"], mask)
 
 
@@ -259,8 +266,9 @@ def test_every_sampler_through_ksampler(fake_model, make_cond, sampler_name):
     steps = []
     a = run(fake_model(), make_cond, lat, sampler_name=sampler_name, scheduler="karras", steps=5, cfg=1.5,
             seed=1, callback=lambda s, t, x, d: steps.append((s, t)))["samples"]
-    b = run(fake_model(), make_cond, lat, sampler_name=sampler_name, scheduler="karras", steps=5, cfg=1.5, seed=1)["samples"]
-    c = run(fake_model(), make_cond, lat, sampler_name=sampler_name, scheduler="karras", steps=5, cfg=1.5, seed=2)["samples"]
+    same = dict(sampler_name=sampler_name, scheduler="karras", steps=5, cfg=1.5)
+    b = run(fake_model(), make_cond, lat, seed=1, **same)["samples"]
+    c = run(fake_model(), make_cond, lat, seed=2, **same)["samples"]
     assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, c)
     assert steps[-1][0] == steps[-1][1] == 5
 

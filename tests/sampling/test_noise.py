@@ -1,5 +1,6 @@
 """Seeds mean the same noise as in ComfyUI (DESIGN §4)."""
 
+import itertools
 import math
 
 import pytest
@@ -128,8 +129,8 @@ def test_brownian_tree_increments_along_a_schedule_are_independent_standard_norm
     sigmas = torch.tensor([14.6, 8.0, 4.1, 2.0, 0.9, 0.4, 0.1, 0.03])
     tree = _tree(shape=(64, 16, 16), sigmas=sigmas)
     s = [float(v) for v in sigmas]
-    mids = [math.sqrt(a * b) for a, b in zip(s, s[1:])]
-    steps = [tree(a, b) for a, b in zip(s, s[1:])]
+    mids = [math.sqrt(a * b) for a, b in itertools.pairwise(s)]
+    steps = [tree(a, b) for a, b in itertools.pairwise(s)]
     halves = [tree(a, m) for a, m in zip(s, mids)] + [tree(m, b) for m, b in zip(mids, s[1:])]
     off_knot = tree(3.0, 2.5)                                # between knots: bisection below them
     for z in steps + halves + [off_knot]:

@@ -289,7 +289,8 @@ def test_same_seed_same_result_and_callbacks(name, mixture):
     b = run(name, mixture.denoiser, x, sigmas, seed=5)
     assert torch.equal(a, b)
     assert seen and all(set(info) >= {"i", "x", "denoised"} for info in seen)
-    assert torch.equal(x, mixture.sample_noisy(8, float(sigmas[0]), torch.Generator().manual_seed(0)))  # input untouched
+    # The input is untouched.
+    assert torch.equal(x, mixture.sample_noisy(8, float(sigmas[0]), torch.Generator().manual_seed(0)))
 
 
 STOCHASTIC = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
@@ -301,4 +302,5 @@ STOCHASTIC = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp
 def test_stochastic_samplers_depend_on_the_seed(name, mixture):
     sigmas = ksampler_sigmas(SD, "karras", 6)
     x = mixture.sample_noisy(8, float(sigmas[0]), torch.Generator().manual_seed(0))
-    assert not torch.equal(run(name, mixture.denoiser, x, sigmas, seed=1), run(name, mixture.denoiser, x, sigmas, seed=2))
+    one, two = (run(name, mixture.denoiser, x, sigmas, seed=seed) for seed in (1, 2))
+    assert not torch.equal(one, two)

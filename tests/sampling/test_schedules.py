@@ -53,7 +53,8 @@ def test_timestep_of_one_sigma_value_is_timestep(sd):
     values a float32 step either side of them, and σ beyond both ends."""
     ref = sd.sigmas.double()
     mids = (ref[1:] * ref[:-1]).sqrt().float()
-    values = torch.cat([sd.sigmas, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(99.0)),
+    values = torch.cat([sd.sigmas, mids, torch.nextafter(mids, torch.tensor(0.0)),
+                        torch.nextafter(mids, torch.tensor(99.0)),
                         torch.tensor([1e-4, 0.01, 14.7, 100.0]),
                         torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 15])
     expected = sd.timestep(values)
@@ -85,7 +86,8 @@ def test_parameterisations_recover_x0(sd, prediction_type):
     sigma = torch.tensor([0.1, 1.0, 14.0])
     x = x0 + sigma.reshape(-1, 1, 1, 1) * eps
     alpha = 1 / torch.sqrt(1 + sigma ** 2)
-    out = eps if prediction_type == "eps" else alpha.reshape(-1, 1, 1, 1) * eps - (sigma * alpha).reshape(-1, 1, 1, 1) * x0
+    a, sa = alpha.reshape(-1, 1, 1, 1), (sigma * alpha).reshape(-1, 1, 1, 1)
+    out = eps if prediction_type == "eps" else a * eps - sa * x0
     assert torch.allclose(s.calculate_denoised(sigma, out, x), x0, atol=1e-5)
     assert torch.allclose(s.calculate_input(sigma, x), x * alpha.reshape(-1, 1, 1, 1))
     c_skip, c_out, c_in = s.scalings(sigma.reshape(-1, 1, 1, 1))
@@ -246,6 +248,7 @@ def test_discard_penultimate(sd):
 
 def test_accepts_model_handle_and_rejects_unknown_names(fake_model):
     m = fake_model()
-    assert torch.equal(calculate_sigmas(m, "karras", 5), calculate_sigmas(DiscreteSchedule.scaled_linear(), "karras", 5))
+    expected = calculate_sigmas(DiscreteSchedule.scaled_linear(), "karras", 5)
+    assert torch.equal(calculate_sigmas(m, "karras", 5), expected)
     with pytest.raises(ValueError, match="unknown scheduler"):
         calculate_sigmas(m, "nope", 5)

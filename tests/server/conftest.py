@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from server_nodes import Hold  # noqa: E402
+from server_nodes import Hold
 
 
 @pytest.fixture(autouse=True)

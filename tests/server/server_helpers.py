@@ -7,13 +7,12 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import server_nodes
 from aiohttp.test_utils import TestClient, TestServer
+from server_nodes import Hold
 
 from nodeflow import Registry
 from nodeflow.server import ServerConfig, create_app
-
-import server_nodes
-from server_nodes import Hold
 
 
 def make_registry() -> Registry:
@@ -163,7 +162,7 @@ class ServerProcess:
 
         self.base, self.port = base, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(base / f"server-{self.port}.log", "ab")
+        self.log = open(base / f"server-{self.port}.log", "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, str(REPO / "server.py"), "--port", str(self.port), "--base-dir", str(base),
                "--no-builtin-nodes", "--extra-nodes", NODES_FILE, *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,

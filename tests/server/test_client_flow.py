@@ -10,7 +10,6 @@ import urllib.request
 import uuid
 
 import aiohttp
-
 from server_helpers import ServerProcess, async_test
 
 

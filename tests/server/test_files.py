@@ -7,7 +7,6 @@ import tempfile
 
 import aiohttp
 from PIL import Image
-
 from server_helpers import async_test, serve
 
 
@@ -118,11 +117,11 @@ async def test_upload_mask_into_alpha(tmp_path):
             assert img.getpixel((7, 7)) == (200, 100, 50, 255)
             assert img.getpixel((0, 0))[3] == 0  # the mask's transparency, scaled up
             assert img.text.get("prompt") == "{}"  # the original's metadata kept
-        body = await upload(client, mask.getvalue(), path="/upload/mask", expect=404,
+        await upload(client, mask.getvalue(), path="/upload/mask", expect=404,
                             original_ref=json.dumps({"filename": "missing.png"}))
-        body = await upload(client, mask.getvalue(), path="/upload/mask", expect=403,
+        await upload(client, mask.getvalue(), path="/upload/mask", expect=403,
                             original_ref=json.dumps({"filename": "../../x.png", "type": "output"}))
-        body = await upload(client, mask.getvalue(), path="/upload/mask", expect=400, original_ref="not json")
+        await upload(client, mask.getvalue(), path="/upload/mask", expect=400, original_ref="not json")
 
 
 @async_test

@@ -1,10 +1,10 @@
 """Schemas, models, system stats, the frontend's small routes, /openapi.json."""
 
+import json
 import subprocess
 import sys
 
 import pytest
-
 from server_helpers import async_test, serve
 
 
@@ -146,7 +146,7 @@ async def test_experiment_models(tmp_path):
     extra.mkdir(parents=True)
     (extra / "far.safetensors").write_bytes(b"12345")
     (base / "models" / "loras").mkdir(parents=True)
-    (base / "nodeflow.json").write_text('{"models": {"loras": ["%s"]}}' % extra)
+    (base / "nodeflow.json").write_text(json.dumps({"models": {"loras": [str(extra)]}}))
     (base / "models" / "loras" / "near.safetensors").write_bytes(b"1")
     (extra / "near.safetensors").write_bytes(b"shadowed by the first folder")
     async with serve(base) as client:

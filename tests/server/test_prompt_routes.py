@@ -5,10 +5,10 @@ import json
 import threading
 from types import SimpleNamespace
 
-from nodeflow.server.common import DISPATCHER, QUEUE
-
 from server_helpers import async_test, chain, held, serve, submit, wait_history, wait_started
 from server_nodes import Hold
+
+from nodeflow.server.common import DISPATCHER, QUEUE
 
 
 @async_test

@@ -4,11 +4,10 @@ import threading
 import time
 
 import pytest
-
-from nodeflow.queue import (Dispatcher, DuplicatePrompt, LocalBackend, Outcome, PromptQueue, QueueLocked)
-
 from server_helpers import chain, held, make_registry
 from server_nodes import Hold
+
+from nodeflow.queue import Dispatcher, DuplicatePrompt, LocalBackend, Outcome, PromptQueue, QueueLocked
 
 WF = {"1": {"class_type": "Const", "inputs": {"value": 1}}}
 

@@ -3,7 +3,6 @@
 import asyncio
 
 import aiohttp
-
 from server_helpers import ServerProcess, async_test
 
 
@@ -69,7 +68,7 @@ async def test_sigkill_mid_queue_then_restart(tmp_path):
                 assert entry["status"]["status_str"] == "success", entry
             hist = await history(s, url)
             # The finished prompt is intact, and came first.
-            assert list(hist)[0] == done and hist[done] == before[done]
+            assert next(iter(hist)) == done and hist[done] == before[done]
             # The killed one is marked failed, and says why.
             assert hist[victim]["status"]["status_str"] == "error"
             assert "stopped" in hist[victim]["status"]["messages"][-1][1]["exception_message"]

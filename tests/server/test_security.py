@@ -4,7 +4,6 @@ import asyncio
 
 import aiohttp
 import pytest
-
 from server_helpers import async_test, chain, serve, wait_history
 
 TOKEN = "t0ken-with-enough-entropy"
@@ -155,11 +154,10 @@ async def test_access_log_redacts_the_token(tmp_path):
     import logging
 
     from aiohttp.test_utils import TestClient, TestServer
+    from server_helpers import make_registry
 
     from nodeflow.server import ServerConfig, create_app
     from nodeflow.server.security import AccessLogger
-
-    from server_helpers import make_registry
 
     lines = []
 

@@ -6,7 +6,6 @@ import struct
 import threading
 
 from PIL import Image
-
 from server_helpers import WsReader, async_test, chain, held, serve, submit, wait_history, wait_started
 from server_nodes import Hold
 
@@ -124,7 +123,7 @@ async def test_execution_cached_lists_every_cached_node(tmp_path):
         prompt["5"]["inputs"]["steps"] = 2  # 5 and 6 run again; 1, 2 and 3 come from the cache
         pid = (await submit(client, prompt, client_id="me"))["prompt_id"]
         messages = await ws.until_done(pid)
-        cached = [d for t, d in messages if t == "execution_cached"][0]
+        cached = next(d for t, d in messages if t == "execution_cached")
         assert cached["nodes"] == ["1", "2", "3"]
         assert [d["node"] for t, d in messages if t == "executing"] == ["5", "6", None]
         entry = await wait_history(client, pid)

@@ -1,14 +1,13 @@
 """The demo model: its training writes a real SD 1.x checkpoint, and the shipped one follows prompts."""
 
 import numpy as np
-import pytest
 import torch
 
 from nodeflow.models import load_checkpoint
+from nodeflow.models.vae import AutoencoderKL
 from nodeflow.train import assets
 from nodeflow.train.demo import LATENT_SCALE, DemoConfig, rescale_latents, train
 from nodeflow.train.evaluate import evaluate
-from nodeflow.models.vae import AutoencoderKL
 
 
 def test_latent_rescale_is_an_exact_reparametrisation():
