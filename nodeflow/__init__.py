@@ -14,11 +14,12 @@ import torch; the nodes and ``nodeflow.models`` / ``nodeflow.sampling`` do.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
+from nodeflow import context
 from nodeflow.cache import OutputCache
+from nodeflow.context import RunContext
 from nodeflow.executor import ExecutionResult, Executor, ValidationFailed
 from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, validate
 from nodeflow.node import Interrupted, Node, Result
@@ -58,9 +59,6 @@ __all__ = [
     "shared_executor",
     "validate",
 ]
-
-_executors_lock = threading.Lock()
-
 
 def load_workflow(source: Any, registry: Registry | None = None) -> dict[str, Any]:
     """A workflow as an API-format dict, from a dict, a ``Workflow``, a JSON string or a file path.
@@ -128,23 +126,19 @@ def _editor_workflow(source: Any) -> dict[str, Any] | None:
 
 
 def shared_executor(registry: Registry) -> Executor:
-    """The executor ``run`` uses for ``registry``: one per registry, made on first use, which
-    lives as long as the registry does."""
-    with _executors_lock:
-        executor = getattr(registry, "_shared_executor", None)
-        if executor is None:
-            # Kept on the registry itself: a registry -> executor -> registry cycle that the
-            # garbage collector frees with the registry (a weak mapping keyed by the registry
-            # would keep it alive through the executor's reference).
-            executor = registry._shared_executor = Executor(registry)
-        return executor
+    """The executor ``run`` uses for ``registry`` in the current run context: one per registry
+    and context, made on first use, which lives as long as the registry does."""
+    return context.current().executor(registry)
 
 
-def configure_devices(device: str | None = None, precision: str | None = None) -> None:
+def configure_devices(device: str | None = None, precision: str | None = None, *,
+                      run_context: RunContext | None = None) -> None:
     """Choose where models run (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``) and in which
-    precision (``"fp32"``, ``"fp16"``, ``"bf16"``) — what ``--device``/``--precision`` do. Imports
-    the model stack (torch) only when something is given; raises ``ValueError`` naming the
-    option when the device is not there or the stack cannot load."""
+    precision (``"fp32"``, ``"fp16"``, ``"bf16"``) — what ``--device``/``--precision`` do — for
+    ``run_context`` (default: the process's default context). Imports the model stack (torch)
+    only when something is given; raises ``ValueError`` naming the option when the device is
+    not there or the stack cannot load."""
+    target = run_context or context.default()
     if device is None and precision is None:
         return
     try:
@@ -153,8 +147,8 @@ def configure_devices(device: str | None = None, precision: str | None = None) -
         raise ValueError(f"--device/--precision need the model stack (torch): {exc}") from None
     try:
         if device:
-            devices.set_device(device)
+            target.device = devices.check_device(device)
         if precision:
-            devices.set_precision(precision)
+            target.precision = devices.check_precision(precision)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"--device {device}: {exc}" if device else f"--precision {precision}: {exc}") from None

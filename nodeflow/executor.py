@@ -13,25 +13,46 @@ exception_type, traceback, ...) or ``execution_interrupted``.
 
 The closing ``executing`` with ``node: None`` is left to the caller: a server must write
 the history entry before sending it.
+
+An executor runs in a run context (``nodeflow.context``: the worker's folders, device and
+precision), activated for the length of each run, and offers three hooks, each called in the
+executor's thread with the node id, its class and its resolved inputs:
+
+- ``before_node(node_id, cls, inputs)`` just before ``run`` (e.g. the server's resource limits:
+  raise to fail the node, with the exception's message in its ``execution_error``);
+- ``after_node(node_id, cls, values, ui)`` once ``run`` returned, before the node's outputs are
+  cached and its ``executed`` event sent (raising fails the node too);
+- ``on_node_error(node_id, cls, inputs, exc)`` when the node (or a hook) raised; what this
+  hook raises is logged, never passed on.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
-import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nodeflow import context as run_context
+from nodeflow import events
 from nodeflow.cache import CacheEntry, OutputCache, signature
 from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, validate
 from nodeflow.node import Interrupted, Node, Result
 from nodeflow.registry import Registry
 
+if TYPE_CHECKING:
+    from nodeflow.context import RunContext
+    from nodeflow.folders import Folders
+
+log = logging.getLogger(__name__)
+
 Observer = Callable[[str, dict], None]
+BeforeNode = Callable[[str, "type[Node]", dict], None]
+AfterNode = Callable[[str, "type[Node]", tuple, "dict | None"], None]
+OnNodeError = Callable[[str, "type[Node]", dict, BaseException], None]
 
 
 def _no_observer(event: str, data: dict) -> None:
@@ -84,13 +105,18 @@ class ExecutionResult:
         return values[index]
 
 
-class _RunContext:
+class _NodeContext:
     """The ``Context`` a node sees while it runs."""
 
-    __slots__ = ("_emit", "_flag", "_last_preview", "node_id", "prompt_id")
+    __slots__ = ("_emit", "_flag", "node_id", "prompt_id", "run")
 
-    def __init__(self, prompt_id: str, node_id: str, emit: Observer, flag: threading.Event) -> None:
-        self.prompt_id, self.node_id, self._emit, self._flag = prompt_id, node_id, emit, flag
+    def __init__(self, prompt_id: str, node_id: str, emit: Observer, flag: threading.Event, run: RunContext) -> None:
+        self.prompt_id, self.node_id, self._emit, self._flag, self.run = prompt_id, node_id, emit, flag, run
+
+    @property
+    def folders(self) -> Folders:
+        """The folders of the worker running this node."""
+        return self.run.folders
 
     def check_interrupted(self) -> None:
         if self._flag.is_set():
@@ -107,11 +133,16 @@ class Executor:
     """Runs workflows against a registry, keeping an output cache between runs.
 
     One workflow runs at a time per executor; ``interrupt()`` may be called from any thread.
+    ``context``: the run context its runs use (default: the caller's current one, at each run).
     """
 
-    def __init__(self, registry: Registry, cache: OutputCache | None = None) -> None:
+    def __init__(self, registry: Registry, cache: OutputCache | None = None, *, context: RunContext | None = None,
+                 before_node: BeforeNode | None = None, after_node: AfterNode | None = None,
+                 on_node_error: OnNodeError | None = None) -> None:
         self.registry = registry
         self.cache = cache if cache is not None else OutputCache()
+        self.context = context
+        self.before_node, self.after_node, self.on_node_error = before_node, after_node, on_node_error
         self._interrupt = threading.Event()
         self._lock = threading.Lock()
         self.running_prompt_id: str | None = None
@@ -124,10 +155,16 @@ class Executor:
         self._interrupt.set()
         return True
 
+    def validate(self, graph: Graph, outputs: Iterable[str] | None = None) -> ValidationReport:
+        """Validate ``graph`` in this executor's run context (choices such as model names are
+        this worker's)."""
+        with run_context.activate(self.context or run_context.current()):
+            return validate(graph, self.registry, outputs)
+
     def prepare(self, workflow: Any, outputs: Iterable[str] | None = None) -> tuple[Graph, ValidationReport]:
         """Parse and validate; raises ``WorkflowError`` / ``ValidationFailed`` when nothing can run."""
         graph = workflow if isinstance(workflow, Graph) else parse(workflow)
-        report = validate(graph, self.registry, outputs)
+        report = self.validate(graph, outputs)
         if not report.ok:
             raise ValidationFailed(report)
         return graph, report
@@ -140,7 +177,8 @@ class Executor:
             prompt_id = prompt_id or str(uuid.uuid4())
             self.running_prompt_id = prompt_id
             try:
-                return self._execute(graph, report, prompt_id, observer or _no_observer, extra_data or {})
+                with run_context.activate(self.context or run_context.current()) as ctx:
+                    return self._execute(graph, report, prompt_id, observer or _no_observer, extra_data or {}, ctx)
             finally:
                 self.running_prompt_id = None
                 self._interrupt.clear()
@@ -153,11 +191,11 @@ class Executor:
     # -- internals ------------------------------------------------------------------------
 
     def _execute(self, graph: Graph, report: ValidationReport, prompt_id: str, observer: Observer,
-                 extra_data: dict) -> ExecutionResult:
+                 extra_data: dict, ctx: RunContext) -> ExecutionResult:
         result = ExecutionResult(prompt_id, "success")
 
         def status(event: str, data: dict) -> None:
-            data = {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000), **data}
+            data = {"prompt_id": prompt_id, "timestamp": events.now_ms(), **data}
             result.messages.append([event, data])
             observer(event, data)
 
@@ -187,8 +225,9 @@ class Executor:
             values[n] = entry.values
             if entry.ui is not None:
                 result.ui[n] = entry.ui
-                observer("executed", {"node": n, "display_node": n, "output": entry.ui, "prompt_id": prompt_id})
+                observer("executed", events.executed(prompt_id, n, entry.ui))
 
+        before, after = self.before_node, self.after_node
         for n in to_run:
             node = graph.nodes[n]
             cls = self.registry.get(node.class_type)
@@ -196,25 +235,26 @@ class Executor:
             try:
                 if self._interrupt.is_set():
                     raise Interrupted("interrupted before node " + n)
-                observer("executing", {"node": n, "display_node": n, "prompt_id": prompt_id})
+                observer("executing", events.executing(prompt_id, n))
                 inputs = self._gather(node, cls, graph, values, extra_data)
-                instance = cls(_RunContext(prompt_id, n, observer, self._interrupt))
+                if before is not None:
+                    before(n, cls, inputs)
+                instance = cls(_NodeContext(prompt_id, n, observer, self._interrupt, ctx))
                 entry = _normalise(instance.run(**inputs), cls)
+                if after is not None:
+                    after(n, cls, entry.values, entry.ui)
             except Interrupted:
                 result.status = "interrupted"
                 status("execution_interrupted", {"node_id": n, "node_type": node.class_type,
                                                  "executed": result.executed})
                 return result
             except Exception as exc:  # noqa: BLE001 - a node's failure fails its prompt, not the engine
+                self._node_failed(n, cls, inputs, exc)
                 result.status = "error"
-                result.error = {
-                    "node_id": n, "node_type": node.class_type, "executed": list(result.executed),
-                    "exception_message": str(exc) or type(exc).__name__,
-                    "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                    "traceback": traceback.format_exception(exc),
-                    "current_inputs": _describe(inputs),
-                    "current_outputs": list(values),
-                }
+                result.error = {k: v for k, v in events.error_from_exception(
+                    prompt_id, exc, node_id=n, node_type=node.class_type, executed=result.executed,
+                    current_inputs=events.render_inputs(inputs, cls.hidden if cls is not None else ()),
+                    current_outputs=values).items() if k not in ("prompt_id", "timestamp")}
                 status("execution_error", result.error)
                 return result
             finally:
@@ -224,10 +264,17 @@ class Executor:
             result.executed.append(n)
             if entry.ui is not None:
                 result.ui[n] = entry.ui
-                observer("executed", {"node": n, "display_node": n, "output": entry.ui, "prompt_id": prompt_id})
+                observer("executed", events.executed(prompt_id, n, entry.ui))
 
         status("execution_success", {})
         return result
+
+    def _node_failed(self, node_id: str, cls: type[Node], inputs: dict, exc: BaseException) -> None:
+        if self.on_node_error is not None:
+            try:
+                self.on_node_error(node_id, cls, inputs, exc)
+            except Exception:  # a failing hook must not hide the node's own error
+                log.exception("on_node_error hook failed for node %s", node_id)
 
     def _plan(self, graph: Graph, report: ValidationReport) -> tuple[list[str], dict[str, bytes]]:
         """The topological order of everything upstream of the runnable outputs, and each
@@ -378,11 +425,3 @@ def _normalise(out: Any, cls: type[Node]) -> CacheEntry:
     if len(values) != len(cls.outputs):
         raise TypeError(f"{cls.type_name}.run returned {len(values)} values for {len(cls.outputs)} outputs")
     return CacheEntry(tuple(values), ui)
-
-
-def _describe(inputs: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for k, v in inputs.items():
-        shape = getattr(v, "shape", None)
-        out[k] = f"{type(v).__name__}{list(shape)}" if shape is not None else repr(v)[:200]
-    return out

@@ -27,9 +27,10 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from nodeflow import context
 
 log = logging.getLogger(__name__)
 
@@ -293,22 +294,14 @@ def _check_known(path: Path, what: str, given: dict, known: tuple[str, ...]) -> 
             raise ValueError(f"{path}: unknown {what} {key!r}{hint}")
 
 
-_current: Folders | None = None
-_lock = threading.Lock()
-
-
 def configure(base_dir=None, **kw) -> Folders:
-    """Set the process-wide folders (the CLI and the server call this at start-up)."""
-    global _current
-    with _lock:
-        _current = Folders.from_base(base_dir, **kw)
-        return _current
+    """Set the folders of the default run context (the CLI and the server call this at start-up)."""
+    made = Folders.from_base(base_dir, **kw)
+    context.default().folders = made
+    return made
 
 
 def folders() -> Folders:
-    """The process-wide folders, configured from the environment on first use."""
-    global _current
-    with _lock:
-        if _current is None:
-            _current = Folders.from_base()
-        return _current
+    """The folders of the current run context: the worker's that runs this node, or the
+    default context's outside any run (configured from the environment on first use)."""
+    return context.current().folders

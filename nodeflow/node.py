@@ -22,10 +22,16 @@ no other state between runs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from nodeflow import context
 from nodeflow.spec import Hidden, InputSpec, Output
+
+if TYPE_CHECKING:
+    from nodeflow.context import RunContext
+    from nodeflow.folders import Folders
 
 
 class Interrupted(Exception):
@@ -37,6 +43,12 @@ class Context(Protocol):
 
     prompt_id: str
     node_id: str
+    #: The run context of the worker running the node: its folders, device and precision.
+    run: RunContext
+
+    @property
+    def folders(self) -> Folders:
+        """The worker's folders (models, input, output, temp)."""
 
     def progress(self, value: int, total: int, preview: Any = None) -> None:
         """Report ``value`` of ``total`` steps done (and optionally a preview image);
@@ -51,6 +63,14 @@ class NullContext:
 
     prompt_id = ""
     node_id = ""
+
+    @property
+    def run(self) -> RunContext:
+        return context.current()
+
+    @property
+    def folders(self) -> Folders:
+        return context.current().folders
 
     def progress(self, value: int, total: int, preview: Any = None) -> None:
         pass
@@ -93,6 +113,10 @@ class Node:
     #: workflows, but left out of ``/object_info``: ComfyUI's frontend has its own.
     editor_only: ClassVar[bool] = False
     deprecated: ClassVar[bool] = False
+    #: Inputs that name a model file, with the model folder it is in (``{"ckpt_name":
+    #: "checkpoints"}``). With several workers, a prompt goes to one that already holds its
+    #: models, and ``/api/workers`` lists what each holds.
+    model_inputs: ClassVar[dict[str, str]] = {}
     #: Set ``abstract = True`` in a shared base class's own body to keep it out of the
     #: registry (its subclasses are not affected; see ``nodeflow.registry.node_classes``).
     abstract: ClassVar[bool] = False
@@ -110,6 +134,7 @@ class Node:
             cls.description = (cls.__doc__ or "").strip()
         if not cls.__dict__.get("display_name"):
             cls.display_name = cls.type_name
+        _check_declaration(cls)
 
     def run(self, **inputs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")
@@ -141,3 +166,36 @@ class Node:
         out = {name: (spec, True) for name, spec in cls.inputs.items()}
         out.update({name: (spec, False) for name, spec in cls.optional.items()})
         return out
+
+
+class NodeDeclarationError(TypeError):
+    """A node class whose declarations and ``run`` disagree (raised when the class is defined)."""
+
+
+def _check_declaration(cls: type[Node]) -> None:
+    """``run`` must take every declared input by name (or ``**kwargs``), optional ones with a
+    default (they may be left out), and nothing else without a default;
+    ``model_inputs`` must name declared inputs."""
+    where = f"node {cls.__module__}.{cls.__qualname__}"
+    declared = {**cls.inputs, **cls.optional, **cls.hidden}
+    for name in cls.model_inputs:
+        if name not in declared:
+            raise NodeDeclarationError(f"{where}: model_inputs names {name!r}, which is not one of its inputs")
+    if cls.run is Node.run:
+        return
+    params = list(inspect.signature(cls.run).parameters.values())[1:]  # after self
+    by_name = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    for group, names in (("input", cls.inputs), ("optional input", cls.optional), ("hidden input", cls.hidden)):
+        for name in names:
+            param = by_name.get(name)
+            if param is None and not takes_any:
+                raise NodeDeclarationError(f"{where}: run() has no parameter for its {group} {name!r}")
+            if param is not None and group == "optional input" and param.default is param.empty:
+                raise NodeDeclarationError(f"{where}: run() parameter {name!r} needs a default: the {group} "
+                                           "may be left out")
+    for param in params:
+        if param.kind is param.POSITIONAL_ONLY or (param.name not in declared and param.default is param.empty
+                                                    and param.kind in (param.POSITIONAL_OR_KEYWORD,
+                                                                       param.KEYWORD_ONLY)):
+            raise NodeDeclarationError(f"{where}: run() parameter {param.name!r} is not a declared input")

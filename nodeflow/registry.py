@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
 import pkgutil
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -214,3 +218,44 @@ def default_registry() -> Registry:
             reg.load_entry_points()
             _default = reg
         return _default
+
+
+def build_registry(extra: Sequence[str] = (), builtin: bool = True) -> Registry:
+    """The built-in nodes and installed node packages (unless ``builtin`` is False), plus
+    ``extra`` modules or ``.py`` files of nodes (for node packages in development): what the
+    server and each of its workers run. ``ValueError`` names an extra that cannot be loaded."""
+    reg = Registry()
+    if builtin:
+        try:
+            reg.load_package("nodes")
+        except Exception as exc:  # noqa: BLE001 - e.g. no torch: serve what can be served
+            reg.load_errors["nodes"] = f"{type(exc).__name__}: {exc}"
+            log.warning("could not load the built-in nodes: %s", exc)
+        reg.load_entry_points()
+    for spec in extra:
+        reg.register_module(_import_nodes(spec))
+    return reg
+
+
+def _import_nodes(spec: str) -> ModuleType:
+    if spec.endswith(".py") or os.sep in spec or "/" in spec:
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise ValueError(f"--extra-nodes {spec}: no such file")
+        name = "nodeflow_extra_" + path.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            return loaded
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ImportError as exc:
+        raise ValueError(f"--extra-nodes {spec}: {exc}") from exc

@@ -133,6 +133,7 @@ class LoadModel(Node):
     display_name = "Load Checkpoint"
     aliases = ("CheckpointLoaderSimple",)
     alias_display_names = {"CheckpointLoaderSimple": "Load Checkpoint"}
+    model_inputs = {"ckpt_name": "checkpoints"}
     inputs = {"ckpt_name": Combo(choices=checkpoint_choices,
                                  tooltip="a file in models/checkpoints, or a diffusers folder")}
     outputs = [Output("MODEL", "MODEL"), Output("CLIP", "CLIP"), Output("VAE", "VAE")]
@@ -207,6 +208,7 @@ class DiffusersLoader(Node):
     ``text_encoder/``…) from models/diffusers. LoadModel lists these folders too."""
 
     category = "advanced/loaders/deprecated"
+    model_inputs = {"model_path": "diffusers"}
     inputs = {"model_path": Combo(choices=diffusers_folders, tooltip="a diffusers folder in models/diffusers")}
     outputs = [Output("MODEL"), Output("CLIP"), Output("VAE")]
 
@@ -234,6 +236,7 @@ class LoadVAE(Node):
     display_name = "Load VAE"
     aliases = ("VAELoader",)
     alias_display_names = {"VAELoader": "Load VAE"}
+    model_inputs = {"vae_name": "vae"}
     inputs = {"vae_name": Combo(choices=_choices("vae"))}
     outputs = [Output("VAE")]
 
@@ -255,6 +258,7 @@ class LoadLora(Node):
     display_name = "Load LoRA"
     aliases = ("LoraLoader",)
     alias_display_names = {"LoraLoader": "Load LoRA"}
+    model_inputs = {"lora_name": "loras"}
     inputs = {
         "model": Socket("MODEL"),
         "clip": Socket("CLIP"),
@@ -283,6 +287,7 @@ class LoadLoraModelOnly(Node):
     category = "loaders"
     display_name = "Load LoRA (model only)"
     aliases = ("LoraLoaderModelOnly",)
+    model_inputs = {"lora_name": "loras"}
     inputs = {
         "model": Socket("MODEL"),
         "lora_name": Combo(choices=_choices("loras")),

@@ -20,6 +20,7 @@ class LoadUpscaleModel(Node):
     display_name = "Load Upscale Model"
     aliases = ("UpscaleModelLoader",)
     alias_display_names = {"UpscaleModelLoader": "Load Upscale Model"}
+    model_inputs = {"model_name": KIND}
     inputs = {"model_name": Combo(choices=lambda: folders().list_models(KIND),
                                   tooltip="a file in models/upscale_models")}
     outputs = [Output("UPSCALE_MODEL")]

@@ -287,7 +287,7 @@ class TextEncoder:
             weighted = bool((weights != 1.0).any())
             if weighted:
                 ids = torch.cat([ids, torch.tensor([[t for t, _ in tower.tokenizer.empty_chunk()]])])
-            devices.manager.load(tower.model, self.device)
+            devices.model_manager().load(tower.model, self.device)
             patching.sync(tower.model, self.patches.get(tower.name, {}))
             hidden, pool = tower.model(ids.to(self.device), self.layer or tower.default_layer, tower.final_norm,
                                        vectors)

@@ -1,13 +1,16 @@
 """Compute device, precision, and a small LRU manager that moves models onto the GPU.
 
-- The device is CUDA, else MPS, else CPU, unless ``set_device("cuda:1")`` (the CLI's
-  ``--device``) says otherwise.
+Each worker has its own device, precision and manager: they live in its run context
+(``nodeflow.context``), so two workers in one process (one per GPU) never share them.
+
+- The device is CUDA, else MPS, else CPU, unless the context names one (``set_device("cuda:1")``,
+  the CLI's ``--device``).
 - The precision of the UNet and the text encoders is fp16 on GPUs and fp32 on the CPU
-  unless ``set_precision("fp32" | "fp16" | "bf16")`` (``--precision``) says otherwise. The VAE
-  runs in bf16 where the GPU has it, else fp16; a VAE that overflows in half precision
+  unless the context says otherwise (``set_precision("fp32" | "fp16" | "bf16")``, ``--precision``).
+  The VAE runs in bf16 where the GPU has it, else fp16; a VAE that overflows in half precision
   (SDXL's, in fp16) gives NaNs, which ``vae.VAE`` detects, redoing the work in fp32.
-- Models wait in CPU memory. ``manager.load(module, device)`` moves one to the GPU when a
-  node runs it; when the GPU is short of memory, the least recently used models go back to
+- Models wait in CPU memory. ``model_manager().load(module, device)`` moves one to the GPU when
+  a node runs it; when the GPU is short of memory, the least recently used models go back to
   the CPU first. A model too large for the GPU even alone runs layer by layer from CPU
   memory (each layer visits the GPU for its forward). On the CPU all of this is a no-op.
 """
@@ -20,17 +23,21 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from nodeflow import context
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_device: torch.device | None = None        # set_device override
-_precision: str | None = None              # set_precision override
 
 
 def get_device() -> torch.device:
-    """The compute device: the override if set, else CUDA, else MPS, else CPU."""
-    if _device is not None:
-        return _device
+    """The compute device of the current run context: the one it names, else CUDA, else MPS, else CPU."""
+    name = context.current().device
+    if name is not None:
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -38,50 +45,63 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
-def set_device(name: str | torch.device | None) -> None:
-    """Override the compute device (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``); None = automatic."""
-    global _device
-    if name is None:
-        _device = None
-        return
+def check_device(name: str | torch.device) -> str:
+    """``name`` as a device string (``"cuda"`` becomes ``"cuda:N"``); ``ValueError`` when this
+    machine does not have it."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(name)!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r} requested but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(name)!r} requested but MPS is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    _device = device
+    return str(device)
+
+
+def set_device(name: str | torch.device | None) -> None:
+    """Set the current run context's device (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``); None = automatic."""
+    context.current().device = None if name is None else check_device(name)
+
+
+def check_precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    return name
 
 
 def set_precision(name: str | None) -> None:
-    """Override the UNet / text-encoder precision: ``"fp32"``, ``"fp16"``, ``"bf16"``; None = automatic."""
-    global _precision
-    if name is not None and name not in PRECISIONS:
-        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
-    _precision = name
+    """Set the current run context's UNet / text-encoder precision: ``"fp32"``, ``"fp16"``,
+    ``"bf16"``; None = automatic."""
+    context.current().precision = None if name is None else check_precision(name)
 
 
 def get_precision() -> str | None:
-    return _precision
+    return context.current().precision
 
 
 def compute_dtype(device: torch.device | None = None) -> torch.dtype:
-    """The dtype of the UNet and text encoders on ``device``: the override, else fp16 on GPUs, fp32 on CPU."""
-    if _precision is not None:
-        return PRECISIONS[_precision]
+    """The dtype of the UNet and text encoders on ``device``: the context's precision, else fp16
+    on GPUs, fp32 on CPU."""
+    precision = get_precision()
+    if precision is not None:
+        return PRECISIONS[precision]
     device = device or get_device()
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
 def vae_dtype(device: torch.device | None = None) -> torch.dtype:
-    """The VAE's dtype: fp32 on the CPU (bf16 if ``set_precision("bf16")``); on GPUs bf16 where supported,
-    else fp16, where a VAE that overflows (SDXL's) is redone in fp32 by ``VAE``. ``"fp32"`` forces fp32."""
+    """The VAE's dtype: fp32 on the CPU (bf16 if the precision is ``"bf16"``); on GPUs bf16 where
+    supported, else fp16, where a VAE that overflows (SDXL's) is redone in fp32 by ``VAE``.
+    ``"fp32"`` forces fp32."""
     device = device or get_device()
-    if _precision == "fp32":
+    precision = get_precision()
+    if precision == "fp32":
         return torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if _precision == "bf16" else torch.float32
+        return torch.bfloat16 if precision == "bf16" else torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
@@ -197,4 +217,19 @@ def _stream(module: nn.Module, device: torch.device) -> list:
     return handles
 
 
-manager = ModelManager()
+def model_manager() -> ModelManager:
+    """The model manager of the current run context (each worker tracks its own GPU)."""
+    return context.current().state("model_manager", ModelManager)
+
+
+class _CurrentManager:
+    """``manager``: stands for the current run context's ``ModelManager`` (``model_manager()``)."""
+
+    def __getattr__(self, name: str):
+        return getattr(model_manager(), name)
+
+    def __repr__(self) -> str:
+        return repr(model_manager())
+
+
+manager = _CurrentManager()

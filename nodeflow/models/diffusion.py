@@ -78,7 +78,7 @@ class DiffusionModel:
             raise ValueError(f"the {self.family} UNet takes {self.in_channels} input channels, got {x.shape[1]}{hint}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        devices.manager.load(self.unet, self.device)
+        devices.model_manager().load(self.unet, self.device)
         patching.sync(self.unet, self.patches)
         dev, dtype = self.device, self.dtype
         out = self.unet(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),

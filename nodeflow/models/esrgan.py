@@ -417,12 +417,12 @@ class UpscaleModel:
         x = image[..., :self.in_channels].movedim(-1, 1).float().cpu()  # (B, C, H, W)
         B, _, H, W = x.shape
         for attempt in range(2):
-            devices.manager.load(self.model, self.device)
+            devices.model_manager().load(self.model, self.device)
             out = self._tiled(x, tile, overlap, progress)
             if torch.isfinite(out).all() or self.dtype == torch.float32 or attempt:
                 break
             log.warning("upscale model gave NaN/inf in %s; switching it to float32", self.dtype)
-            devices.manager.offload(self.model)
+            devices.model_manager().offload(self.model)
             self.dtype = torch.float32
             self.model.to(torch.float32)
         out = out.clamp(0, 1)

@@ -271,7 +271,7 @@ class VAE:
             return fn(part.to(self.device, self.dtype))
 
         for attempt in range(2):
-            devices.manager.load(self.model, self.device)
+            devices.model_manager().load(self.model, self.device)
             with torch.no_grad():
                 try:
                     if tile_size:
@@ -288,7 +288,7 @@ class VAE:
             if torch.isfinite(out).all() or self.dtype == torch.float32 or attempt:
                 return out
             log.warning("VAE gave NaN/inf in %s; switching it to float32", self.dtype)
-            devices.manager.offload(self.model)
+            devices.model_manager().offload(self.model)
             self.dtype = torch.float32
             self.model.to(torch.float32)
         return out

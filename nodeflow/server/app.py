@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import logging
 import os
 import sqlite3
@@ -28,12 +26,21 @@ from typing import Any
 
 from aiohttp import web
 
+from nodeflow import configure_devices
 from nodeflow import folders as folders_mod
-from nodeflow.cache import OutputCache
-from nodeflow.queue import Backend, Dispatcher, PromptQueue, QueueLocked, default_db_path
-from nodeflow.registry import Registry
+from nodeflow.limits import ResourceLimits
+from nodeflow.queue import (
+    Backend,
+    BackendError,
+    Dispatcher,
+    LocalBackend,
+    PromptQueue,
+    QueueLocked,
+    StorageError,
+    default_db_path,
+)
+from nodeflow.registry import Registry, build_registry
 from nodeflow.server import routes_files, routes_info, routes_prompt, routes_user, ws
-from nodeflow.server.backend import ServerBackend, apply_devices
 from nodeflow.server.common import (
     API_ROUTES,
     CONFIG,
@@ -47,8 +54,9 @@ from nodeflow.server.common import (
     ServerConfig,
     describe_error,
     error_response,
+    storage_unavailable,
 )
-from nodeflow.server.security import AccessLogger, ResourceLimits, auth_middleware, is_loopback_host, origin_middleware
+from nodeflow.server.security import AccessLogger, auth_middleware, is_loopback_host, origin_middleware
 from nodeflow.server.ws import Hub, ThreadEmitter
 
 log = logging.getLogger("nodeflow.server")
@@ -65,9 +73,10 @@ class StartupError(Exception):
 
 def create_app(config: ServerConfig | None = None, registry: Registry | None = None, *,
                backend: BackendFactory | None = None) -> web.Application:
-    """The application. ``registry`` defaults to the built-in nodes and installed packages;
-    ``backend`` makes the backend that runs prompts (default: ``ServerBackend``, which
-    checks each node's resolved inputs against the resource limits before it runs)."""
+    """The application. ``registry`` defaults to the built-in nodes and installed packages
+    (and ``config.extra_nodes``); ``backend`` makes the backend that runs prompts (default:
+    ``make_backend``: the ``config.backend`` one, whose workers check each node's resolved
+    inputs against the resource limits before it runs)."""
     config = config or ServerConfig()
     folders = folders_mod.configure(config.base_dir, input_dir=config.input_dir, output_dir=config.output_dir,
                                     temp_dir=config.temp_dir)
@@ -76,7 +85,7 @@ def create_app(config: ServerConfig | None = None, registry: Registry | None = N
         middlewares.append(auth_middleware(config.auth_token))
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes + (1 << 20))
     app[CONFIG] = config
-    app[REGISTRY] = registry if registry is not None else build_registry()
+    app[REGISTRY] = registry if registry is not None else build_registry(config.extra_nodes, config.builtin_nodes)
     app[FOLDERS] = folders
     app[LIMITS] = ResourceLimits(config.max_pixels, config.max_steps)
     app[API_ROUTES] = ROUTES
@@ -100,22 +109,28 @@ def _worker(make_backend: BackendFactory | None):
         # Opening a big database may migrate it; with the recovery and temp/, off the loop.
         queue = await asyncio.to_thread(_open_queue, path, config, app[FOLDERS])
         try:
-            await asyncio.to_thread(apply_devices, config.device, config.precision)
-        except ValueError as exc:
+            if config.backend == "local":  # remote workers apply them in their own processes
+                await asyncio.to_thread(configure_devices, config.device, config.precision)
+            backend = (make_backend or default_backend)(app[REGISTRY], config)
+        except (ValueError, BackendError) as exc:
             queue.close()
             raise StartupError(str(exc)) from None
         hub = Hub(queue.remaining)
         emitter = ThreadEmitter(hub, asyncio.get_running_loop(), config.previews, config.preview_size)
-        backend = make_backend(app[REGISTRY], config) if make_backend else \
-            ServerBackend(app[REGISTRY], app[LIMITS], OutputCache(config.cache_size))
-        dispatcher = Dispatcher(queue, backend, emitter, emitter.queue_changed)
+        dispatcher = Dispatcher(queue, backend, emitter, emitter.queue_changed, registry=app[REGISTRY],
+                                max_tries=config.max_tries)
+        try:
+            await asyncio.to_thread(dispatcher.start)
+        except BackendError as exc:
+            backend.close()
+            queue.close()
+            raise StartupError(str(exc)) from None
         app[QUEUE], app[HUB], app[DISPATCHER] = queue, hub, dispatcher
-        dispatcher.start()
         try:
             yield
         finally:
             await asyncio.to_thread(dispatcher.stop)
-            backend.close()
+            await asyncio.to_thread(backend.close)
             queue.close()
 
     return worker
@@ -139,6 +154,28 @@ def _open_queue(path: str, config: ServerConfig, folders: folders_mod.Folders) -
     return queue
 
 
+def default_backend(registry: Registry, config: ServerConfig) -> Backend:
+    """The backend ``config.backend`` names: ``local`` (workers in this process; one by
+    default) or ``ray`` (Ray actors, one per GPU; imports Ray only then)."""
+    limits = ResourceLimits(config.max_pixels, config.max_steps)
+    if config.backend == "local":
+        return LocalBackend(registry, workers=config.workers or 1, cache_size=config.cache_size,
+                            before_node=limits.before_node)
+    if config.backend != "ray":
+        raise BackendError(f"--backend {config.backend!r}: expected local or ray")
+    from nodeflow.queue.ray_backend import RayBackend, RayOptions, import_ray
+    from nodeflow.queue.remote import WorkerSpec
+
+    import_ray()  # a clear message now when Ray is missing
+    folders = folders_mod.folders()
+    spec = WorkerSpec("", base_dir=str(folders.base), device=config.device, precision=config.precision,
+                      extra_nodes=list(config.extra_nodes), builtin_nodes=config.builtin_nodes,
+                      cache_size=config.cache_size, max_pixels=config.max_pixels, max_steps=config.max_steps,
+                      previews=config.previews)
+    return RayBackend(spec, folders, RayOptions(address=config.ray_address, workers=config.workers,
+                                                threads=config.worker_threads))
+
+
 async def _close_websockets(app: web.Application) -> None:
     if HUB in app:
         await app[HUB].close_all()
@@ -158,6 +195,9 @@ async def json_errors(request: web.Request, handler):
                               f"{request.method} {request.path}: {exc.reason}", headers=keep)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except StorageError as exc:
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return storage_unavailable(exc)
     except Exception as exc:
         log.exception("error in %s %s", request.method, request.path)
         folders = request.app.get(FOLDERS)
@@ -176,39 +216,6 @@ def _serve_frontend(app: web.Application, root: Path) -> None:
 
     app.router.add_get("/", home)
     app.router.add_static("/", root, follow_symlinks=False)
-
-
-# -- registry ---------------------------------------------------------------------------------------
-
-
-def build_registry(extra: Sequence[str] = (), builtin: bool = True) -> Registry:
-    """The built-in nodes and installed node packages (unless ``builtin`` is False), plus
-    ``extra`` modules or ``.py`` files of nodes (for node packages in development)."""
-    reg = Registry()
-    if builtin:
-        try:
-            reg.load_package("nodes")
-        except Exception as exc:  # noqa: BLE001 - e.g. no torch: serve what can be served
-            reg.load_errors["nodes"] = f"{type(exc).__name__}: {exc}"
-            log.warning("could not load the built-in nodes: %s", exc)
-        reg.load_entry_points()
-    for spec in extra:
-        reg.register_module(_import_nodes(spec))
-    return reg
-
-
-def _import_nodes(spec: str) -> Any:
-    if spec.endswith(".py") or os.sep in spec or "/" in spec:
-        path = Path(spec).resolve()
-        if not path.is_file():
-            raise SystemExit(f"error: --extra-nodes {spec}: no such file")
-        name = "nodeflow_extra_" + path.stem
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(spec)
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -259,6 +266,19 @@ def parser() -> argparse.ArgumentParser:
                      help="cuda, cuda:1, mps or cpu for the models (default: the best available)")
     run.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                      help="model precision (default: fp16 on GPUs, fp32 on the CPU)")
+    workers = p.add_argument_group("workers")
+    workers.add_argument("--backend", choices=["local", "ray"], default="local",
+                         help="where prompts run: local (in this process; default) or ray (Ray actors, one per GPU, "
+                         "on this machine or a cluster; pip install \"nodeflow[ray]\")")
+    workers.add_argument("--workers", type=_positive, metavar="N",
+                         help="workers to run (default: 1 locally; with ray, one per GPU in the cluster, or 1 "
+                         "without GPUs)")
+    workers.add_argument("--ray-address", metavar="HOST:PORT|auto",
+                         help="join a running Ray cluster (default: start one on this machine, loopback only)")
+    workers.add_argument("--worker-threads", type=_positive, metavar="N",
+                         help="torch threads per Ray worker (default: the cluster's CPUs shared among the workers)")
+    workers.add_argument("--max-tries", type=_positive, default=3, metavar="N",
+                         help="runs a prompt may lose with a worker that dies before it fails (default 3)")
     run.add_argument("--preview", action="store_true", help="send live previews as binary WebSocket frames")
     run.add_argument("--preview-size", type=int, default=512, metavar="PX")
     run.add_argument("--web-root", metavar="DIR", help="serve a web frontend's files at /")
@@ -272,6 +292,16 @@ def _device(text: str) -> str:
     if kind not in ("cuda", "mps", "cpu") or (index and (kind != "cuda" or not index.isdigit())):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device: cuda, cuda:N, mps or cpu")
     return text.strip().lower()
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _split(values: Sequence[str]) -> list[str]:
@@ -293,7 +323,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,
         previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root,
-        device=args.device, precision=args.precision)
+        device=args.device, precision=args.precision, backend=args.backend, workers=args.workers,
+        ray_address=args.ray_address, worker_threads=args.worker_threads, max_tries=args.max_tries,
+        extra_nodes=_split(args.extra_nodes) + _split([os.environ.get("NODEFLOW_EXTRA_NODES", "")]),
+        builtin_nodes=not args.no_builtin_nodes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,8 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The event loop shares the GIL with the worker thread: hand it over sooner than the
     # default 5 ms, or every socket write of the loop may wait that long behind a busy run.
     sys.setswitchinterval(0.0005)
-    extra = _split(args.extra_nodes) + _split([os.environ.get("NODEFLOW_EXTRA_NODES", "")])
-    registry = build_registry(extra, builtin=not args.no_builtin_nodes)
+    if config.backend != "ray" and (config.ray_address or config.worker_threads):
+        print("error: --ray-address and --worker-threads need --backend ray", file=sys.stderr)
+        return 2
+    try:
+        registry = build_registry(config.extra_nodes, builtin=config.builtin_nodes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not all(is_loopback_host(h) for h in config.hosts) and not config.auth_token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run prompts "
                     "and read your images", ", ".join(config.hosts))

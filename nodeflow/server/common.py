@@ -15,9 +15,9 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from nodeflow.folders import Folders
+    from nodeflow.limits import ResourceLimits
     from nodeflow.queue import Dispatcher, PromptQueue
     from nodeflow.registry import Registry
-    from nodeflow.server.security import ResourceLimits
     from nodeflow.server.ws import Hub
 
 
@@ -61,6 +61,19 @@ class ServerConfig:
     #: "fp16", "bf16"); None: automatic. Applied when the worker starts.
     device: str | None = None
     precision: str | None = None
+    #: Where prompts run: "local" (workers in this process) or "ray" (Ray actors).
+    backend: str = "local"
+    #: Workers: None means one (local), or one per GPU in the Ray cluster (ray).
+    workers: int | None = None
+    #: The Ray cluster to join ("auto" or "HOST:PORT"); None: start one on this machine.
+    ray_address: str | None = None
+    #: torch threads per Ray worker process (None: the cluster's CPUs shared among them).
+    worker_threads: int | None = None
+    #: Runs a prompt may lose with a dead worker before it fails.
+    max_tries: int = 3
+    #: Node modules or files besides the built-in nodes (the server's and each worker's).
+    extra_nodes: list[str] = field(default_factory=list)
+    builtin_nodes: bool = True
 
     @property
     def max_upload_bytes(self) -> int:
@@ -136,6 +149,13 @@ def error_response(status: int, type_: str, message: str, details: str = "", *, 
     if node_errors:
         body["node_errors"] = {}
     return json_response(body, status, headers)
+
+
+def storage_unavailable(exc: Exception) -> web.Response:
+    """503 when the queue's database refuses a write (disk full): nothing was changed."""
+    return json_response({"error": error_body("storage_unavailable", "The server cannot store this right now",
+                                              f"{exc}; nothing was changed, try again later"),
+                          "node_errors": {}}, 503, headers={"Retry-After": "30"})
 
 
 # -- error texts without server paths ------------------------------------------------------------

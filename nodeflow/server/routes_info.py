@@ -18,7 +18,17 @@ from typing import Any
 from aiohttp import web
 
 from nodeflow.folders import MODEL_KINDS
-from nodeflow.server.common import API_ROUTES, FOLDERS, QUEUE, REGISTRY, Route, error_response, json_response
+from nodeflow.server.common import (
+    API_ROUTES,
+    CONFIG,
+    DISPATCHER,
+    FOLDERS,
+    QUEUE,
+    REGISTRY,
+    Route,
+    error_response,
+    json_response,
+)
 from nodeflow.server.schemas import Features, SystemStats, openapi
 from nodeflow.server.ws import server_features
 
@@ -105,12 +115,29 @@ async def system_stats(request: web.Request) -> web.Response:
 
     total, free = _ram()
     torch_version, devices = await asyncio.to_thread(_torch_devices, total, free)
+    if request.app[CONFIG].backend != "local" and DISPATCHER in request.app:
+        devices = _worker_devices(request.app[DISPATCHER], total, free) or devices
     return json_response({
         "system": {"os": os.name, "python_version": sys.version, "embedded_python": False,
                    "comfyui_version": f"nodeflow {__version__}", "pytorch_version": torch_version,
                    "platform": platform.platform(), "argv": list(sys.argv), "ram_total": total, "ram_free": free},
         "devices": devices,
     })
+
+
+def _worker_devices(dispatcher: Any, ram_total: int, ram_free: int) -> list[dict[str, Any]]:
+    """Each remote worker's device, as ComfyUI lists devices, its name saying whose it is."""
+    devices = []
+    for worker in dispatcher.backend.workers():
+        info = worker.info()
+        stats = info.device_stats
+        if not stats or info.state == "dead":
+            continue
+        entry = {**stats, "name": f"{stats.get('name', info.device)} (worker {info.id} on {info.host})"}
+        if entry.get("type") == "cpu":
+            entry.update(vram_total=ram_total, vram_free=ram_free)
+        devices.append(entry)
+    return devices
 
 
 def _ram() -> tuple[int, int]:

@@ -19,8 +19,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from nodeflow.graph import Graph, ValidationReport, WorkflowError, parse, validate
+from nodeflow.limits import apply_limits
 from nodeflow.node import Node
-from nodeflow.queue import SENSITIVE_EXTRA_DATA_KEYS, DuplicatePrompt, QueueError, QueueItem, workflow_id
+from nodeflow.queue import SENSITIVE_EXTRA_DATA_KEYS, DuplicatePrompt, QueueError, QueueItem, StorageError, workflow_id
 from nodeflow.registry import Registry
 from nodeflow.server.common import (
     DISPATCHER,
@@ -34,6 +35,7 @@ from nodeflow.server.common import (
     error_response,
     json_response,
     raw_json,
+    storage_unavailable,
 )
 from nodeflow.server.schemas import (
     FreeRequest,
@@ -46,8 +48,8 @@ from nodeflow.server.schemas import (
     PromptStatus,
     QueueAction,
     QueueResponse,
+    WorkersResponse,
 )
-from nodeflow.server.security import apply_limits
 from nodeflow.spec import Combo
 
 #: Prompts with more nodes than this are validated in a worker thread, not on the event loop;
@@ -92,6 +94,8 @@ async def post_prompt(request: web.Request) -> web.Response:
                               sensitive=sensitive, prepared=(graph, report))
     except DuplicatePrompt as exc:
         return error_response(400, "duplicate_prompt_id", "Duplicate prompt id", str(exc), node_errors=True)
+    except StorageError as exc:  # nothing was queued: the client may send it again later
+        return storage_unavailable(exc)
     except QueueError as exc:  # e.g. a number out of range, from a caller that skipped the schema
         return error_response(400, "invalid_request", "Cannot queue the prompt", str(exc), node_errors=True)
     app[HUB].queue_changed()
@@ -158,6 +162,11 @@ async def post_queue(request: web.Request) -> web.Response:
     if deleted:
         request.app[HUB].queue_changed()
     return json_response({"deleted": deleted})
+
+
+async def get_workers(request: web.Request) -> web.Response:
+    """The workers that run prompts: id, host, pid, device, state, current prompt, models, count."""
+    return json_response({"workers": request.app[DISPATCHER].workers()})
 
 
 async def post_interrupt(request: web.Request) -> web.Response:
@@ -357,6 +366,7 @@ ROUTES = [
     Route("GET", "/prompt", get_prompt, "Queue status", response=PromptStatus, tag="queue"),
     Route("GET", "/queue", get_queue, "Running and pending prompts", response=QueueResponse, tag="queue"),
     Route("POST", "/queue", post_queue, "Clear the queue or delete pending prompts", QueueAction, tag="queue"),
+    Route("GET", "/workers", get_workers, "The workers that run prompts", response=WorkersResponse, tag="queue"),
     Route("POST", "/interrupt", post_interrupt, "Interrupt the running prompt", InterruptRequest, tag="queue"),
     Route("POST", "/free", post_free, "Release cached models and memory", FreeRequest, tag="queue"),
     Route("GET", "/history", get_history, "Finished prompts, oldest first", response=History, tag="history",

@@ -120,6 +120,25 @@ class QueueResponse(BaseModel):
     queue_pending: list[list[Any]]
 
 
+class Worker(BaseModel):
+    """A worker that runs prompts."""
+
+    id: str
+    host: str
+    pid: int | None
+    device: str
+    state: Literal["starting", "idle", "busy", "dead"]
+    prompt_id: str | None = Field(None, description="the prompt it runs now")
+    models: list[str] = Field(description="model files it holds, 'kind/name', the most recently used last")
+    prompts_done: int
+    last_used: float | None = Field(None, description="when it last ran a prompt (Unix time)")
+    error: str | None = Field(None, description="why it is dead or failed to start")
+
+
+class WorkersResponse(BaseModel):
+    workers: list[Worker]
+
+
 class ImageRef(BaseModel):
     filename: str
     subfolder: str = ""

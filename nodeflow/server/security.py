@@ -13,15 +13,8 @@
   with ``--allow-origin https://name``.
 - **Host** (DNS rebinding): while the server listens on loopback only, a request whose
   ``Host`` is not a loopback name is refused, unless ``--allow-host`` lists it.
-- **Limits**, in two places. At validation, ``ResourceLimits.check`` refuses literal inputs
-  named ``width``/``height``/``batch_size`` whose product exceeds ``--max-pixels``, and
-  ``steps`` above ``--max-steps`` (ComfyUI's input names; the check knows no node type), in
-  ComfyUI's ``node_errors`` shape. At run time, ``ResourceLimits.check_inputs`` sees each
-  node's resolved inputs just before it runs (values that came through links too): the same
-  ints, the size of LATENT (``{"samples": [B, C, h, w]}``: B·h·w·64 pixels), IMAGE
-  (``[B, H, W, C]``) and MASK values, and the size that ``amount``, ``scale_by``,
-  ``megapixels`` or padding would make of them; a violation fails the prompt with an
-  ``execution_error`` naming the node, the input and the limit.
+- **Limits** on what one prompt may ask for (``--max-pixels``, ``--max-steps``) are checked
+  by ``nodeflow.limits`` at validation and, as an executor hook, just before each node runs.
 - **Logs**: ``AccessLogger`` writes the access log (``--access-log``) with ``token``
   query parameters redacted, in the URL and in the Referer.
 - Upload size (``--max-upload-size``) and file-name confinement are enforced where files
@@ -33,16 +26,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
-from nodeflow.graph import Graph, Link, NodeError, ValidationReport, id_order, reachable
 from nodeflow.server.common import ServerConfig, error_response
 
 log = logging.getLogger(__name__)
@@ -189,171 +177,3 @@ def origin_middleware(config: ServerConfig):
         return response
 
     return origin_guard
-
-
-# -- resource limits --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResourceLimits:
-    """Limits on a prompt's literal inputs; 0 disables one."""
-
-    max_pixels: int = 4096 * 4096
-    max_steps: int = 1000
-
-    def check(self, graph: Graph) -> list[NodeError]:
-        errors: list[NodeError] = []
-        for node in graph.nodes.values():
-            inputs = node.inputs
-            if self.max_pixels and "width" in inputs and "height" in inputs:
-                w, h = _int(inputs["width"]), _int(inputs["height"])
-                b = _int(inputs.get("batch_size", 1))
-                if w is not None and h is not None and b is not None and w * h * b > self.max_pixels:
-                    shown = f"{w} × {h}" + (f" × {b}" if "batch_size" in inputs else "")
-                    errors.append(NodeError(
-                        node.id, node.class_type, "value_bigger_than_max", "Image size over the server's limit",
-                        "width", w, f"width × height × batch_size of at most {self.max_pixels:,} pixels",
-                        f"{shown} = {w * h * b:,} pixels; lower width, height or batch_size "
-                        f"(the server's --max-pixels is {self.max_pixels:,})"))
-            if self.max_steps and "steps" in inputs:
-                steps = _int(inputs["steps"])
-                if steps is not None and steps > self.max_steps:
-                    errors.append(NodeError(
-                        node.id, node.class_type, "value_bigger_than_max", "Steps over the server's limit",
-                        "steps", steps, f"at most {self.max_steps} steps",
-                        f"the server's --max-steps is {self.max_steps}"))
-        return errors
-
-
-    # -- at run time ------------------------------------------------------------------------------
-
-    def check_inputs(self, node_id: str, class_type: str, kinds: Mapping[str, str], inputs: Mapping[str, Any]) -> None:
-        """Check a node's resolved inputs just before it runs; raises ``LimitExceeded``.
-        ``kinds`` gives each input's declared type (``LATENT``, ``IMAGE``, ``INT``, ...)."""
-        where = f"node {node_id} ({class_type})"
-        steps = _number(inputs.get("steps"))
-        if self.max_steps and steps is not None and steps > self.max_steps:
-            raise LimitExceeded(f"{where}: input 'steps' is {steps:g}, over the server's limit of {self.max_steps} "
-                                f"steps (--max-steps)")
-        if not self.max_pixels:
-            return
-        sizes: list[tuple[str, tuple[int, int, int]]] = []  # (input, (batch, height, width)) of pictures
-        for name, value in inputs.items():
-            size = picture_size(kinds.get(name, ""), value)
-            if size is not None:
-                sizes.append((name, size))
-                kind = kinds.get(name) if kinds.get(name) in ("IMAGE", "MASK") else "LATENT"
-                self._pixels(where, f"input '{name}' is {_shown(kind, size)}", size)
-        for message, size in _made_sizes(inputs, sizes):
-            self._pixels(where, message, size)
-
-    def _pixels(self, where: str, what: str, size: tuple[int, int, int]) -> None:
-        total = size[0] * size[1] * size[2]
-        if total > self.max_pixels:
-            raise LimitExceeded(f"{where}: {what} = {total:,} pixels, over the server's limit of "
-                                f"{self.max_pixels:,} pixels (--max-pixels)")
-
-
-class LimitExceeded(ValueError):
-    """A node's inputs ask for more than the server's ``--max-pixels`` or ``--max-steps``."""
-
-
-def picture_size(kind: str, value: Any) -> tuple[int, int, int] | None:
-    """``(batch, height, width)`` in pixels of a LATENT (``{"samples": [B, C, h, w]}``, a
-    pixel per 1/8 latent cell, also ``[B, C, T, h, w]``), an IMAGE (``[B, H, W, C]``) or a
-    MASK (``[B, H, W]`` or ``[H, W]``); None for anything else. A dict with ``samples`` is
-    taken for a LATENT whatever its declared type (``*`` inputs)."""
-    if isinstance(value, dict) and (kind == "LATENT" or "samples" in value):
-        shape = _shape(value.get("samples"))
-        if shape is not None and len(shape) == 4:
-            return shape[0], shape[2] * 8, shape[3] * 8
-        if shape is not None and len(shape) == 5:
-            return shape[0] * shape[2], shape[3] * 8, shape[4] * 8
-        return None
-    shape = _shape(value)
-    if shape is None:
-        return None
-    if kind == "IMAGE" and len(shape) == 4:
-        return shape[0], shape[1], shape[2]
-    if kind == "MASK" and len(shape) in (2, 3):
-        return (shape[0] if len(shape) == 3 else 1), shape[-2], shape[-1]
-    return None
-
-
-def _made_sizes(inputs: Mapping[str, Any], sizes: list[tuple[str, tuple[int, int, int]]]):
-    """What a node will make, where its inputs tell: ``(description, (batch, h, w))``."""
-    first = sizes[0][1] if sizes else None
-    batch, height, width = first if first is not None else (1, 0, 0)
-    w, h, b = _number(inputs.get("width")), _number(inputs.get("height")), _number(inputs.get("batch_size"))
-    if w is not None and h is not None:
-        if first is not None and height and width and (w == 0) != (h == 0):  # 0: keep the aspect ratio
-            w, h = (w, w * height / width) if h == 0 else (h * width / height, h)
-        given = f"width {w:g}, height {h:g}" + (f", batch_size {b:g}" if b is not None else "")
-        b = b if b is not None else batch
-        yield f"inputs {given} make {_shown('', (b, h, w))}", (b, h, w)
-    if first is None:
-        return
-    amount = _number(inputs.get("amount"))
-    if amount is not None:
-        yield f"input 'amount' = {amount:g} makes {_shown('', (batch * amount, height, width))}", \
-            (batch * amount, height, width)
-    scale = _number(inputs.get("scale_by"))
-    if scale is not None:
-        size = (batch, height * scale, width * scale)
-        yield f"input 'scale_by' = {scale:g} makes {_shown('', size)}", size
-    megapixels = _number(inputs.get("megapixels"))
-    if megapixels is not None:
-        side = math.sqrt(megapixels * 1024 * 1024)
-        yield f"input 'megapixels' = {megapixels:g} makes {batch} × {megapixels:g} megapixels", (batch, side, side)
-    pads = [_number(inputs.get(k)) for k in ("left", "top", "right", "bottom")]
-    if all(p is not None for p in pads):
-        size = (batch, height + pads[1] + pads[3], width + pads[0] + pads[2])
-        yield f"padding makes {_shown('', size)}", size
-
-
-def _shown(kind: str, size: tuple) -> str:
-    b, h, w = (f"{x:,.0f}" for x in size)
-    return f"{'a ' + kind + ' of ' if kind else ''}{b} × {h} × {w}"
-
-
-def _shape(value: Any) -> tuple[int, ...] | None:
-    shape = getattr(value, "shape", None)
-    if shape is None:
-        return None
-    try:
-        return tuple(int(x) for x in shape)
-    except (TypeError, ValueError):
-        return None
-
-
-def _number(value: Any) -> float | None:
-    """An int or float input's value (not a bool, not NaN); None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    return value
-
-
-def _int(value: Any) -> int | None:
-    if type(value) is Link or isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value):
-        return None  # a link, or a wrong type that validation reports itself
-    return int(value)
-
-
-def apply_limits(report: ValidationReport, errors: list[NodeError]) -> None:
-    """Add limit errors to a validation report: the outputs they feed no longer run."""
-    if not errors:
-        return
-    report.errors.extend(errors)
-    runnable = set(report.outputs)
-    broken: set[str] = set()
-    for node_id in sorted({e.node_id for e in errors}, key=id_order):
-        reach = {node_id} | reachable(report.successors, [node_id])
-        hit = reach & runnable
-        if hit:
-            known = set(report.failed_outputs.get(node_id, []))
-            report.failed_outputs[node_id] = sorted(known | hit, key=id_order)
-        broken |= hit
-    report.outputs = [o for o in report.outputs if o not in broken]
-
-

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from nodeflow import events
 from nodeflow.server.common import CONFIG, DISPATCHER, HUB, Route, dumps
 
 log = logging.getLogger(__name__)
@@ -229,12 +230,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     conn = hub.connect(sid, ws)
     try:
         conn.post(hub.status_message(sid))  # the first message
-        running = dispatcher.current
-        if running is not None and running.client_id == sid and dispatcher.current_node is not None:
-            # A client that reconnects mid-run learns where its prompt is.
-            conn.post(dumps({"type": "executing", "data": {"node": dispatcher.current_node,
-                                                           "display_node": dispatcher.current_node,
-                                                           "prompt_id": running.prompt_id}}))
+        for item, _, node in dispatcher.running():
+            if item.client_id == sid and node is not None:
+                # A client that reconnects mid-run learns where its prompt is.
+                conn.post(dumps({"type": "executing", "data": events.executing(item.prompt_id, node)}))
         await ws.prepare(request)
         conn.start()
         async for msg in ws:

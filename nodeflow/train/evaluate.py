@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from nodeflow import Executor, Workflow, default_registry
-from nodeflow import folders as folders_mod
+from nodeflow.context import RunContext
+from nodeflow.folders import Folders
 from nodeflow.train.metrics import ShapeClassifier, features, frechet_distance
 from nodeflow.train.shapes import CLASSES, dataset, draw, prompt_for
 
@@ -42,11 +43,10 @@ def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int
              cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", size: int = 64) -> np.ndarray:
     """Images [len(prompts) * per_prompt, H, W, 3] uint8 for each prompt, through the node graph."""
     checkpoint = Path(checkpoint).resolve()
-    previous = folders_mod._current
     scratch = tempfile.TemporaryDirectory(prefix="nodeflow-eval-")  # previews land here, not beside the checkpoint
-    folders_mod.configure(scratch.name, extra_models={"checkpoints": [str(checkpoint.parent)]})
+    folders = Folders.from_base(scratch.name, extra_models={"checkpoints": [str(checkpoint.parent)]})
     try:
-        executor = Executor(default_registry())
+        executor = Executor(default_registry(), context=RunContext(folders, name="evaluation"))
         out = []
         for i, prompt in enumerate(prompts):
             wf = Workflow()
@@ -64,7 +64,6 @@ def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int
             out.append((result.output(image.id).numpy() * 255).round().astype(np.uint8))
         return np.concatenate(out)
     finally:
-        folders_mod._current = previous
         scratch.cleanup()
 
 

@@ -12,6 +12,7 @@ import pytest
 from toy_nodes import make_registry
 
 from nodeflow import cli
+from nodeflow import context as run_context
 from nodeflow import folders as folders_mod
 
 GOOD = {
@@ -268,10 +269,10 @@ def test_relative_output_dir_is_taken_from_the_current_directory(tmp_path, monke
         return real(base, **kw)
 
     monkeypatch.setattr(folders_mod, "configure", spy)
-    saved = folders_mod._current
+    saved = run_context.default()._folders
     try:
         assert cli.main(["run", write(tmp_path, GOOD), "--base-dir", "base", "--output-dir", "out", "-q"]) == 0
         assert seen == {"base": str(tmp_path / "base"), "output_dir": str(tmp_path / "out")}
         assert folders_mod.folders().output == tmp_path / "out"
     finally:
-        folders_mod._current = saved
+        run_context.default()._folders = saved

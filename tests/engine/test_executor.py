@@ -277,3 +277,74 @@ def test_default_cache_keeps_a_rerun_of_thousands_of_nodes(registry, runs):
     executor = Executor(registry)
     assert len(executor.run(wf).executed) == 3001
     assert executor.run(wf).executed == []
+
+
+# -- hooks and the run context ----------------------------------------------------------------------
+
+
+def test_hooks_see_each_node_with_its_inputs_and_can_fail_it():
+    seen = []
+
+    def before(node_id, cls, inputs):
+        seen.append(("before", node_id, cls.type_name, dict(inputs)))
+        if cls.type_name == "Scale" and inputs["x"] > 100:
+            raise ValueError(f"node {node_id}: x is {inputs['x']}, over 100")
+
+    def after(node_id, cls, values, ui):
+        seen.append(("after", node_id, values, ui))
+
+    failed = []
+    executor = Executor(make_registry(), before_node=before, after_node=after,
+                        on_node_error=lambda n, cls, inputs, exc: failed.append((n, type(exc).__name__)))
+    result = executor.run(diamond(3))
+    assert result.ok
+    assert [s[1] for s in seen if s[0] == "before"] == result.executed
+    assert ("before", "2", "Add", {"a": 3, "b": 10}) in seen
+    assert ("after", "4", (36,), None) in seen
+    assert ("after", "6", (), {"value": [72.0], "node": ["6"]}) in seen
+    # A hook that raises fails the node like the node itself would, before it runs.
+    result = executor.run(diamond(50))
+    assert result.status == "error" and result.error["node_id"] == "5"
+    assert result.error["exception_message"] == "node 5: x is 130, over 100"
+    assert result.error["current_inputs"] == {"x": [130], "factor": [2.0], "mode": ["round"]}
+    assert failed == [("5", "ValueError")] and "6" not in result.executed
+
+
+def test_failing_node_reports_its_inputs_in_comfyui_shape():
+    result = Executor(make_registry()).run({
+        "1": {"class_type": "Const", "inputs": {"value": 4}},
+        "2": {"class_type": "Fail", "inputs": {"x": ["1", 0]}},
+        "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}}})
+    assert result.status == "error"
+    assert result.error["current_inputs"] == {"x": [4]}
+    assert result.error["current_outputs"] == ["1"] and result.error["executed"] == ["1"]
+
+
+def test_a_run_sees_its_executors_context_and_nothing_else(tmp_path):
+    from nodeflow import context
+    from nodeflow.folders import Folders
+    from nodeflow.node import Node
+    from nodeflow.registry import Registry
+    from nodeflow.spec import Output, Socket
+
+    class Where(Node):
+        inputs = {"x": Socket("INT")}
+        outputs = [Output("STRING")]
+
+        def run(self, x):
+            from nodeflow.folders import folders
+
+            return (f"{context.current().name} {folders().base.name} {self.context.folders.base.name}",)
+
+    registry = Registry([*make_registry().classes(), Where])
+    mine = context.RunContext(Folders.from_base(tmp_path / "mine"), name="mine")
+    wf = {"1": {"class_type": "Const", "inputs": {"value": 1}},
+          "2": {"class_type": "Where", "inputs": {"x": ["1", 0]}},
+          "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}}}
+    assert Executor(registry, context=mine).run(wf).output("2") == "mine mine mine"
+    assert context.current() is context.default()
+    # Without a context of its own, an executor runs in its caller's.
+    with context.activate(mine):
+        assert Executor(registry, OutputCache()).run(wf).output("2") == "mine mine mine"
+    assert nodeflow.shared_executor(registry) is context.default().executor(registry)
+    assert mine.executor(registry) is not context.default().executor(registry)

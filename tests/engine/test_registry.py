@@ -130,3 +130,48 @@ def test_object_info_names_aliases_as_comfyui_and_leaves_editor_only_nodes_out()
     assert info["ThingLoaderSimple"]["input_order"] == {"required": ["name"], "optional": [], "hidden": []}
     assert "Memo" not in info and reg.object_info("Memo") == {}
     assert reg.get("Memo") is Memo                        # still known to workflows and the converter
+
+
+def test_node_classes_are_checked_when_defined():
+    from nodeflow import Int, Node, Output
+    from nodeflow.node import NodeDeclarationError
+
+    with pytest.raises(NodeDeclarationError, match="no parameter for its input 'b'"):
+        class MissesAnInput(Node):
+            inputs = {"a": Int(), "b": Int()}
+            outputs = [Output("INT")]
+
+            def run(self, a):
+                return (a,)
+
+    with pytest.raises(NodeDeclarationError, match="'flag' needs a default"):
+        class OptionalWithoutDefault(Node):
+            inputs = {"a": Int()}
+            optional = {"flag": Int()}
+
+            def run(self, a, flag):
+                return ()
+
+    with pytest.raises(NodeDeclarationError, match="'extra' is not a declared input"):
+        class TakesTooMuch(Node):
+            inputs = {"a": Int()}
+
+            def run(self, a, extra):
+                return ()
+
+    with pytest.raises(NodeDeclarationError, match="model_inputs names 'ckpt'"):
+        class WrongModelInput(Node):
+            inputs = {"ckpt_name": Int()}
+            model_inputs = {"ckpt": "checkpoints"}
+
+            def run(self, ckpt_name):
+                return ()
+
+    class Flexible(Node):  # **kwargs takes anything; defaults make extra parameters harmless
+        inputs = {"a": Int(), "b": Int()}
+        optional = {"c": Int()}
+
+        def run(self, a, scale=1, **rest):
+            return ()
+
+    assert Flexible.type_name == "Flexible"

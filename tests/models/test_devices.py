@@ -2,12 +2,13 @@ import pytest
 import torch
 from torch import nn
 
+from nodeflow import context as run_context
 from nodeflow.models import devices
 
 
 def test_device_and_precision_choice(monkeypatch):
-    monkeypatch.setattr(devices, "_device", None)
-    monkeypatch.setattr(devices, "_precision", None)
+    monkeypatch.setattr(run_context.default(), "device", None)
+    monkeypatch.setattr(run_context.default(), "precision", None)
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         assert devices.get_device().type == "cpu"
     assert devices.compute_dtype(torch.device("cpu")) == torch.float32

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from nodeflow import context as run_context
 from nodeflow import folders as folders_module
 from nodeflow.models import embeddings
 from nodeflow.models.embeddings import EmbeddingError
@@ -156,7 +157,7 @@ def test_configured_embeddings_folder_is_used(sd1, tmp_path, monkeypatch):
     folder = tmp_path / "models" / "embeddings"
     folder.mkdir(parents=True)
     save_file({"e": token_vectors(sd1.clip, "l", "red")}, folder / "red.safetensors")
-    monkeypatch.setattr(folders_module, "_current", folders_module.Folders.from_base(tmp_path))
+    monkeypatch.setattr(run_context.default(), "_folders", folders_module.Folders.from_base(tmp_path))
     assert sd1.clip.embedding_dirs is None
     assert equal(sd1.clip.encode("embedding:red"), sd1.clip.encode("red"))
     assert equal(sd1.clip.set_last_layer(-2).encode("embedding:red"), sd1.clip.set_last_layer(-2).encode("red"))

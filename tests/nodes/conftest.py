@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import nodeflow.folders as folders_mod
+from nodeflow import context as run_context
 
 
 @pytest.fixture
@@ -13,12 +14,12 @@ def base(tmp_path, monkeypatch):
     for var in ("NODEFLOW_HOME", "NODEFLOW_INPUT_DIR", "NODEFLOW_OUTPUT_DIR", "NODEFLOW_TEMP_DIR",
                 "NODEFLOW_DISABLE_METADATA"):
         monkeypatch.delenv(var, raising=False)
-    saved = folders_mod._current
+    saved = run_context.default()._folders
     configured = folders_mod.configure(tmp_path)
     for name in ("input", "output", "temp"):
         (tmp_path / name).mkdir()
     yield configured
-    folders_mod._current = saved
+    run_context.default()._folders = saved
 
 
 class StubModel:

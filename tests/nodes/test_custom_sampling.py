@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nodeflow import Executor, default_registry
+from nodeflow import context as run_context
 from nodeflow.models.diffusion import sd_alphas_cumprod
 from nodeflow.sampling import DiscreteSchedule, ksampler
 from nodes.custom_sampling import (
@@ -228,10 +229,10 @@ def tiny_base(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("custom_sampling")
     write_tiny_sd1(base / "models" / "checkpoints" / "tiny_sd1.safetensors")
-    saved = folders_mod._current
+    saved = run_context.default()._folders
     folders_mod.configure(base)
     yield base
-    folders_mod._current = saved
+    run_context.default()._folders = saved
 
 
 def test_sdxl_turbo_style_workflow_runs(tiny_base):

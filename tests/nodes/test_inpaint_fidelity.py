@@ -13,6 +13,7 @@ from PIL import Image
 
 import nodeflow.folders as folders_mod
 from nodeflow import Executor, Workflow, default_registry
+from nodeflow import context as run_context
 from nodeflow.train import assets
 from nodeflow.train.shapes import draw
 
@@ -20,12 +21,12 @@ from nodeflow.train.shapes import draw
 @pytest.fixture
 def base(tmp_path):
     assert assets.SHIPPED.is_file(), "the demo checkpoint should ship with the package"
-    saved = folders_mod._current
+    saved = run_context.default()._folders
     folders_mod.configure(tmp_path)
     assets.install_shipped(tmp_path / "models" / "checkpoints" / assets.DEMO_CHECKPOINT)
     (tmp_path / "input").mkdir()
     yield tmp_path
-    folders_mod._current = saved
+    run_context.default()._folders = saved
 
 
 def test_pixels_outside_the_mask_stay_within_vae_error(base):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import nodeflow.folders as folders_mod
+from nodeflow import context as run_context
 from nodeflow import default_registry, parse, validate
 from nodeflow.models.testing import write_tiny_diffusers, write_tiny_sd1, write_tiny_sd2
 from nodes.loaders import DiffusersLoader, LoadModel, LoadModelWithConfig, checkpoint_choices, config_choices
@@ -25,10 +26,10 @@ def models(tmp_path_factory):
     (configs / "my-model.yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n"
                                            "  params:\n    parameterization: \"v\"  # v-prediction\n")
     (configs / "v1-inference.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
-    saved = folders_mod._current
+    saved = run_context.default()._folders
     folders_mod.configure(base)
     yield base
-    folders_mod._current = saved
+    run_context.default()._folders = saved
 
 
 def test_diffusers_folders_are_one_choice_and_their_files_are_hidden(models):

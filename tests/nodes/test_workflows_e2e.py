@@ -15,6 +15,7 @@ from PIL import Image
 import nodeflow
 import nodeflow.folders as folders_mod
 from nodeflow import Executor, default_registry
+from nodeflow import context as run_context
 from nodeflow.models.testing import save, write_tiny_sd1, write_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +46,10 @@ def base(tmp_path_factory):
     rgba[12:36, 20:44, 3] = 0  # the transparent hole is the area to repaint
     Image.fromarray(rgba[..., :3]).save(base / "input" / "example.png")
     Image.fromarray(rgba).save(base / "input" / "example_masked.png")
-    saved = folders_mod._current
+    saved = run_context.default()._folders
     folders_mod.configure(base)
     yield base
-    folders_mod._current = saved
+    run_context.default()._folders = saved
 
 
 def load(name: str, **overrides) -> dict:

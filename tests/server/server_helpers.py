@@ -154,9 +154,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python server.py`` on a free loopback port with the test nodes."""
+    """``python server.py`` on a free loopback port with the test nodes (and the built-in ones
+    with ``builtin``)."""
 
-    def __init__(self, base: Path, *args: str, port: int | None = None) -> None:
+    def __init__(self, base: Path, *args: str, port: int | None = None, builtin: bool = False) -> None:
         import os
         import subprocess
 
@@ -164,7 +165,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(base / f"server-{self.port}.log", "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, str(REPO / "server.py"), "--port", str(self.port), "--base-dir", str(base),
-               "--no-builtin-nodes", "--extra-nodes", NODES_FILE, *args]
+               *([] if builtin else ["--no-builtin-nodes"]), "--extra-nodes", NODES_FILE, *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

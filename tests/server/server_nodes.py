@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -218,5 +219,84 @@ class ShowSize(Node):
         return Result(ui={"text": [str(list(shape))]})
 
 
+# -- workers: which process ran a node, models, meeting points ------------------------------------
+
+
+class FakeLoad(Node):
+    """A 'model loader' for routing tests: any name; counts its loads per process."""
+    category = "test"
+    model_inputs = {"ckpt_name": "checkpoints"}
+    inputs = {"ckpt_name": String(default="a.safetensors")}
+    outputs = [Output("MODEL")]
+    LOADS = 0
+
+    def run(self, ckpt_name):
+        FakeLoad.LOADS += 1
+        return ((ckpt_name, os.getpid(), FakeLoad.LOADS),)
+
+
+class UseModel(Node):
+    """Shows the model it got, the process it ran in and its worker's name."""
+    category = "test"
+    inputs = {"model": Socket("MODEL"), "seed": Int(default=0, min=0, max=10**9)}
+    outputs = []
+    output_node = True
+
+    def run(self, model, seed):
+        name, pid, loads = model
+        return Result(ui={"text": [name, str(os.getpid()), self.context.run.name, str(loads)]})
+
+
+class Meet(Node):
+    """Waits (up to 5 s) until `parties` runs of it are under way at once in this process."""
+    category = "test"
+    inputs = {"x": Socket("INT"), "parties": Int(default=2, min=1, max=8)}
+    outputs = [Output("INT")]
+    BARRIERS: dict = {}
+    LOCK = threading.Lock()
+
+    def run(self, x, parties):
+        with Meet.LOCK:
+            barrier = Meet.BARRIERS.setdefault(parties, threading.Barrier(parties))
+        try:
+            barrier.wait(5)
+        except threading.BrokenBarrierError:
+            with Meet.LOCK:  # a broken barrier stays broken: the next meeting gets a new one
+                if Meet.BARRIERS.get(parties) is barrier:
+                    Meet.BARRIERS[parties] = threading.Barrier(parties)
+            raise
+        return (x,)
+
+
+class WhereAmI(Node):
+    """Shows the folders and device name the run context gives this node."""
+    category = "test"
+    inputs = {"x": Socket("INT")}
+    outputs = []
+    output_node = True
+
+    def run(self, x):
+        from nodeflow import context
+
+        ctx = context.current()
+        return Result(ui={"text": [str(folders().output), str(ctx.device), ctx.name, str(self.context.folders.base)]})
+
+
+class ReadFile(Node):
+    """Shows the size and SHA-256 of a file in input/ (or "name [output]")."""
+    category = "test"
+    inputs = {"name": String(default="")}
+    outputs = []
+    output_node = True
+
+    def run(self, name):
+        import hashlib
+
+        kind, _, rest = name.rpartition(" [")
+        path = folders().io_path(rest[:-1], kind) if kind and rest.endswith("]") else folders().io_path("input", name)
+        data = path.read_bytes()
+        return Result(ui={"text": [str(len(data)), hashlib.sha256(data).hexdigest()]})
+
+
 ALL = [Const, Add, Hold, Fail, Exit, Canvas, Steps, Show, SaveValue, EmptyLat, LatScaleBy, LatRepeat, LatTimes4,
-       LatToImage, ImgToTotal, ShowSize]
+       LatToImage, ImgToTotal, ShowSize, FakeLoad, UseModel, Meet, WhereAmI, ReadFile]

@@ -368,7 +368,7 @@ async def test_long_database_work_runs_off_the_event_loop(tmp_path):
 
 @async_test
 async def test_jobs_page_in_sql_decodes_only_the_page(tmp_path, monkeypatch):
-    import nodeflow.queue as queue_module
+    import nodeflow.queue.store as queue_module
 
     async with serve(tmp_path) as client:
         queue = client.app[QUEUE]
@@ -378,7 +378,7 @@ async def test_jobs_page_in_sql_decodes_only_the_page(tmp_path, monkeypatch):
         for i in range(300):
             extra = {"create_time": 1_000 + i, "extra_pnginfo": {"workflow": workflow if i % 2 else {"id": "other"}}}
             item = queue.put(f"p{i:03}", chain(i), extra, ["3"])
-            queue.claim(0)
+            queue.claim("w", 0)
             start = {"prompt_id": item.prompt_id, "timestamp": 10_000 + i}
             end = {"prompt_id": item.prompt_id, "timestamp": 10_000 + i + (i % 7) * 100}
             queue.finish(item, queue_module.Outcome("success" if i % 5 else "error", {"3": {"images": [image(i)]}},

@@ -7,7 +7,16 @@ import pytest
 from server_helpers import chain, held, make_registry
 from server_nodes import Hold
 
-from nodeflow.queue import Dispatcher, DuplicatePrompt, LocalBackend, Outcome, PromptQueue, QueueLocked
+from nodeflow.queue import (
+    Dispatcher,
+    DuplicatePrompt,
+    LocalBackend,
+    LocalWorker,
+    Outcome,
+    PromptQueue,
+    QueueLocked,
+    WorkerSet,
+)
 
 WF = {"1": {"class_type": "Const", "inputs": {"value": 1}}}
 
@@ -24,8 +33,13 @@ def test_order_number_then_arrival_and_front(tmp_path):
     put(q, "d", number=0.5)
     assert [i.prompt_id for i in q.pending()] == ["c", "a", "d", "b"]
     assert [i.number for i in q.pending()] == [-2, 0, 0.5, 1]
-    assert [q.claim(0).prompt_id for _ in range(1)] == ["c"]
-    assert q.claim(0) is None  # one runs at a time
+    assert q.claim("w1", 0).prompt_id == "c"
+    assert q.claim("w2", 0).prompt_id == "a"  # one per worker: several run at once
+    assert [i.prompt_id for i in q.running()] == ["c", "a"] and q.remaining() == 4
+    assert [(r.item.prompt_id, r.worker) for r in q.running_entries()] == [("c", "w1"), ("a", "w2")]
+    assert q.claim("w3", 0, prompt_id="b").prompt_id == "b"  # a chosen one
+    assert q.claim("w4", 0, prompt_id="b") is None  # no longer pending
+    assert q.claim("w4", 0).prompt_id == "d" and q.claim("w5", 0) is None
     q.close()
 
 
@@ -41,7 +55,7 @@ def test_duplicate_prompt_id_refused(tmp_path):
     put(q, "a")
     with pytest.raises(DuplicatePrompt):
         put(q, "a")
-    q.finish(q.claim(0), Outcome("success"))
+    q.finish(q.claim("w", 0), Outcome("success"))
     with pytest.raises(DuplicatePrompt):
         put(q, "a")  # in the history too
 
@@ -51,9 +65,9 @@ def test_survives_reopen_and_numbers_continue(tmp_path):
     q = PromptQueue(path)
     for pid in "abc":
         put(q, pid, sensitive={"api_key_comfy_org": "secret"})
-    first = q.claim(0)
+    first = q.claim("w", 0)
     q.finish(first, Outcome("success", {"1": {"text": ["x"]}}, [["execution_start", {"prompt_id": "a"}]]))
-    q.claim(0)  # "b" is running when the process dies
+    q.claim("w", 0)  # "b" is running when the process dies
     q._db.close()  # no orderly close: as after a kill
     q._lock_file.close()
 
@@ -77,7 +91,7 @@ def test_recover_can_requeue(tmp_path):
     q = PromptQueue(path)
     put(q, "a")
     put(q, "b")
-    q.claim(0)
+    q.claim("w", 0)
     q.close()
     q2 = PromptQueue(path)
     assert q2.recover(requeue=True) == ["a"]
@@ -100,7 +114,7 @@ def test_delete_clear_and_history_limits(tmp_path):
     assert q.delete_pending(["b", "zz"]) == 1
     assert [i.prompt_id for i in q.pending()] == ["a", "c", "d", "e", "f"]
     for _ in range(4):
-        q.finish(q.claim(0), Outcome("success"))
+        q.finish(q.claim("w", 0), Outcome("success"))
     assert list(q.history()) == ["c", "d", "e"]  # trimmed to the newest 3
     assert list(q.history(max_items=2)) == ["d", "e"]
     assert list(q.history(max_items=1, offset=0)) == ["c"]
@@ -141,28 +155,19 @@ def test_threads_submit_while_worker_drains(tmp_path):
     assert all(e["status"]["status_str"] == "success" for e in q.history().values())
 
 
-class Exploding:
-    """A backend that fails outside any node for some prompts."""
-
-    def __init__(self, inner):
-        self.inner = inner
+class Exploding(LocalWorker):
+    """A worker that fails outside any node for some prompts."""
 
     def execute(self, item, observer):
         if item.prompt.get("explode"):
             raise KeyError("malformed")
-        return self.inner.execute(item, observer)
-
-    def interrupt(self, prompt_id=None):
-        return self.inner.interrupt(prompt_id)
-
-    def close(self):
-        pass
+        return super().execute(item, observer)
 
 
 def test_worker_survives_anything(tmp_path):
     q = PromptQueue(tmp_path / "q.db")
     events = []
-    disp = Dispatcher(q, Exploding(LocalBackend(make_registry())), lambda e, d, c: events.append((e, d)))
+    disp = Dispatcher(q, WorkerSet([Exploding(make_registry())]), lambda e, d, c: events.append((e, d)))
     disp.start()
     q.put("bad", {**chain(), "explode": {"class_type": "Const", "inputs": {}}}, {}, ["3"])
     q.put("exit", {"1": {"class_type": "Const", "inputs": {"value": 1}},
@@ -242,7 +247,7 @@ def test_bad_stored_numbers_do_not_stop_a_restart(tmp_path):
     path = tmp_path / "q.db"
     q = PromptQueue(path)
     put(q, "done")
-    q.finish(q.claim(0), Outcome("success"))
+    q.finish(q.claim("w", 0), Outcome("success"))
     put(q, "waiting")
     q.close()
     db = sqlite3.connect(path)
@@ -288,13 +293,13 @@ def test_databases_from_before_the_jobs_columns_are_migrated(tmp_path):
 
 def test_clearing_lets_go_of_the_lock_between_batches(tmp_path, monkeypatch):
     """A long history is deleted a batch per transaction: a submission never waits for all of it."""
-    import nodeflow.queue as queue_module
+    import nodeflow.queue.store as queue_module
 
     monkeypatch.setattr(queue_module, "_DELETE_BATCH", 10)
     q = PromptQueue(tmp_path / "q.db")
     for i in range(95):
         put(q, f"h{i}")
-        q.finish(q.claim(0), Outcome("success"))
+        q.finish(q.claim("w", 0), Outcome("success"))
     for i in range(25):
         put(q, f"p{i}")
     deletes = []

@@ -1,20 +1,13 @@
-"""The prompt queue and its history: persistent, shared by every front end, apart from the executor.
+"""The persistent prompt queue and history: SQLite, the single source of truth.
 
-    front end ──put──► PromptQueue (SQLite) ──claim──► Dispatcher thread ──execute──► Backend
-                           ▲                                 │ events (ComfyUI's)       │
-                           └──────── finish (history) ◄──────┘ ◄────────────────────────┘
-
-- ``PromptQueue`` keeps the pending prompts (ordered by ``number``, then arrival), the one
-  running, and the history, in one SQLite file in WAL mode. Every change is committed before
-  it is acknowledged, so a crash (even SIGKILL) loses nothing that a client was told about.
-  On the next start ``recover()`` marks the prompt that was running as failed, or puts it
-  back in the queue. ComfyUI keeps all of this in memory and loses it on restart.
-- ``Backend`` is how one prompt runs. ``LocalBackend`` runs it on this process's
-  ``Executor``; a later backend may run it elsewhere (Ray actors on GPU workers) and stream
-  the same events back. The queue never sees the executor, the backend never sees SQLite.
-- ``Dispatcher`` is the one worker thread: claim, run, record the history entry, and only
-  then report ``executing`` with ``node: None`` (clients read the history the moment they see
-  it). It survives any exception a backend, a node or a malformed prompt can raise.
+``PromptQueue`` keeps the pending prompts (ordered by ``number``, then arrival), the running
+ones (one per worker: ``claim(worker_id)``), and the history, in one SQLite file in WAL mode.
+Every change is written to the database *before* it takes effect in memory and before it is
+acknowledged, so a crash (even SIGKILL) loses nothing a client was told about, and a write the
+database refuses (disk full) changes nothing: ``StorageError``. On the next start ``recover()``
+marks the prompts that were running as failed, or puts them back in the queue. A prompt whose
+worker died goes back with ``requeue()``, its ``tries`` counted in the database. ComfyUI keeps
+all of this in memory and loses it on restart.
 
 Queue entries and history entries have ComfyUI's shapes: an entry is the 5-element list
 ``[number, prompt_id, prompt, extra_data, outputs_to_execute]`` and a history entry is
@@ -33,24 +26,19 @@ import os
 import sqlite3
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from nodeflow import events
 
 log = logging.getLogger(__name__)
-
-#: ``emit(event, data, client_id)``: where the dispatcher sends ComfyUI's events about a prompt.
-Emit = Callable[[str, dict, "str | None"], None]
 
 #: Keys of ``extra_data`` that hold secrets for nodes (ComfyUI's list): passed to the run,
 #: never stored, never shown in /queue or /history.
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
-#: Events that belong in a history entry's ``status.messages`` (the executor's status events).
-STATUS_EVENTS = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
-                           "execution_interrupted"})
 
 
 class QueueError(Exception):
@@ -63,6 +51,15 @@ class DuplicatePrompt(QueueError):
 
 class QueueLocked(QueueError):
     """Another process already serves this queue database."""
+
+
+class StorageError(QueueError):
+    """The database refused a write (disk full, I/O error, read-only file): nothing changed."""
+
+    def __init__(self, action: str, exc: sqlite3.Error) -> None:
+        self.full = "full" in str(exc).lower()
+        reason = "the disk holding the queue database is full" if self.full else f"the queue database failed: {exc}"
+        super().__init__(f"cannot {action}: {reason}")
 
 
 class InvalidNumber(QueueError):
@@ -101,6 +98,8 @@ class QueueItem:
     #: What the submitter already worked out in this process (e.g. the validated graph),
     #: for the backend to reuse; None after a restart. Never persisted.
     prepared: Any = field(default=None, repr=False, compare=False)
+    #: Runs started on a worker that died under them (persisted: a restart keeps counting).
+    tries: int = 0
 
     @property
     def client_id(self) -> str | None:
@@ -145,11 +144,16 @@ CREATE TABLE IF NOT EXISTS prompts (
     finished_seq INTEGER,                    -- history order
     status TEXT,                             -- JSON {"status_str", "completed", "messages"}
     result TEXT,                             -- JSON {node_id: ui}
-    meta TEXT                                -- JSON {node_id: {"node_id", "display_node", ...}}
+    meta TEXT,                               -- JSON {node_id: {"node_id", "display_node", ...}}
+    worker TEXT,                             -- the worker running it (state 'running')
+    tries INTEGER NOT NULL DEFAULT 0         -- runs lost with their worker
 );
 CREATE INDEX IF NOT EXISTS prompts_history ON prompts (finished_seq) WHERE finished_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+#: Columns added since the first schema (to databases made before them, when a queue opens one).
+_WORKER_COLUMNS = (("worker", "TEXT"), ("tries", "INTEGER NOT NULL DEFAULT 0"))
 
 #: Columns that let the jobs view filter and sort in SQL, without decoding any JSON; added
 #: to databases made before them (and filled from the JSON) when a queue opens one.
@@ -232,8 +236,18 @@ def _run_times(messages: Iterable) -> tuple[int | None, int | None]:
     return start, end
 
 
+@dataclass
+class Running:
+    """A prompt a worker is running."""
+
+    seq: int
+    item: QueueItem
+    worker: str
+    started: float
+
+
 class PromptQueue:
-    """Pending prompts, the running one and the history, persisted in SQLite. Thread-safe.
+    """Pending prompts, the running ones and the history, persisted in SQLite. Thread-safe.
 
     ``path`` is a file (created if missing) or ``":memory:"`` for a queue that dies with the
     process. One process owns a database file at a time (a lock file next to it says so).
@@ -277,15 +291,15 @@ class PromptQueue:
         #: Pending prompts: id -> (seq, item); the heap orders (number, seq, id), lazily pruned.
         self._items: dict[str, tuple[int, QueueItem]] = {}
         self._heap: list[tuple[float, int, str]] = []
-        self._running: QueueItem | None = None
-        self._running_seq = 0
+        #: Running prompts by id, in the order they were claimed.
+        self._running: dict[str, Running] = {}
         top = self._db.execute("SELECT MAX(number) FROM prompts WHERE number >= 0 AND number <= ?",
                                (MAX_NUMBER,)).fetchone()[0]
         self._next_number = int(top) + 1 if isinstance(top, (int, float)) and math.isfinite(top) else 0
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM prompts").fetchone()[0]
         self._finished_seq = self._db.execute("SELECT COALESCE(MAX(finished_seq), 0) FROM prompts").fetchone()[0]
         self._done = self._db.execute("SELECT COUNT(*) FROM prompts WHERE state = 'done'").fetchone()[0]
-        for row in self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs FROM prompts "
+        for row in self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs, tries FROM prompts "
                                     "WHERE state = 'pending'").fetchall():
             self._add_pending(row[0], self._item(row[1:]))
         self._trim_history()  # --max-history may have been lowered since
@@ -304,8 +318,12 @@ class PromptQueue:
         return handle
 
     def _migrate(self) -> None:
-        """Add the jobs view's columns to a database made before them, filled from the JSON."""
+        """Add the columns of later versions to a database made before them: the workers', and
+        the jobs view's (filled from the JSON)."""
         have = {row[1] for row in self._db.execute("PRAGMA table_info(prompts)")}
+        for name, decl in _WORKER_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE prompts ADD COLUMN {name} {decl}")
         missing = [(name, decl) for name, decl in _JOB_COLUMNS if name not in have]
         if missing:
             self._db.execute("BEGIN IMMEDIATE")
@@ -323,7 +341,8 @@ class PromptQueue:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            log.info("added the jobs columns to %s", self.path)
+            if last:
+                log.info("added the jobs columns to %s", self.path)
         self._db.execute(_JOB_INDEX)
 
     def _repair_numbers(self) -> None:
@@ -358,16 +377,15 @@ class PromptQueue:
             prepared: Any = None) -> QueueItem:
         """Queue a validated prompt. Without ``number`` it gets the next one (negated with
         ``front``, so it runs before everything queued). ``sensitive`` and ``prepared`` stay
-        in memory with the item (see ``QueueItem``). Raises ``DuplicatePrompt``."""
+        in memory with the item (see ``QueueItem``). Raises ``DuplicatePrompt``, and
+        ``StorageError`` when the database cannot take it (nothing is queued then)."""
         if number is not None:
             number = check_number(number)
         with self._cond:
             self._check_open()
+            given = number
             if number is None:
-                number = self._next_number
-                self._next_number += 1
-                if front:
-                    number = -number
+                number = -self._next_number if front else self._next_number
             item = QueueItem(_number(number), prompt_id, prompt, extra_data, list(outputs), dict(sensitive or {}),
                              prepared)
             seq = self._seq + 1
@@ -381,38 +399,77 @@ class PromptQueue:
                 if _duplicate_id(exc):
                     raise DuplicatePrompt(f"prompt id {prompt_id!r} is already queued or in the history") from None
                 raise QueueError(f"cannot queue prompt {prompt_id!r}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StorageError(f"queue prompt {prompt_id!r}", exc) from exc
+            if given is None:
+                self._next_number += 1
             self._seq = seq
             self._add_pending(seq, item)
-            self._cond.notify()
+            self._cond.notify_all()
             return item
 
-    def claim(self, timeout: float | None = None, stop: threading.Event | None = None) -> QueueItem | None:
-        """Take the first pending prompt and mark it running; waits up to ``timeout`` seconds
-        for one. ``None`` on timeout, when the queue is closed, or once ``stop`` is set (call
+    def _head(self) -> tuple[int, QueueItem] | None:
+        """The first pending prompt, as ``(seq, item)`` (stale heap entries dropped on the way)."""
+        while self._heap:
+            _, seq, pid = self._heap[0]
+            entry = self._items.get(pid)
+            if entry is not None and entry[0] == seq:
+                return entry
+            heapq.heappop(self._heap)
+        return None
+
+    def _wait_pending(self, deadline: float | None, stop: threading.Event | None) -> bool:
+        """Wait (holding the condition) until a prompt is pending: False on timeout, on
+        ``stop`` or when the queue is closed."""
+        while not self._closed and not self._items:
+            if stop is not None and stop.is_set():
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._cond.wait(remaining)
+        return not self._closed and not (stop is not None and stop.is_set())
+
+    def next_pending(self, timeout: float | None = None, stop: threading.Event | None = None) -> QueueItem | None:
+        """The prompt that runs next, left in the queue; waits up to ``timeout`` seconds for
+        one. ``None`` on timeout, when the queue is closed, or once ``stop`` is set (call
         ``wake()`` after setting it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._closed and (not self._items or self._running is not None):
-                if stop is not None and stop.is_set():
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            if self._closed:
+            if not self._wait_pending(deadline, stop):
                 return None
-            while True:
-                _, seq, pid = heapq.heappop(self._heap)
-                entry = self._items.get(pid)
-                if entry is not None and entry[0] == seq:
-                    break
-            del self._items[pid]
-            self._db.execute("UPDATE prompts SET state = 'running', started = ? WHERE seq = ?", (time.time(), seq))
-            self._running, self._running_seq = entry[1], seq
-            return entry[1]
+            head = self._head()
+            return head[1] if head is not None else None
+
+    def claim(self, worker: str, timeout: float | None = None, stop: threading.Event | None = None, *,
+              prompt_id: str | None = None) -> QueueItem | None:
+        """Take a pending prompt for ``worker`` and mark it running: ``prompt_id``, or else the
+        first one (waiting up to ``timeout`` seconds for one). ``None`` on timeout, when the
+        queue is closed, once ``stop`` is set, or when ``prompt_id`` is no longer pending.
+        The database is written first: when it refuses (``StorageError``), the prompt stays
+        pending, as it was."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if prompt_id is not None:
+                self._check_open()
+                entry = self._items.get(prompt_id)
+            else:
+                entry = self._head() if self._wait_pending(deadline, stop) else None
+            if entry is None:
+                return None
+            seq, item = entry
+            now = time.time()
+            try:
+                self._db.execute("UPDATE prompts SET state = 'running', started = ?, worker = ? WHERE seq = ?",
+                                 (now, worker, seq))
+            except sqlite3.Error as exc:
+                raise StorageError(f"start prompt {item.prompt_id!r}", exc) from exc
+            del self._items[item.prompt_id]
+            self._running[item.prompt_id] = Running(seq, item, worker, now)
+            return item
 
     def finish(self, item: QueueItem, outcome: Outcome, meta: dict | None = None) -> None:
-        """Move the running prompt to the history."""
+        """Move a running prompt to the history (``StorageError``: it stays running)."""
         status = {"status_str": outcome.status_str, "completed": outcome.status == "success",
                   "messages": outcome.messages}
         if meta is None:
@@ -422,31 +479,51 @@ class PromptQueue:
         start, end = _run_times(outcome.messages)
         with self._cond:
             self._check_open()
+            try:
+                cur = self._db.execute(
+                    "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = ?, "
+                    "meta = ?, status_str = ?, exec_start = ?, exec_end = ?, worker = NULL WHERE prompt_id = ?",
+                    (time.time(), self._finished_seq + 1, status_text, result_text, meta_text, outcome.status_str,
+                     start, end, item.prompt_id))
+            except sqlite3.Error as exc:
+                raise StorageError(f"record the history of prompt {item.prompt_id!r}", exc) from exc
             self._finished_seq += 1
-            cur = self._db.execute(
-                "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = ?, meta = ?, "
-                "status_str = ?, exec_start = ?, exec_end = ? WHERE prompt_id = ?",
-                (time.time(), self._finished_seq, status_text, result_text, meta_text, outcome.status_str, start, end,
-                 item.prompt_id))
             if cur.rowcount:
                 self._done += 1
-            if self._running is not None and self._running.prompt_id == item.prompt_id:
-                self._running = None
+            self._running.pop(item.prompt_id, None)
             self._trim_history()
             self._cond.notify_all()
         self._checkpoint()
 
+    def requeue(self, item: QueueItem) -> int:
+        """Put a running prompt back in the queue, at its old place (its worker died under
+        it); returns how many runs it has lost so far. ``StorageError``: it stays running."""
+        with self._cond:
+            self._check_open()
+            running = self._running.get(item.prompt_id)
+            if running is None:
+                raise QueueError(f"prompt {item.prompt_id!r} is not running")
+            try:
+                self._db.execute("UPDATE prompts SET state = 'pending', started = NULL, worker = NULL, "
+                                 "tries = tries + 1 WHERE seq = ?", (running.seq,))
+            except sqlite3.Error as exc:
+                raise StorageError(f"queue prompt {item.prompt_id!r} again", exc) from exc
+            del self._running[item.prompt_id]
+            item.tries += 1
+            self._add_pending(running.seq, item)
+            self._cond.notify_all()
+            return item.tries
+
     def wake(self) -> None:
-        """Wake threads waiting in ``claim`` (to see their ``stop`` event)."""
+        """Wake threads waiting in ``claim`` or ``next_pending`` (to see their ``stop`` event)."""
         with self._cond:
             self._cond.notify_all()
 
     def release(self, item: QueueItem) -> None:
-        """Forget the running prompt without a history entry: it stays 'running' in the
+        """Forget a running prompt without a history entry: it stays 'running' in the
         database, for ``recover`` on the next start (used when the server stops mid-run)."""
         with self._cond:
-            if self._running is not None and self._running.prompt_id == item.prompt_id:
-                self._running = None
+            if self._running.pop(item.prompt_id, None) is not None:
                 self._cond.notify_all()
 
     def recover(self, *, requeue: bool = False) -> list[str]:
@@ -454,69 +531,72 @@ class PromptQueue:
         ``requeue``). Returns their ids. Call once at start-up, before any claim."""
         with self._cond:
             self._check_open()
-            rows = self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs FROM prompts "
+            rows = self._db.execute("SELECT seq, number, prompt_id, prompt, extra_data, outputs, tries FROM prompts "
                                     "WHERE state = 'running' ORDER BY seq").fetchall()
             now = time.time()
             for row in rows:
                 seq, pid = row[0], row[2]
                 if requeue:
-                    self._db.execute("UPDATE prompts SET state = 'pending', started = NULL WHERE seq = ?", (seq,))
+                    self._db.execute("UPDATE prompts SET state = 'pending', started = NULL, worker = NULL "
+                                     "WHERE seq = ?", (seq,))
                     self._add_pending(seq, self._item(row[1:]))
                     continue
-                error = {"prompt_id": pid, "node_id": None, "node_type": None, "executed": [],
-                         "exception_message": "the server stopped while this prompt was running",
-                         "exception_type": "nodeflow.queue.ServerStopped", "traceback": [],
-                         "current_inputs": {}, "current_outputs": [], "timestamp": int(now * 1000)}
+                error = events.execution_error(pid, "the server stopped while this prompt was running",
+                                               exception_type="nodeflow.queue.ServerStopped")
+                error["timestamp"] = int(now * 1000)
                 status = {"status_str": "error", "completed": False, "messages": [["execution_error", error]]}
                 self._finished_seq += 1
                 self._db.execute(
                     "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = '{}', "
-                    "meta = '{}', status_str = 'error', exec_start = NULL, exec_end = ? WHERE seq = ?",
+                    "meta = '{}', status_str = 'error', exec_start = NULL, exec_end = ?, worker = NULL WHERE seq = ?",
                     (now, self._finished_seq, _dumps(status), error["timestamp"], seq))
                 self._done += 1
             self._cond.notify_all()
             return [row[2] for row in rows]
 
     def delete_pending(self, prompt_ids: Iterable[str]) -> int:
-        """Delete these pending prompts (the running one stays). May take a while for many:
-        call it off an event loop."""
+        """Delete these pending prompts (running ones stay). May take a while for many: call
+        it off an event loop."""
         with self._cond:
             self._check_open()
-            seqs = [entry[0] for pid in dict.fromkeys(map(str, prompt_ids))
-                    if (entry := self._items.pop(pid, None)) is not None]
-        self._delete_seqs(seqs)
-        return len(seqs)
+            entries = [entry for pid in dict.fromkeys(map(str, prompt_ids))
+                       if (entry := self._items.pop(pid, None)) is not None]
+        self._delete_entries(entries)
+        return len(entries)
 
     def clear_pending(self) -> int:
         """Delete every pending prompt. May take a while for many: call it off an event loop."""
         with self._cond:
             self._check_open()
-            seqs = [seq for seq, _ in self._items.values()]
+            entries = list(self._items.values())
             self._items.clear()
             self._heap.clear()
-        self._delete_seqs(seqs)
-        return len(seqs)
+        self._delete_entries(entries)
+        return len(entries)
 
-    def _delete_seqs(self, seqs: list[int]) -> None:
+    def _delete_entries(self, entries: list[tuple[int, QueueItem]]) -> None:
         # The prompts are already out of the in-memory queue: no one can claim them meanwhile.
-        for i in range(0, len(seqs), _DELETE_BATCH):
+        # Those the database refuses to delete (disk full) go back, and the error is raised.
+        for i in range(0, len(entries), _DELETE_BATCH):
             with self._cond:
                 self._check_open()
-                batch = seqs[i:i + _DELETE_BATCH]
-                self._db.executemany("DELETE FROM prompts WHERE seq = ?", [(seq,) for seq in batch])
+                batch = entries[i:i + _DELETE_BATCH]
+                try:
+                    self._db.executemany("DELETE FROM prompts WHERE seq = ?", [(seq,) for seq, _ in batch])
+                except sqlite3.Error as exc:
+                    for seq, item in entries[i:]:
+                        self._add_pending(seq, item)
+                    self._cond.notify_all()
+                    raise StorageError("delete the queued prompts", exc) from exc
             self._pause()
-        if seqs:
+        if entries:
             self._checkpoint(every=0)
 
     # -- reading the queue --------------------------------------------------------------------------
 
-    @property
-    def running_item(self) -> QueueItem | None:
-        return self._running
-
     def remaining(self) -> int:
         """ComfyUI's ``queue_remaining``: pending plus running."""
-        return len(self._items) + (1 if self._running is not None else 0)
+        return len(self._items) + len(self._running)
 
     def pending_count(self) -> int:
         return len(self._items)
@@ -528,8 +608,14 @@ class PromptQueue:
         return [item for _, item in entries]
 
     def running(self) -> list[QueueItem]:
-        item = self._running
-        return [item] if item is not None else []
+        """The running prompts, in the order they started."""
+        with self._cond:
+            return [r.item for r in self._running.values()]
+
+    def running_entries(self) -> list[Running]:
+        """The running prompts with their workers, in the order they started."""
+        with self._cond:
+            return list(self._running.values())
 
     def state_of(self, prompt_id: str) -> str | None:
         """'pending', 'running', 'done' or None."""
@@ -546,8 +632,9 @@ class PromptQueue:
 
     @staticmethod
     def _item(row: tuple) -> QueueItem:
-        number, pid, prompt, extra, outputs = row
-        return QueueItem(_number(number), pid, json.loads(prompt), json.loads(extra), json.loads(outputs))
+        number, pid, prompt, extra, outputs, tries = row
+        return QueueItem(_number(number), pid, json.loads(prompt), json.loads(extra), json.loads(outputs),
+                         tries=tries or 0)
 
     # -- history -------------------------------------------------------------------------------------
 
@@ -664,8 +751,13 @@ class PromptQueue:
     def _trim_history(self) -> None:
         excess = self._done - self.max_history
         if self.max_history > 0 and excess > 0:
-            n = self._db.execute("DELETE FROM prompts WHERE seq IN (SELECT seq FROM prompts WHERE finished_seq "
-                                 "IS NOT NULL AND state = 'done' ORDER BY finished_seq LIMIT ?)", (excess,)).rowcount
+            try:
+                n = self._db.execute("DELETE FROM prompts WHERE seq IN (SELECT seq FROM prompts WHERE finished_seq "
+                                     "IS NOT NULL AND state = 'done' ORDER BY finished_seq LIMIT ?)",
+                                     (excess,)).rowcount
+            except sqlite3.Error as exc:  # a full disk, say: the next finish tries again
+                log.warning("could not trim the history of %s: %s", self.path, exc)
+                return
             self._done -= n
 
     # -- settings (the web frontend's, a small key-value store) -------------------------------------
@@ -685,15 +777,18 @@ class PromptQueue:
     def set_settings(self, values: dict[str, Any]) -> None:
         with self._cond:
             self._check_open()
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
-                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                                     [(str(k), _dumps(v)) for k, v in values.items()])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
+                                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                         [(str(k), _dumps(v)) for k, v in values.items()])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError("save the settings", exc) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -758,281 +853,3 @@ _HISTORY_SELECT = ("SELECT number, prompt_id, prompt, extra_data, outputs, statu
                    "WHERE finished_seq IS NOT NULL AND state = 'done'")
 
 
-# -- backends ---------------------------------------------------------------------------------------
-
-
-class Backend(Protocol):
-    """How a prompt runs. The dispatcher calls ``execute`` from its thread, one prompt at a
-    time, and ``interrupt`` from any thread. ``execute`` reports ComfyUI's events through
-    ``observer(event, data)`` (every ``data`` carries ``prompt_id``), never sends the final
-    ``executing`` with ``node: None`` (the dispatcher does, after the history is written),
-    and returns the ``Outcome``; it may raise, and the prompt then fails."""
-
-    def execute(self, item: QueueItem, observer: Callable[[str, dict], None]) -> Outcome: ...
-
-    def interrupt(self, prompt_id: str | None = None) -> bool: ...
-
-    def close(self) -> None: ...
-
-    # Optional: ``free(unload_models, free_memory) -> bool`` releases cached models/memory.
-
-
-class LocalBackend:
-    """Runs prompts in this process on an ``Executor`` (whose output cache lives across runs).
-
-    A prompt queued by this process runs on the graph its submitter validated
-    (``item.prepared``); one from before a restart is validated again first (the installed
-    nodes or the files it names may have changed).
-
-    Events pass through ``rewrite_event`` on their way out (and into the history): here
-    ``execution_cached`` gets ComfyUI's meaning, every node of the prompt that did not run
-    because its output was cached (the executor names only the cached nodes it needed,
-    not those upstream of them). Subclasses may rewrite more."""
-
-    def __init__(self, registry: Any, cache: Any = None) -> None:
-        from nodeflow.executor import Executor
-
-        self.registry = registry
-        self.executor = Executor(registry, cache)
-
-    def execute(self, item: QueueItem, observer: Callable[[str, dict], None]) -> Outcome:
-        from nodeflow.graph import Graph, ValidationReport, parse, validate
-
-        prepared = item.prepared
-        if isinstance(prepared, tuple) and len(prepared) == 2 and isinstance(prepared[0], Graph) \
-                and isinstance(prepared[1], ValidationReport):
-            graph, report = prepared  # validated by the submitter in this process
-        else:
-            graph = parse(item.prompt)
-            report = validate(graph, self.registry, item.outputs or None)
-            if not report.ok:
-                return _invalid_outcome(item, report, observer)
-        extra = {**item.extra_data, **item.sensitive}
-        rewritten: dict[int, dict] = {}  # id(the executor's data) -> what was sent instead
-
-        def watch(event: str, data: dict) -> None:
-            new = self.rewrite_event(event, data, graph, report)
-            if new is not data:
-                rewritten[id(data)] = new
-            observer(event, new)
-
-        result = self.executor.execute(graph, report, prompt_id=item.prompt_id, observer=watch, extra_data=extra)
-        messages = [[event, rewritten.get(id(data), data)] for event, data in result.messages]
-        error = next((data for event, data in messages if event == "execution_error"), result.error)
-        return Outcome(result.status, dict(result.ui), messages, error)
-
-    def rewrite_event(self, event: str, data: dict, graph: Any, report: Any) -> dict:
-        """The event as clients and the history see it: ``data`` itself, or a new dict."""
-        if event == "execution_cached" and data.get("nodes"):
-            return {**data, "nodes": all_cached(graph, report, data["nodes"])}
-        return data
-
-    def interrupt(self, prompt_id: str | None = None) -> bool:
-        return self.executor.interrupt(prompt_id)
-
-    def free(self, unload_models: bool = False, free_memory: bool = False) -> bool:
-        """Drop the cached node outputs (and with them the models they hold)."""
-        if unload_models or free_memory:
-            self.executor.cache.clear()
-            return True
-        return False
-
-    def close(self) -> None:
-        pass
-
-
-def all_cached(graph: Any, report: Any, cached: Iterable[str]) -> list[str]:
-    """Every node the outputs depend on that will not run, given the cached nodes the
-    executor needs (``cached``): those, and what lies upstream of them and nothing else
-    needs. In run order. This is what ComfyUI's ``execution_cached`` lists."""
-    cached = set(cached)
-
-    def upstream(stop: set[str]) -> set[str]:
-        seen: set[str] = set()
-        stack = list(report.outputs)
-        while stack:
-            n = stack.pop()
-            if n in seen or n not in graph.nodes:
-                continue
-            seen.add(n)
-            if n not in stop:
-                stack.extend(link.node for _, link in graph.nodes[n].links())
-        return seen
-
-    skipped = upstream(set()) - (upstream(cached) - cached)
-    order = getattr(report, "order", None) or []  # validation's topological order, where it gives one
-    if not skipped <= set(order):
-        import networkx as nx
-
-        order = list(nx.topological_sort(report.dag)) if report.dag is not None else list(graph.nodes)
-    return [n for n in order if n in skipped]
-
-
-def _invalid_outcome(item: QueueItem, report: Any, observer: Callable[[str, dict], None]) -> Outcome:
-    first = next((e for e in report.errors if e.node_id is not None), report.errors[0] if report.errors else None)
-    now = int(time.time() * 1000)
-    start = {"prompt_id": item.prompt_id, "timestamp": now}
-    error = {"prompt_id": item.prompt_id, "node_id": first.node_id if first else None,
-             "node_type": first.class_type if first else None, "executed": [],
-             "exception_message": "the prompt is no longer valid:\n" + report.summary(),
-             "exception_type": "nodeflow.graph.ValidationError", "traceback": [],
-             "current_inputs": {}, "current_outputs": [], "timestamp": now}
-    observer("execution_start", start)
-    observer("execution_error", error)
-    return Outcome("error", {}, [["execution_start", start], ["execution_error", error]], error)
-
-
-# -- the worker -------------------------------------------------------------------------------------
-
-
-class Dispatcher:
-    """The worker thread: takes prompts from the queue one at a time and runs them on a backend.
-
-    ``emit(event, data, client_id)`` receives every event about a prompt (called from the
-    worker thread; it must not block for long). ``on_change()`` is called when the queue's
-    length changed (a prompt finished).
-    """
-
-    def __init__(self, queue: PromptQueue, backend: Backend, emit: Emit | None = None,
-                 on_change: Callable[[], None] | None = None, *, poll: float = 0.5) -> None:
-        self.queue, self.backend = queue, backend
-        self._emit = emit or (lambda event, data, client_id: None)
-        self._on_change = on_change or (lambda: None)
-        self._poll = poll
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._current: QueueItem | None = None
-        self._cancel = False
-        #: The node running now (None between nodes), for clients that reconnect mid-run.
-        self.current_node: str | None = None
-
-    # -- control ------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="nodeflow-worker", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after interrupting the running prompt; it stays 'running' in the database, so
-        the next start's ``recover`` decides its fate, as after a crash."""
-        self._stop.set()
-        self.interrupt()
-        self.queue.wake()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("the worker thread did not stop within %.0f s", timeout)
-            self._thread = None
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def current(self) -> QueueItem | None:
-        return self._current
-
-    def free(self, unload_models: bool = False, free_memory: bool = False) -> bool:
-        """Ask the backend to release cached models and memory (ComfyUI's POST /free)."""
-        free = getattr(self.backend, "free", None)
-        return bool(free(unload_models, free_memory)) if free is not None else False
-
-    def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Interrupt the running prompt (only if it is ``prompt_id``, when given)."""
-        with self._lock:
-            item = self._current
-            if item is None or (prompt_id is not None and prompt_id != item.prompt_id):
-                return False
-            self._cancel = True
-        try:
-            self.backend.interrupt(item.prompt_id)
-        except Exception:
-            log.exception("backend interrupt failed")
-        return True
-
-    # -- the loop ---------------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.queue.claim(timeout=self._poll, stop=self._stop)
-            except QueueError:
-                return  # closed
-            except Exception:
-                log.exception("could not take a prompt from the queue")
-                self._stop.wait(1.0)
-                continue
-            if item is None:
-                continue
-            try:
-                self._run(item)
-            except BaseException:
-                log.exception("unexpected failure while running prompt %s", item.prompt_id)
-                with self._lock:
-                    self._current = None
-                self.queue.release(item)
-
-    def _run(self, item: QueueItem) -> None:
-        pid, client = item.prompt_id, item.client_id
-        with self._lock:
-            self._current, self._cancel = item, False
-        self.current_node = None
-        messages: list[list] = []
-
-        def send(event: str, data: dict) -> None:
-            try:
-                self._emit(event, data, client)
-            except Exception:
-                log.exception("could not deliver %s for prompt %s", event, pid)
-
-        def observer(event: str, data: dict) -> None:
-            if event in STATUS_EVENTS:
-                messages.append([event, data])
-            if event == "executing":
-                self.current_node = data.get("node")
-            elif event == "execution_start" and self._cancel:
-                self.backend.interrupt(pid)  # asked before the executor was listening
-            send(event, data)
-
-        try:
-            if self._cancel:
-                outcome = _interrupted_before_start(item, observer)
-            else:
-                outcome = self.backend.execute(item, observer)
-        except BaseException as exc:
-            log.exception("prompt %s failed outside any node", pid)
-            error = {"prompt_id": pid, "node_id": self.current_node, "node_type": None, "executed": [],
-                     "exception_message": f"{type(exc).__name__}: {exc}",
-                     "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                     "traceback": traceback.format_exception(exc), "current_inputs": {},
-                     "current_outputs": [], "timestamp": int(time.time() * 1000)}
-            observer("execution_error", error)
-            outcome = Outcome("error", {}, messages, error)
-        self.current_node = None
-        with self._lock:
-            self._current = None
-        if self._stop.is_set() and outcome.status == "interrupted":
-            self.queue.release(item)  # stopped by shutdown: recover() decides on the next start
-            return
-        try:
-            self.queue.finish(item, outcome)
-        except Exception:
-            log.exception("could not record the history of prompt %s", pid)
-            self.queue.release(item)
-        # The history entry is written: now the closing message (clients fetch it on this).
-        send("executing", {"node": None, "display_node": None, "prompt_id": pid})
-        try:
-            self._on_change()
-        except Exception:
-            log.exception("on_change failed")
-
-
-def _interrupted_before_start(item: QueueItem, observer: Callable[[str, dict], None]) -> Outcome:
-    now = int(time.time() * 1000)
-    start = {"prompt_id": item.prompt_id, "timestamp": now}
-    data = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [], "timestamp": now}
-    observer("execution_start", start)
-    observer("execution_interrupted", data)
-    return Outcome("interrupted", {}, [["execution_start", start], ["execution_interrupted", data]])

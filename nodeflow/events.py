@@ -1,0 +1,107 @@
+"""ComfyUI's event payloads about a prompt, built in one place.
+
+Every front end (the CLI's progress, the server's WebSocket, a history entry's status
+messages) and every worker (in this process or a Ray actor) sends these same shapes:
+
+    execution_start        {prompt_id, timestamp}
+    execution_cached       {nodes, prompt_id, timestamp}
+    executing              {node, display_node, prompt_id}      (node None: the prompt is over)
+    progress               {value, max, prompt_id, node}
+    executed               {node, display_node, output, prompt_id}
+    execution_success      {prompt_id, timestamp}
+    execution_error        {prompt_id, node_id, node_type, executed, exception_message,
+                            exception_type, traceback, current_inputs, current_outputs, timestamp}
+    execution_interrupted  {prompt_id, node_id, node_type, executed, timestamp}
+
+``current_inputs`` is ComfyUI's: each input's value in a one-element list, made JSON-safe
+(``render_inputs``: a tensor shows as ``"Tensor[1, 4, 64, 64]"``). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: Events that belong in a history entry's ``status.messages``.
+STATUS_EVENTS = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
+                           "execution_interrupted"})
+#: Strings, lists and dicts in ``current_inputs`` are cut to these sizes.
+MAX_TEXT, MAX_ITEMS = 2000, 32
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def execution_start(prompt_id: str) -> dict:
+    return {"prompt_id": prompt_id, "timestamp": now_ms()}
+
+
+def executing(prompt_id: str, node: str | None) -> dict:
+    return {"node": node, "display_node": node, "prompt_id": prompt_id}
+
+
+def executed(prompt_id: str, node: str, output: dict) -> dict:
+    return {"node": node, "display_node": node, "output": output, "prompt_id": prompt_id}
+
+
+def execution_error(prompt_id: str, message: str, *, node_id: str | None = None, node_type: str | None = None,
+                    executed: Iterable[str] = (), exception_type: str = "Exception",
+                    traceback_lines: list[str] | None = None, current_inputs: dict | None = None,
+                    current_outputs: Iterable[str] = ()) -> dict:
+    return {"prompt_id": prompt_id, "node_id": node_id, "node_type": node_type, "executed": list(executed),
+            "exception_message": message, "exception_type": exception_type, "traceback": traceback_lines or [],
+            "current_inputs": current_inputs or {}, "current_outputs": list(current_outputs),
+            "timestamp": now_ms()}
+
+
+def error_from_exception(prompt_id: str, exc: BaseException, **where: Any) -> dict:
+    """``execution_error`` for an exception (its type, message and traceback)."""
+    return execution_error(prompt_id, str(exc) or type(exc).__name__, exception_type=exception_name(exc),
+                           traceback_lines=traceback.format_exception(exc), **where)
+
+
+def execution_interrupted(prompt_id: str, *, node_id: str | None = None, node_type: str | None = None,
+                          executed: Iterable[str] = ()) -> dict:
+    return {"prompt_id": prompt_id, "node_id": node_id, "node_type": node_type, "executed": list(executed),
+            "timestamp": now_ms()}
+
+
+def exception_name(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+# -- JSON-safe values -----------------------------------------------------------------------------
+
+
+def render_inputs(inputs: Mapping[str, Any], hidden: Iterable[str] = ()) -> dict[str, list]:
+    """A node's inputs as ComfyUI's ``current_inputs`` shows them: ``{name: [value]}``, JSON-safe."""
+    skip = set(hidden)
+    return {name: [json_safe(value)] for name, value in inputs.items() if name not in skip}
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """A value for an event: JSON values as they are (long strings, lists and dicts cut short),
+    a tensor as ``"Tensor[shape]"``, anything else as a short repr."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…"
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        try:
+            return f"{type(value).__name__}{[int(x) for x in shape]}"
+        except (TypeError, ValueError):
+            pass
+    if depth < 3 and isinstance(value, (list, tuple)):
+        items = [json_safe(v, depth + 1) for v in value[:MAX_ITEMS]]
+        return [*items, "…"] if len(value) > MAX_ITEMS else items
+    if depth < 3 and isinstance(value, dict):
+        return {str(k): json_safe(v, depth + 1) for k, v in list(value.items())[:MAX_ITEMS]}
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "…"
