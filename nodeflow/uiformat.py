@@ -458,7 +458,12 @@ class _Converter:
             return any(s.get("name") == name for s in self._graph(kind).inputs)
         cls = self.registry.get(kind)
         # An unknown type is reported by validation; its widgets cannot be checked here.
-        return cls is None or name in cls.all_inputs()
+        if cls is None or name in cls.all_inputs():
+            return True
+        # The editor adds widgets of its own to some nodes (a text preview, an upload
+        # button); a node saved with more values than its schema's widgets has such widgets.
+        values = node.get("widgets_values")
+        return isinstance(values, list) and len(values) > len(_widget_specs(cls))
 
     # -- widgets -----------------------------------------------------------------------------
 
