@@ -1,6 +1,13 @@
 """Which node types exist: built-ins from the ``nodes`` package, third-party packages
 (Python entry points in the group ``nodeflow.nodes``) and ComfyUI class-name aliases.
 
+A ComfyUI class name must offer exactly ComfyUI's widgets (editor files store widget values
+by position). Where a native node's schema is ComfyUI's, the ComfyUI name is a plain alias
+(``aliases = ("KSampler",)``). Where it is not (nodeflow adds or orders inputs its own way),
+the ComfyUI name gets its own class: a subclass with ComfyUI's schema and ``type_name`` set
+to the ComfyUI name. A registered class always wins over an alias of the same name, in
+lookups and in ``/object_info``, and its cache key carries its own ``type_name``.
+
 An entry point may name a module or package (the node classes it offers are registered:
 see ``node_classes``), a ``Node`` subclass, or a callable returning an iterable of them. One
 that yields no node at all is reported in ``load_errors``, as is one that fails to load.
@@ -121,9 +128,9 @@ class Registry:
         return self.get(name) is not None
 
     def names(self, include_aliases: bool = True) -> list[str]:
-        names = list(self._nodes)
+        names = set(self._nodes)
         if include_aliases:
-            names += list(self._aliases)
+            names |= set(self._aliases)
         return sorted(names)
 
     def classes(self) -> list[type[Node]]:
@@ -145,11 +152,12 @@ class Registry:
         the editor-only nodes (notes, reroutes): ComfyUI's frontend brings its own, and a
         backend definition would replace them."""
         if name is not None:
-            cls = self.get(name)
+            cls = self.get(name)  # a class registered under the name before an alias
             return {name: node_info(cls, name)} if cls and not cls.editor_only else {}
         info = {n: node_info(cls, n) for n, cls in sorted(self._nodes.items()) if not cls.editor_only}
         for alias, target in sorted(self._aliases.items()):
-            if not self._nodes[target].editor_only:
+            # A class registered under the alias's name (its own schema) shadows the alias.
+            if alias not in self._nodes and not self._nodes[target].editor_only:
                 info[alias] = node_info(self._nodes[target], alias)
         return info
 

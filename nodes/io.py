@@ -6,8 +6,9 @@ and turns the frames of an animated file into a batch. ``SaveImage`` writes numb
 (``prefix_00001_.png``, never overwriting) with the workflow embedded as text chunks:
 ``prompt`` (the API-format workflow) and one chunk per key of the client's
 ``extra_pnginfo`` (the editor's UI-format ``workflow``), which ``nodeflow run`` and
-ComfyUI both read back. Set ``embed_workflow`` to false, or the environment variable
-``NODEFLOW_DISABLE_METADATA=1``, to leave the metadata out.
+ComfyUI both read back. The environment variable ``NODEFLOW_DISABLE_METADATA=1`` leaves the
+metadata out (ComfyUI's ``--disable-metadata``). ``SaveImage`` has exactly ComfyUI's widgets:
+editor files store its values by position, so an extra widget would take the next value.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from nodeflow import Bool, Combo, Hidden, Node, Output, Result, Socket, String
+from nodeflow import Combo, Hidden, Node, Output, Result, Socket, String
 from nodeflow.folders import UnsafePath, folders, safe_relative
 from nodeflow.spec import LiteralError
 
@@ -385,8 +386,7 @@ class SaveImage(Node):
     """Saves images to the output folder as numbered PNGs (``prefix_00001_.png``; the prefix
     may name a subfolder, ``sub/name``, and use ``%date:yyyy-MM-dd%``, ``%width%`` and
     similar tokens; a trailing ``/`` is dropped, as ComfyUI does, so ``a/`` saves
-    ``a_00001_.png``) with the workflow embedded, unless ``embed_workflow`` is off or
-    ``NODEFLOW_DISABLE_METADATA=1`` is set."""
+    ``a_00001_.png``) with the workflow embedded, unless ``NODEFLOW_DISABLE_METADATA=1`` is set."""
 
     category = "image"
     display_name = "Save Image"
@@ -396,7 +396,6 @@ class SaveImage(Node):
                                   tooltip="the file name start; may include a subfolder and %date:yyyy-MM-dd% "
                                           "style tokens"),
     }
-    optional = {"embed_workflow": Bool(default=True, tooltip="write the workflow into the PNG's text chunks")}
     hidden = {"prompt": Hidden("PROMPT"), "extra_pnginfo": Hidden("EXTRA_PNGINFO")}
     outputs = []
     output_node = True
@@ -405,8 +404,8 @@ class SaveImage(Node):
     def validate_inputs(cls, filename_prefix=None, **_):
         return _validate_prefix(filename_prefix)
 
-    def run(self, images, filename_prefix="ComfyUI", embed_workflow=True, prompt=None, extra_pnginfo=None):
-        results = save_images(images, filename_prefix, "output", 4, prompt, extra_pnginfo, embed_workflow)
+    def run(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        results = save_images(images, filename_prefix, "output", 4, prompt, extra_pnginfo)
         return Result(ui={"images": results})
 
 

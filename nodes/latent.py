@@ -85,21 +85,24 @@ def _noise_mask_batch(mask, size: int):
 
 
 class LatentFromBatch(Node):
-    """Takes ``length`` latents starting at ``batch_index`` (clamped to the batch); they keep
-    the noise they would have had in the whole batch (``batch_index`` is recorded)."""
+    """Takes ``length`` latents starting at ``batch_index`` (clamped to the batch; a negative
+    index counts from the end, as in ComfyUI); they keep the noise they would have had in the
+    whole batch (``batch_index`` is recorded)."""
 
     category = "latent/batch"
     display_name = "Latent From Batch"
     inputs = {
         "samples": Socket("LATENT"),
-        "batch_index": Int(default=0, min=0, max=63),
+        "batch_index": Int(default=0, min=-16384, max=16384),
         "length": Int(default=1, min=1, max=64),
     }
     outputs = [Output("LATENT")]
 
     def run(self, samples, batch_index, length):
         x = samples["samples"]
-        start = min(x.shape[0] - 1, batch_index)
+        if batch_index < 0:
+            batch_index += x.shape[0]
+        start = max(0, min(x.shape[0] - 1, batch_index))
         length = min(x.shape[0] - start, length)
         out = dict(samples)
         out["samples"] = x[start:start + length].clone()

@@ -34,19 +34,29 @@ class VAEDecode(Node):
         return (vae.decode(samples["samples"]),)
 
 
+#: ComfyUI's tiled nodes also take the frames per tile of video VAEs (ignored by image VAEs).
+_TEMPORAL = {
+    "temporal_size": Int(default=64, min=8, max=4096, step=4,
+                         tooltip="Only used for video VAEs: amount of frames to decode at a time."),
+    "temporal_overlap": Int(default=8, min=4, max=4096, step=4,
+                            tooltip="Only used for video VAEs: amount of frames to overlap."),
+}
+
+
 class VAEDecodeTiled(Node):
     """Decodes latents tile by tile, for large images on small GPUs. ``tile_size`` is in
     pixels; tiles overlap by an eighth of their size and are blended (``overlap`` is accepted
-    for ComfyUI workflows but the blend width follows the tile size)."""
+    for ComfyUI workflows but the blend width follows the tile size; ``temporal_size`` and
+    ``temporal_overlap`` concern video VAEs only, and are ignored)."""
 
     category = "latent"
     display_name = "VAE Decode (Tiled)"
     inputs = {"samples": Socket("LATENT"), "vae": Socket("VAE"),
               "tile_size": Int(default=512, min=64, max=4096, step=32),
-              "overlap": Int(default=64, min=0, max=4096, step=32)}
+              "overlap": Int(default=64, min=0, max=4096, step=32), **_TEMPORAL}
     outputs = [Output("IMAGE")]
 
-    def run(self, samples, vae, tile_size, overlap):
+    def run(self, samples, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         return (vae.decode(samples["samples"], tile_size=max(8, tile_size // 8)),)
 
 
@@ -69,10 +79,10 @@ class VAEEncodeTiled(Node):
     display_name = "VAE Encode (Tiled)"
     inputs = {"pixels": Socket("IMAGE"), "vae": Socket("VAE"),
               "tile_size": Int(default=512, min=64, max=4096, step=64),
-              "overlap": Int(default=64, min=0, max=4096, step=32)}
+              "overlap": Int(default=64, min=0, max=4096, step=32), **_TEMPORAL}
     outputs = [Output("LATENT")]
 
-    def run(self, pixels, vae, tile_size, overlap):
+    def run(self, pixels, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         return ({"samples": vae.encode(_crop_to_8(pixels), tile_size=max(8, tile_size // 8))},)
 
 

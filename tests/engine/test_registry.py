@@ -175,3 +175,45 @@ def test_node_classes_are_checked_when_defined():
             return ()
 
     assert Flexible.type_name == "Flexible"
+
+
+def test_a_comfyui_name_can_have_its_own_schema():
+    """A native node whose inputs differ from ComfyUI's gives the ComfyUI name its own class:
+    that class wins over the alias in lookups, in /object_info and in cache keys."""
+    from nodeflow import Executor, Int, Node, Output
+
+    class Native(Node):
+        aliases = ("ComfyName",)
+        inputs = {"x": Int(default=1), "extra": Int(default=0)}
+        outputs = [Output("INT")]
+
+        def run(self, x, extra):
+            return (x + extra,)
+
+    class ComfyName(Native):
+        inputs = {"x": Int(default=1)}
+
+        def run(self, x):
+            return (x * 10,)
+
+    class Show(Node):
+        inputs = {"v": Int()}
+        outputs = []
+        output_node = True
+
+        def run(self, v):
+            from nodeflow import Result
+            return Result(ui={"v": [v]})
+
+    reg = Registry([Native, ComfyName, Show])
+    assert reg.get("ComfyName") is ComfyName and reg.get("Native") is Native
+    info = reg.object_info()
+    assert list(info["ComfyName"]["input"]["required"]) == ["x"]
+    assert list(info["Native"]["input"]["required"]) == ["x", "extra"]
+    assert reg.names().count("ComfyName") == 1
+    ex = Executor(reg)
+    wf = {"1": {"class_type": "ComfyName", "inputs": {"x": 2}}, "2": {"class_type": "Show", "inputs": {"v": ["1", 0]}},
+          "3": {"class_type": "Native", "inputs": {"x": 2, "extra": 0}},
+          "4": {"class_type": "Show", "inputs": {"v": ["3", 0]}}}
+    result = ex.run(wf)
+    assert result.ui["2"] == {"v": [20]} and result.ui["4"] == {"v": [2]}

@@ -160,11 +160,9 @@ def test_save_numbers_files_and_embeds_workflow(base):
 
 def test_save_metadata_can_be_left_out(base, monkeypatch):
     img = torch.zeros(1, 2, 2, 3)
-    SaveImage().run(img, "plain", embed_workflow=False, prompt={"a": 1}, extra_pnginfo={"workflow": {}})
-    assert read_png(base.output / "plain_00001_.png")[1] == {}
     monkeypatch.setenv("NODEFLOW_DISABLE_METADATA", "1")
-    SaveImage().run(img, "plain", prompt={"a": 1})
-    assert read_png(base.output / "plain_00002_.png")[1] == {}
+    SaveImage().run(img, "plain", prompt={"a": 1}, extra_pnginfo={"workflow": {}})
+    assert read_png(base.output / "plain_00001_.png")[1] == {}
 
 
 def test_save_subfolder_tokens_and_confinement(base):

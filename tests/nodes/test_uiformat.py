@@ -200,12 +200,7 @@ def test_unknown_types_are_kept_for_validation_to_name():
     assert [(e.node_id, e.message) for e in errors] == [("20", "Unknown node type 'FancyUpscaler'")]
 
 
-def test_subgraphs_and_bad_documents_are_refused():
-    graph = json.loads(json.dumps(DEFAULT_GRAPH))
-    graph["definitions"] = {"subgraphs": [{"id": "a1b2c3", "nodes": [], "links": []}]}
-    graph["nodes"].append({"id": 30, "type": "a1b2c3", "mode": 0})
-    with pytest.raises(WorkflowError, match="subgraphs are not supported"):
-        ui_to_api(graph, model_registry())
+def test_bad_documents_are_refused():
     with pytest.raises(WorkflowError, match="entry 0 of 'nodes' is not a node"):
         ui_to_api({"nodes": [5], "links": []}, model_registry())
     with pytest.raises(WorkflowError):

@@ -1,0 +1,70 @@
+"""Every ComfyUI class name nodeflow serves offers exactly ComfyUI's inputs in ``/object_info``:
+the same names in the same order and sections, the same types, the defaults and limits
+ComfyUI declares, and the same choices where ComfyUI's are fixed. Editor files store widget
+values by position, so one extra, missing or reordered widget shifts every value after it.
+
+The expectations are data recorded from ComfyUI's source (``data/comfyui_schemas.json``,
+which names the commit read), independent of nodeflow's code."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nodeflow.registry import default_registry
+
+DATA = json.loads((Path(__file__).parent / "data" / "comfyui_schemas.json").read_text())
+CLASSES = DATA["classes"]
+PENDING = set(DATA["pending"])
+OPTION_KEYS = ("default", "min", "max", "step")
+
+
+def normalise_ours(entry: list) -> tuple:
+    """(type, declared options, fixed choices or None) of one /object_info input."""
+    kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+    if isinstance(kind, list):
+        return "COMBO", kind, {k: opts[k] for k in OPTION_KEYS if k in opts}
+    if kind == "COMBO" and "options" in opts:
+        return "COMBO", list(opts["options"]), {k: opts[k] for k in OPTION_KEYS if k in opts}
+    return kind, None, opts
+
+
+def test_every_alias_is_recorded_or_listed_as_pending():
+    reg = default_registry()
+    aliases = set(reg._aliases)
+    missing = sorted(aliases - set(CLASSES) - PENDING)
+    assert not missing, f"aliases with no recorded ComfyUI schema: {missing}"
+    assert not PENDING & set(CLASSES), "a class is both recorded and pending"
+    unknown = sorted(n for n in set(CLASSES) | PENDING if n not in reg)
+    assert not unknown, f"recorded ComfyUI classes nodeflow does not serve: {unknown}"
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_object_info_matches_comfyui(name):
+    info = default_registry().object_info(name)[name]
+    want = CLASSES[name]
+    autogrow = want.get("autogrow")
+    for section in ("required",) if autogrow else ("required", "optional"):
+        expected = want.get(section, [])
+        got = info["input"][section]
+        assert list(got) == [e[0] for e in expected], f"{name}: {section} inputs (names and order)"
+        assert info["input_order"][section] == [e[0] for e in expected]
+        for input_name, kind, options in expected:
+            our_kind, our_choices, our_opts = normalise_ours(got[input_name])
+            where = f"{name}.{input_name}"
+            if isinstance(kind, list):
+                assert (our_kind, our_choices) == ("COMBO", kind), f"{where}: choices"
+            elif kind == "COMBO":
+                assert our_kind == "COMBO", f"{where}: a COMBO"
+            else:
+                assert our_kind == kind, f"{where}: type"
+            for key, value in options.items():
+                ours = our_opts.get(key)
+                # JSON numbers: 0 and 0.0 are the same to a client; a boolean is not a number.
+                assert ours == value and isinstance(ours, bool) == isinstance(value, bool), \
+                    f"{where}: {key} is {ours!r}, ComfyUI's is {value!r}"
+    assert sorted(info["input"]["hidden"]) == sorted(want.get("hidden", [])), f"{name}: hidden inputs"
+    if autogrow:
+        names = [autogrow["prefix"] + c for c in autogrow["names"]]
+        assert list(info["input"]["optional"]) == names
+        assert {v[0] for v in info["input"]["optional"].values()} == {autogrow["type"]}
