@@ -240,11 +240,16 @@ class Dispatcher:
             log.exception("unexpected failure while running prompt %s", run.item.prompt_id)
             self.queue.release(run.item)
         finally:
-            with self._cond:
-                if self._runs.get(run.worker.id) is run:
-                    del self._runs[run.worker.id]
-                self._cond.notify_all()
-            self.queue.wake()
+            self._free(run)
+
+    def _free(self, run: _Run) -> None:
+        """The worker is done with the prompt: it may take the next one."""
+        with self._cond:
+            if self._runs.get(run.worker.id) is not run:
+                return
+            del self._runs[run.worker.id]
+            self._cond.notify_all()
+        self.queue.wake()
 
     def _execute(self, run: _Run) -> None:
         item, worker = run.item, run.worker
@@ -286,6 +291,7 @@ class Dispatcher:
             observer("execution_error", error)
             outcome = Outcome("error", {}, messages, error)
         run.node = None
+        self._free(run)  # before the history is written: a prompt sent on seeing it finds the worker idle
         if self._stop.is_set() and outcome.status == "interrupted":
             self.queue.release(item)  # stopped by shutdown: recover() decides on the next start
             return

@@ -22,10 +22,11 @@ and output cache, so a checkpoint stays loaded between prompts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -114,8 +115,9 @@ class RayBackend:
             return  # this process joined a cluster already (a test, a notebook): use it
         if address is None:
             try:
-                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                         logging_level=logging.WARNING, configure_logging=False)
+                with _loopback_only():
+                    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                             logging_level=logging.WARNING, configure_logging=False)
             except Exception as exc:
                 raise BackendError(f"cannot start a local Ray runtime: {_first_line(exc)}") from exc
             self._started_runtime = True
@@ -322,6 +324,29 @@ class RayWorker:
                 self.backend.ray.kill(actor)
             except Exception:  # noqa: BLE001 - gone already
                 pass
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Keep a Ray runtime started for this server on loopback. Ray turns the node address
+    127.0.0.1 into the machine's reachable one (it expects other machines to join) and then
+    listens on the network; a runtime private to this server has no one to wait for. Where
+    Ray's internals differ, it is left as it is (Ray's token authentication still guards it)."""
+    try:
+        from ray._private import services
+    except ImportError:
+        services = None
+    resolve = getattr(services, "resolve_ip_for_localhost", None)
+    if resolve is None:
+        log.warning("this Ray version cannot be kept on loopback: its runtime listens on the network, "
+                    "guarded by Ray's token authentication")
+        yield
+        return
+    services.resolve_ip_for_localhost = lambda host: host
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = resolve
 
 
 def _reason(worker: RayWorker, exc: BaseException) -> str:

@@ -248,18 +248,19 @@ class UseModel(Node):
 
 
 class Meet(Node):
-    """Waits (up to 5 s) until `parties` runs of it are under way at once in this process."""
+    """Waits (up to `timeout` s) until `parties` runs of it are under way at once in this process."""
     category = "test"
     inputs = {"x": Socket("INT"), "parties": Int(default=2, min=1, max=8)}
+    optional = {"timeout": Float(default=5.0, min=0.0, max=60.0)}
     outputs = [Output("INT")]
     BARRIERS: dict = {}
     LOCK = threading.Lock()
 
-    def run(self, x, parties):
+    def run(self, x, parties, timeout=5.0):
         with Meet.LOCK:
             barrier = Meet.BARRIERS.setdefault(parties, threading.Barrier(parties))
         try:
-            barrier.wait(5)
+            barrier.wait(timeout)
         except threading.BrokenBarrierError:
             with Meet.LOCK:  # a broken barrier stays broken: the next meeting gets a new one
                 if Meet.BARRIERS.get(parties) is barrier:

@@ -132,6 +132,51 @@ async def test_workers_are_listed_with_their_processes(ray_server):
     assert len(names) == 2 and all("(worker ray-" in n for n in names)
 
 
+def listening(root_pid):
+    """The addresses the process ``root_pid`` and its descendants listen on (TCP, from /proc)."""
+    import ipaddress
+    from pathlib import Path
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    family = {root_pid}
+    while True:
+        more = {pid for pid, ppid in parents.items() if ppid in family} - family
+        if not more:
+            break
+        family |= more
+    inodes = set()
+    for pid in family:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    found = []
+    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                raw = bytes.fromhex(cols[1].split(":")[0])
+                words = [raw[i:i + 4][::-1] for i in range(0, size, 4)]
+                found.append(ipaddress.ip_address(b"".join(words)))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ray_runtime_listens_on_loopback_only(ray_server):
+    addresses = listening(ray_server.proc.pid)
+    assert len(addresses) >= 3  # the server, Ray's own servers, the workers
+    assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses), addresses
+
+
 @async_test
 async def test_two_prompts_run_at_the_same_time(ray_server):
     a = await submit(ray_server, held(1, 4, 0.25))

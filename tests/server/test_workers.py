@@ -39,9 +39,9 @@ def model_prompt(name, seed):
             "2": {"class_type": "UseModel", "inputs": {"model": ["1", 0], "seed": seed}}}
 
 
-def meeting(value, parties=2):
+def meeting(value, parties=2, timeout=5.0):
     return {"1": {"class_type": "Const", "inputs": {"value": value}},
-            "2": {"class_type": "Meet", "inputs": {"x": ["1", 0], "parties": parties}},
+            "2": {"class_type": "Meet", "inputs": {"x": ["1", 0], "parties": parties, "timeout": timeout}},
             "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
 
 
@@ -72,8 +72,8 @@ async def test_one_worker_by_default_runs_one_at_a_time(tmp_path):
     async with serve(tmp_path) as client:
         workers = (await (await client.get("/workers")).json())["workers"]
         assert [(w["id"], w["state"]) for w in workers] == [("local", "idle")]
-        first = await submit(client, meeting(1))  # alone, it never meets the second one
-        second = await submit(client, meeting(2))
+        first = await submit(client, meeting(1, timeout=0.5))  # alone, it never meets the second one
+        second = await submit(client, meeting(2, timeout=0.5))
         entry = await wait_history(client, first["prompt_id"])
         assert entry["status"]["status_str"] == "error"
         assert "BrokenBarrierError" in entry["status"]["messages"][-1][1]["exception_type"]
