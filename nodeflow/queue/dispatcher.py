@@ -54,6 +54,8 @@ class _Run:
     cancel: bool = False
     #: The node running now (None between nodes), for clients that reconnect mid-run.
     node: str | None = None
+    #: The worker is done; the history is being written (the worker is free in a moment).
+    finishing: bool = False
     started: float = field(default_factory=time.time)
 
 
@@ -197,7 +199,14 @@ class Dispatcher:
         idle = self._idle()
         if item is None or not idle:
             return
-        worker = choose_worker(idle, self._models(item))
+        models = self._models(item)
+        worker = choose_worker(idle, models)
+        if self._holder_finishing(worker, models):
+            # The worker that holds these models is writing its last prompt's history (a
+            # client may send the next prompt the moment it sees it): wait for it a moment.
+            with self._cond:
+                self._cond.wait(0.05)
+            return
         try:
             claimed = self.queue.claim(worker.id, prompt_id=item.prompt_id)
         except StorageError as exc:  # the prompt stays pending: try again in a moment
@@ -214,6 +223,14 @@ class Dispatcher:
         with self._cond:
             self._runs[worker.id] = run
         run.thread.start()
+
+    def _holder_finishing(self, chosen: Worker, models: set[str]) -> bool:
+        if not models:
+            return False
+        have = len(models & set(chosen.info().models))
+        with self._cond:
+            finishing = [r.worker for r in self._runs.values() if r.finishing]
+        return any(len(models & set(w.info().models)) > have for w in finishing)
 
     def _models(self, item: QueueItem) -> set[str]:
         return prompt_models(item.prompt, self.registry) if self.registry is not None else set()
@@ -243,7 +260,7 @@ class Dispatcher:
             self._free(run)
 
     def _free(self, run: _Run) -> None:
-        """The worker is done with the prompt: it may take the next one."""
+        """The prompt is over (its closing message sent): the worker may take the next one."""
         with self._cond:
             if self._runs.get(run.worker.id) is not run:
                 return
@@ -291,7 +308,7 @@ class Dispatcher:
             observer("execution_error", error)
             outcome = Outcome("error", {}, messages, error)
         run.node = None
-        self._free(run)  # before the history is written: a prompt sent on seeing it finds the worker idle
+        run.finishing = True
         if self._stop.is_set() and outcome.status == "interrupted":
             self.queue.release(item)  # stopped by shutdown: recover() decides on the next start
             return

@@ -61,7 +61,11 @@ async def test_two_local_workers_run_two_prompts_at_once(tmp_path):
         for pid in (a["prompt_id"], b["prompt_id"]):
             entry = await wait_history(client, pid)
             assert entry["status"]["status_str"] == "success", entry
-        workers = (await (await client.get("/api/workers")).json())["workers"]
+        for _ in range(200):  # (a worker is idle once its prompt's closing message is sent)
+            workers = (await (await client.get("/api/workers")).json())["workers"]
+            if all(w["state"] == "idle" for w in workers):
+                break
+            await asyncio.sleep(0.01)
         assert [w["id"] for w in workers] == ["local-1", "local-2"]
         assert sorted(w["prompts_done"] for w in workers) == [1, 1]
         assert all(w["state"] == "idle" and w["prompt_id"] is None for w in workers)
