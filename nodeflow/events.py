@@ -19,6 +19,7 @@ messages) and every worker (in this process or a Ray actor) sends these same sha
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback
@@ -72,6 +73,23 @@ def execution_interrupted(prompt_id: str, *, node_id: str | None = None, node_ty
 
 def exception_name(exc: BaseException) -> str:
     return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON of an event, a history entry or a response; an odd value (a tensor, a set)
+    becomes a list or its repr rather than losing the whole message."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_fallback)
+
+
+def _fallback(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
 
 
 # -- JSON-safe values -----------------------------------------------------------------------------

@@ -188,19 +188,6 @@ def default_db_path(base_dir: str | os.PathLike) -> Path:
     return Path(base_dir) / "nodeflow.sqlite3"
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_json_fallback)
-
-
-def _json_fallback(value: Any) -> Any:
-    # Node UI output should be JSON already; never let an odd value lose a history entry.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
-
-
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
@@ -393,8 +380,8 @@ class PromptQueue:
                 self._db.execute(
                     "INSERT INTO prompts (seq, prompt_id, number, state, prompt, extra_data, outputs, created, "
                     "create_time, workflow_id) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-                    (seq, prompt_id, number, _dumps(prompt), _dumps(extra_data), _dumps(item.outputs), time.time(),
-                     _create_time(extra_data), workflow_id(extra_data)))
+                    (seq, prompt_id, number, events.dumps(prompt), events.dumps(extra_data),
+                     events.dumps(item.outputs), time.time(), _create_time(extra_data), workflow_id(extra_data)))
             except sqlite3.IntegrityError as exc:
                 if _duplicate_id(exc):
                     raise DuplicatePrompt(f"prompt id {prompt_id!r} is already queued or in the history") from None
@@ -475,7 +462,7 @@ class PromptQueue:
         if meta is None:
             meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
                     for n in outcome.outputs}
-        status_text, result_text, meta_text = _dumps(status), _dumps(outcome.outputs), _dumps(meta)
+        status_text, result_text, meta_text = events.dumps(status), events.dumps(outcome.outputs), events.dumps(meta)
         start, end = _run_times(outcome.messages)
         with self._cond:
             self._check_open()
@@ -549,7 +536,7 @@ class PromptQueue:
                 self._db.execute(
                     "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = '{}', "
                     "meta = '{}', status_str = 'error', exec_start = NULL, exec_end = ?, worker = NULL WHERE seq = ?",
-                    (now, self._finished_seq, _dumps(status), error["timestamp"], seq))
+                    (now, self._finished_seq, events.dumps(status), error["timestamp"], seq))
                 self._done += 1
             self._cond.notify_all()
             return [row[2] for row in rows]
@@ -782,7 +769,7 @@ class PromptQueue:
                 try:
                     self._db.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
                                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                                         [(str(k), _dumps(v)) for k, v in values.items()])
+                                         [(str(k), events.dumps(v)) for k, v in values.items()])
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")

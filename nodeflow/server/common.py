@@ -3,7 +3,6 @@ table entry, and JSON responses in ComfyUI's error shape."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -12,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import BaseModel
+
+from nodeflow.events import dumps
 
 if TYPE_CHECKING:
     from nodeflow.folders import Folders
@@ -115,18 +116,6 @@ class Route:
 
 
 # -- responses ------------------------------------------------------------------------------------
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_fallback)
-
-
-def _fallback(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
