@@ -171,7 +171,8 @@ async def get_workers(request: web.Request) -> web.Response:
 
 async def post_interrupt(request: web.Request) -> web.Response:
     action = await _action(request, InterruptRequest, empty_ok=True)
-    interrupted = request.app[DISPATCHER].interrupt(action.prompt_id or None)
+    # A remote worker answers over the network: off the event loop.
+    interrupted = await asyncio.to_thread(request.app[DISPATCHER].interrupt, action.prompt_id or None)
     return json_response({"interrupted": interrupted})
 
 
