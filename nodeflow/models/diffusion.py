@@ -14,6 +14,7 @@ import copy
 import torch
 
 from nodeflow.models import devices, patching
+from nodeflow.models.model_patches import ModelPatches
 from nodeflow.models.unet import UNet, timestep_embedding
 
 LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
@@ -32,7 +33,9 @@ def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: 
 
 
 class DiffusionModel:
-    """A handle on a UNet. ``clone()`` shares the weights; each handle carries its own LoRA patches."""
+    """A handle on a UNet. ``clone()`` shares the weights; each handle carries its own LoRA
+    patches (``patches``) and model patches (``model_patches``: CFG functions, UNet block and
+    attention patches; see ``nodeflow.models.model_patches``)."""
 
     def __init__(self, unet: UNet, *, family: str, prediction_type: str = "eps",
                  device: torch.device | None = None):
@@ -47,6 +50,7 @@ class DiffusionModel:
         self.latent_channels = unet.config.out_channels         # 4
         self.latent_scale_factor = LATENT_SCALE[base_family(family)]
         self.patches: patching.Patches = {}                     # weight patches (LoRA): {param: [(strength, patch)]}
+        self.model_patches = ModelPatches()                     # sampling and forward patches (FreeU, PAG, ...)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,6 +61,7 @@ class DiffusionModel:
         (prediction type, schedule, sampling patches), so patches applied in any order add up."""
         other = copy.copy(self)
         other.patches = {name: list(entries) for name, entries in self.patches.items()}
+        other.model_patches = self.model_patches.copy()
         return other
 
     def process_latent_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +72,12 @@ class DiffusionModel:
 
     @torch.no_grad()
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                    c_concat: torch.Tensor | None = None) -> torch.Tensor:
+                    c_concat: torch.Tensor | None = None, control: dict | None = None,
+                    extra_patches: ModelPatches | None = None, info: dict | None = None) -> torch.Tensor:
         """x (B, 4, h, w) scaled noisy latent; t (B,) timesteps 0..999; context (B, T, D); y (B, adm) for
-        SDXL; c_concat (B, 5, h, w) (mask + masked latent) for inpainting models -> ε or v, float32."""
+        SDXL; c_concat (B, 5, h, w) (mask + masked latent) for inpainting models -> ε or v, float32.
+        ``control``: ControlNet residuals; ``extra_patches`` join the handle's own for this call; ``info``
+        starts the dict the patches see (e.g. "cond_or_uncond")."""
         out_device = x.device
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x.device, x.dtype)], dim=1)
@@ -81,8 +89,14 @@ class DiffusionModel:
         devices.manager.load(self.unet, self.device)
         patching.sync(self.unet, self.patches)
         dev, dtype = self.device, self.dtype
+        patches = self.model_patches.merged(extra_patches)
+        options = {}
+        if control is not None:
+            options["control"] = {k: [None if r is None else r.to(dev, dtype) for r in v] for k, v in control.items()}
+        if patches.touches_unet:
+            options["patches"], options["info"] = patches, dict(info or {})
         out = self.unet(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),
-                        None if y is None else y.to(dev, dtype))
+                        None if y is None else y.to(dev, dtype), **options)
         return out.to(out_device, torch.float32)
 
     def condition_kwargs(self, meta: dict, batch: int, width: int, height: int) -> dict:
