@@ -302,3 +302,37 @@ class LoadLoraModelOnly(Node):
         lora = load_lora_file(folders().model_path("loras", lora_name))
         patched, _ = apply_lora(lora, model, None, strength_model, 0.0)
         return (patched,)
+
+
+# -- helpers for model kinds ComfyUI spreads over several folders ---------------------------------
+
+
+def choices_of(*kinds: str):
+    """The model files of several kinds (ComfyUI's text_encoders + clip, …), each name once."""
+    def choices() -> list[str]:
+        names: set[str] = set()
+        for kind in kinds:
+            names.update(folders().list_models(kind))
+        return sorted(names, key=str.lower)
+    return choices
+
+
+def model_path_of(kinds: tuple[str, ...], name: str) -> Path:
+    """The file ``name`` in the first of ``kinds``' folders that has it."""
+    store = folders()
+    for kind in kinds:
+        try:
+            return store.model_path(kind, name)
+        except FileNotFoundError:
+            continue
+    available = choices_of(*kinds)()
+    shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "") if available else "none"
+    dirs = ", ".join(str(d) for kind in kinds for d in store.model_dirs(kind))
+    raise FileNotFoundError(f"model file {name!r} not found in {dirs}; available: {shown}")
+
+
+def stamp_of(kinds: tuple[str, ...], name: str):
+    try:
+        return _stamp(model_path_of(kinds, name))
+    except (OSError, ValueError):
+        return None

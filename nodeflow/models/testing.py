@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -267,3 +268,75 @@ def write_tiny_diffusers(folder, family: str = "sd1", *, seed: int = 0, v_predic
         "prediction_type": "v_prediction" if v_prediction else "epsilon"}, indent=1))
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
+
+
+# --- ControlNets and T2I-Adapters ------------------------------------------------------------------
+
+def tiny_controlnet_state_dict(family: str = "sd1", *, seed: int = 10, hint_channels: int = 3) -> dict:
+    """A tiny ControlNet for ``tiny_unet_config(family)`` in LDM key names (no prefix)."""
+    from nodeflow.models.controlnet import ControlNet
+
+    cfg = tiny_unet_config(family)
+    return random_tensors(_shapes(lambda: ControlNet(cfg, hint_channels)), seed)
+
+
+def write_tiny_controlnet(path, family: str = "sd1", *, layout: str = "ldm", seed: int = 10,
+                          diff_of: dict | None = None) -> Path:
+    """A tiny ControlNet file. ``layout``: "ldm" (``control_model.*``, as the control_v11 files),
+    "bare" (no prefix), "diffusers" (``ControlNetModel`` keys) or "diff" (``control_model.*`` as
+    differences from ``diff_of``, the UNet's LDM state dict, plus the ``difference`` key)."""
+    from nodeflow.models.controlnet import ldm_to_diffusers
+
+    sd = tiny_controlnet_state_dict(family, seed=seed)
+    if layout == "diffusers":
+        sd = ldm_to_diffusers(sd)
+    elif layout == "bare":
+        pass
+    elif layout in ("ldm", "diff"):
+        if layout == "diff":
+            sd = {k: v - diff_of[k] if k in diff_of and diff_of[k].shape == v.shape else v for k, v in sd.items()}
+        sd = _prefixed("control_model.", sd)
+        if layout == "diff":
+            sd["difference"] = torch.tensor([])
+    else:
+        raise ValueError(f"unknown ControlNet layout {layout!r}")
+    return save(sd, path)
+
+
+def tiny_adapter_state_dict(kind: str = "full", *, seed: int = 20, width: int = 32, hint_channels: int = 3) -> dict:
+    """A tiny T2I-Adapter whose features fit the tiny UNets: "full" (SD 1.x, 2 ResnetBlocks per
+    level, conv downsampling), "light" (SD 1.x), "xl" (SDXL: unshuffle 16). Widths per level:
+    ``width`` × (1, 2, 2, 2), as the tiny UNets' (1, 2, 2)."""
+    from nodeflow.models.t2i_adapter import Adapter, AdapterLight
+
+    widths = [width, 2 * width, 2 * width, 2 * width]
+    if kind == "light":
+        shapes = _shapes(lambda: AdapterLight(hint_channels * 64, widths, [w // 4 for w in widths], 4))
+    elif kind in ("full", "xl"):
+        xl = kind == "xl"
+        cin = hint_channels * (256 if xl else 64)
+        shapes = _shapes(lambda: Adapter(cin, widths, 2, 1 if xl else 3, use_conv=not xl, xl=xl))
+    else:
+        raise ValueError(f"unknown adapter kind {kind!r}")
+    return random_tensors(shapes, seed)
+
+
+def write_tiny_adapter(path, kind: str = "full", *, diffusers_keys: bool = False, **kw) -> Path:
+    """A tiny T2I-Adapter file (TencentARC keys, or diffusers' ``adapter.body.N.resnets.M``)."""
+    sd = tiny_adapter_state_dict(kind, **kw)
+    if diffusers_keys:
+        out = {}
+        for key, value in sd.items():
+            m = re.match(r"body\.(\d+)\.(.*)$", key)
+            if m:
+                i, rest = int(m.group(1)), m.group(2)
+                level, j = divmod(i, 2)
+                if rest.startswith("in_conv."):
+                    key = f"adapter.body.{level}.{rest}"
+                else:
+                    key = f"adapter.body.{level}.resnets.{j}.{rest}"
+            else:
+                key = "adapter." + key
+            out[key] = value
+        sd = out
+    return save(sd, path)

@@ -270,6 +270,18 @@ def label_embedding(adm_in_channels: int, emb_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
 
+def embed(net: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The time (and, with a label embedding, y) embedding every ResBlock of ``net`` (a UNet or a
+    ControlNet: ``config``, ``time_embed``, ``label_emb``) adds."""
+    emb = net.time_embed(timestep_embedding(timesteps, net.config.model_channels).to(dtype))
+    if net.config.adm_in_channels:
+        if y is None:
+            raise ValueError(f"this {type(net).__name__} needs the y vector (SDXL: pooled text + size embeddings; "
+                             "unCLIP: image embedding + noise level): is it made for another model?")
+        emb = emb + net.label_emb(y.to(dtype))
+    return emb
+
+
 def _add_control(h: torch.Tensor, control: dict | None, where: str) -> torch.Tensor:
     """h plus the next residual of ``control[where]`` (lists consumed from the end, None = none)."""
     if control is None or not control.get(where):
@@ -306,14 +318,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """The time (and, with a label embedding, y) embedding every ResBlock adds."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        if self.config.adm_in_channels:
-            if y is None:
-                raise ValueError("this UNet needs the y vector (SDXL: pooled text + size embeddings; "
-                                 "unCLIP: image embedding + noise level)")
-            emb = emb + self.label_emb(y.to(dtype))
-        return emb
+        return embed(self, timesteps, y, dtype)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None, control: dict | None = None,
@@ -379,7 +384,9 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *, num_heads: int = 
 
 def _config_from_shapes(shapes: dict[str, tuple[int, ...]], num_heads: int, num_head_channels: int) -> UNetConfig:
     mc, in_channels = shapes["input_blocks.0.0.weight"][:2]
-    out_channels = shapes["out.2.weight"][0]
+    # a ControlNet is the encoder half: no output blocks, no "out"
+    out_channels = shapes["out.2.weight"][0] if "out.2.weight" in shapes or "zero_convs.0.0.weight" not in shapes \
+        else in_channels
     n_input = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.", k)))
 
     channel_mult, num_res_blocks, depth = [], [0], []

@@ -248,6 +248,8 @@ def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, 
         side = []
         for cond, meta in conds:
             meta = _resolve_area_and_mask(meta or {}, h, w, device)
+            if meta.get("control") is not None:
+                meta["control"].check(model)          # a ControlNet made for another model family
             cond = repeat_to_batch_size(torch.as_tensor(cond).to(device=device, dtype=torch.float32), b)
             kwargs = _model_kwargs(model, meta, b, shape, latent_image, denoise_mask, device, seed)
             entry = Entry(cond=cond, kwargs=kwargs, meta=meta, uncond=uncond, area=meta.get("area"))
