@@ -340,3 +340,35 @@ def write_tiny_adapter(path, kind: str = "full", *, diffusers_keys: bool = False
             out[key] = value
         sd = out
     return save(sd, path)
+
+
+# --- separate component files (UNETLoader, CLIPLoader) -------------------------------------------------
+
+#: Layer counts that tell the towers apart in a lone text-encoder file (ComfyUI's rule: a 23rd layer
+#: means ViT-H, a 31st bigG), at the tiny widths.
+TOWER_LAYERS = {"l": CLIP_L["layers"], "h": 24, "g": 32}
+
+
+def tiny_text_encoder(tower: str, *, seed: int = 30, openclip: bool = True) -> dict[str, torch.Tensor]:
+    """A lone tiny text tower: CLIP-L in transformers' layout; ViT-H / bigG in OpenCLIP's (or,
+    with ``openclip=False``, transformers' with ``text_projection.weight``), with the layer counts
+    of ``TOWER_LAYERS``."""
+    from nodeflow.models.clip import openclip_to_hf
+
+    if tower == "l":
+        return random_tensors(clip_l_shapes(**CLIP_L), seed)
+    dims = dict(OPENCLIP_H if tower == "h" else OPENCLIP_G, layers=TOWER_LAYERS[tower])
+    sd = random_tensors(openclip_shapes(**dims), seed)
+    return sd if openclip else openclip_to_hf(sd)
+
+
+def split_checkpoint(family: str, towers: dict[str, dict], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint of ``family`` whose text towers are ``towers`` (lone tower state
+    dicts as ``tiny_text_encoder`` makes them): what the split files assemble to."""
+    sd = {k: v for k, v in tiny_state_dict(family, seed=seed).items()
+          if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    prefixes = {"sd1": {"l": "cond_stage_model.transformer."}, "sd2": {"h": "cond_stage_model.model."},
+                "sdxl": {"l": "conditioner.embedders.0.transformer.", "g": "conditioner.embedders.1.model."}}[family]
+    for tower, tower_sd in towers.items():
+        sd.update(_prefixed(prefixes[tower], tower_sd))
+    return sd
