@@ -100,12 +100,22 @@ class DiffusionModel:
         return out.to(out_device, torch.float32)
 
     def condition_kwargs(self, meta: dict, batch: int, width: int, height: int) -> dict:
-        """Extra ``apply_model`` kwargs for one conditioning entry. SD 1/2: ``{}``. SDXL: ``{"y": (batch, adm)}``
+        """Extra ``apply_model`` kwargs for one conditioning entry. SD 1/2: ``{}``; SD 2.1 unCLIP: ``y`` from
+        the entry's ``unclip_conditioning`` (``nodeflow.models.unclip``; zeros without). SDXL: ``{"y": (batch, adm)}``
         = pooled text ⊕ embeddings of (height, width, crop_h, crop_w, target_height, target_width), the refiner
         (height, width, crop_h, crop_w, aesthetic_score); sizes default to the image's, crops to 0."""
         adm = self.unet.config.adm_in_channels
         if not adm:
             return {}
+        unclip = meta.get("unclip_conditioning")
+        if base_family(self.family) == "sd2":          # SD 2.1 unCLIP: y is the noised image embedding
+            from nodeflow.models.unclip import unclip_vector
+
+            y = unclip_vector(unclip, meta.get("seed", 0), 0.05) if unclip else torch.zeros(1, adm)
+            if y.shape[1] != adm:
+                raise ValueError(f"the unCLIP model takes image embeddings of width {adm // 2}, got "
+                                 f"{y.shape[1] // 2}: use the CLIP vision model it was made for")
+            return {"y": y.expand(batch, -1) if y.shape[0] == 1 else y}
         w, h = meta.get("width", width), meta.get("height", height)
         crop_w, crop_h = meta.get("crop_w", 0), meta.get("crop_h", 0)
         if base_family(self.family) == "sdxl_refiner":
@@ -115,6 +125,10 @@ class DiffusionModel:
         sizes = timestep_embedding(torch.tensor(numbers, dtype=torch.float32), SIZE_EMBED_DIM).reshape(1, -1)
         width_pooled = adm - sizes.shape[1]
         pooled = meta.get("pooled_output")
+        if unclip:                                      # SDXL "revision": image embeddings as the pooled text
+            from nodeflow.models.unclip import unclip_vector
+
+            pooled = unclip_vector(unclip, meta.get("seed", 0))[:, :width_pooled]
         if pooled is None:
             pooled = torch.zeros(1, width_pooled)
         pooled = pooled.float().cpu().reshape(-1, pooled.shape[-1])

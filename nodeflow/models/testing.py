@@ -372,3 +372,68 @@ def split_checkpoint(family: str, towers: dict[str, dict], *, seed: int = 0) -> 
     for tower, tower_sd in towers.items():
         sd.update(_prefixed(prefixes[tower], tower_sd))
     return sd
+
+
+# --- CLIP vision, unCLIP, GLIGEN ---------------------------------------------------------------------
+
+#: tiny image towers: the real layer counts (which tell L, H and bigG apart), width 32, patch 14, 224²
+VISION_LAYERS = {"l": 24, "h": 32, "g": 48}
+VISION = {"width": 32, "intermediate": 64, "patch": 14, "positions": 257}
+
+
+def openclip_visual_shapes(layers: int, projection: int) -> dict[str, tuple]:
+    """OpenCLIP ``VisionTransformer`` shapes (``visual.*``), at the tiny width."""
+    d, i, p = VISION["width"], VISION["intermediate"], VISION["patch"]
+    shapes = {"class_embedding": (d,), "conv1.weight": (d, 3, p, p), "positional_embedding": (VISION["positions"], d),
+              "ln_pre.weight": (d,), "ln_pre.bias": (d,), "ln_post.weight": (d,), "ln_post.bias": (d,),
+              "proj": (d, projection)}
+    for n in range(layers):
+        q = f"transformer.resblocks.{n}."
+        shapes.update({f"{q}ln_1.weight": (d,), f"{q}ln_1.bias": (d,), f"{q}attn.in_proj_weight": (3 * d, d),
+                       f"{q}attn.in_proj_bias": (3 * d,), f"{q}attn.out_proj.weight": (d, d),
+                       f"{q}attn.out_proj.bias": (d,), f"{q}ln_2.weight": (d,), f"{q}ln_2.bias": (d,),
+                       f"{q}mlp.c_fc.weight": (i, d), f"{q}mlp.c_fc.bias": (i,), f"{q}mlp.c_proj.weight": (d, i),
+                       f"{q}mlp.c_proj.bias": (d,)})
+    return shapes
+
+
+def tiny_clip_vision(tower: str = "h", *, projection: int = 32, seed: int = 40, openclip: bool = False) -> dict:
+    """A tiny CLIP image encoder: transformers keys (``vision_model.*``), or OpenCLIP's (``visual.*``)."""
+    from nodeflow.models.clip_vision import openclip_visual_to_hf
+
+    sd = _prefixed("visual.", random_tensors(openclip_visual_shapes(VISION_LAYERS[tower], projection), seed))
+    return sd if openclip else openclip_visual_to_hf(sd, "visual.")
+
+
+def write_tiny_unclip(path, *, seed: int = 0) -> Path:
+    """A tiny SD 2.1 unCLIP checkpoint: SD 2.x with a label embedding for a 32-wide image embedding
+    and its noise level, and its image encoder (ViT-H-like) under ``embedder.model.visual.``."""
+    from dataclasses import replace
+
+    sd = {k: v for k, v in tiny_state_dict("sd2", seed=seed).items() if not k.startswith("model.diffusion_model.")}
+    cfg = replace(tiny_unet_config("sd2"), adm_in_channels=2 * 32)
+    sd.update(_prefixed("model.diffusion_model.", random_tensors(_shapes(lambda: UNet(cfg)), seed)))
+    visual = tiny_clip_vision("h", projection=32, seed=seed + 7, openclip=True)
+    sd.update(_prefixed("embedder.model.", visual))
+    return save(sd, path)
+
+
+def tiny_gligen_state_dict(*, seed: int = 50, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A tiny SD 1.x text-box GLIGEN: a fuser in every transformer block of the tiny SD 1.x UNet and
+    a position net over CLIP-L's (tiny) pooled width; ``alpha`` gates open."""
+    from nodeflow.models.gligen import GatedSelfAttention, PositionNet
+
+    key_dim = CLIP_L["width"]
+    unet = UNet(tiny_unet_config("sd1"))
+    shapes: dict[str, tuple] = {}
+    for name, module in unet.named_modules():
+        if name.endswith("transformer_blocks.0"):
+            width = module.norm1.normalized_shape[0]
+            fuser = _shapes(lambda width=width: GatedSelfAttention(width, key_dim, 8, width // 8))
+            shapes.update({f"{prefix}{name}.fuser.{k}": s for k, s in fuser.items()})
+    shapes.update(_prefixed("position_net.", _shapes(lambda: PositionNet(key_dim, key_dim))))
+    sd = random_tensors(shapes, seed)
+    for key in sd:
+        if key.endswith(("alpha_attn", "alpha_dense")):
+            sd[key] = torch.tensor(0.8)
+    return sd
