@@ -1,5 +1,7 @@
-"""Patches on a MODEL handle that change how it is sampled (ComfyUI's "advanced/model"
-nodes). Each returns a patched copy; the input handle is never changed.
+"""Patches on a MODEL handle that change how it is sampled (ComfyUI's "advanced/model" and
+"model_patches" nodes: ModelSamplingDiscrete, FreeU, RescaleCFG, PAG, SAG, Perp-Neg). Each
+returns a patched copy; the input handle is never changed. The guidance patches live in the
+handle's ``model_patches`` (``nodeflow.models.model_patches``).
 
 A patch lives in attributes of the copy (``prediction_type``, ``alphas_cumprod``,
 ``_nodeflow_schedule``), so a later copy (a LoRA applied after it) keeps it only if the
