@@ -203,3 +203,54 @@ def tiny_model():
     from nodeflow.models.unet import UNet
 
     return DiffusionModel(UNet(testing.tiny_unet_config("sd1")), family="sd1", device=torch.device("cpu"))
+
+
+def test_ui_format_widgets_land_in_comfyuis_order(base):
+    """A UI-format graph as ComfyUI's editor saves these nodes: widgets_values are positional."""
+    from nodeflow import parse, validate
+    from nodeflow.uiformat import ui_to_api
+
+    def node(id_, type_, widgets, inputs=(), outputs=()):
+        return {"id": id_, "type": type_, "mode": 0, "order": id_, "widgets_values": widgets,
+                "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+                "outputs": [{"name": n, "type": t, "links": links, "slot_index": i}
+                            for i, (n, t, links) in enumerate(outputs)]}
+
+    graph = {"nodes": [
+        node(1, "ControlNetLoader", ["control_tiny_canny.safetensors"], outputs=[("CONTROL_NET", "CONTROL_NET", [1])]),
+        node(2, "LoadImage", ["hint.png", "image"], outputs=[("IMAGE", "IMAGE", [2]), ("MASK", "MASK", [])]),
+        node(3, "Canny", [0.3, 0.7], inputs=[("image", "IMAGE", 2)], outputs=[("IMAGE", "IMAGE", [3])]),
+        node(4, "CLIPLoader", ["clip_l.safetensors", "stable_diffusion", "default"],
+             outputs=[("CLIP", "CLIP", [])]),
+        node(5, "ControlNetApplyAdvanced", [0.8, 0.1, 0.9],
+             inputs=[("positive", "CONDITIONING", None), ("negative", "CONDITIONING", None),
+                     ("control_net", "CONTROL_NET", 1), ("image", "IMAGE", 3), ("vae", "VAE", None)],
+             outputs=[("positive", "CONDITIONING", []), ("negative", "CONDITIONING", [])]),
+        node(6, "FreeU_V2", [1.3, 1.4, 0.9, 0.2], inputs=[("model", "MODEL", None)], outputs=[("MODEL", "MODEL", [])]),
+    ], "links": [[1, 1, 0, 5, 2, "CONTROL_NET"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 5, 3, "IMAGE"]]}
+    api = ui_to_api(graph, default_registry())
+    assert api["5"]["inputs"]["strength"] == 0.8 and api["5"]["inputs"]["start_percent"] == 0.1
+    assert api["5"]["inputs"]["end_percent"] == 0.9
+    assert api["3"]["inputs"]["low_threshold"] == 0.3 and api["3"]["inputs"]["high_threshold"] == 0.7
+    assert api["4"]["inputs"] == {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"}
+    assert [api["6"]["inputs"][k] for k in ("b1", "b2", "s1", "s2")] == [1.3, 1.4, 0.9, 0.2]
+    report = validate(parse({"1": api["1"], "2": api["2"], "3": {**api["3"]},
+                             "9": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}),
+                      default_registry())
+    assert report.complete, report.summary()
+
+
+def test_patch_inputs_out_of_range_are_named(base):
+    from nodeflow import parse, validate
+
+    wf = workflow(model=("30", 0))
+    wf["30"] = {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 12.0, "b2": 1.2, "s1": 0.9, "s2": 0.2}}
+    wf["10"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
+                                                                    "control_net": ["10l", 0], "image": ["h", 0],
+                                                                    "strength": 1.0, "start_percent": 0.0,
+                                                                    "end_percent": 1.5}}
+    wf["10l"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "control_tiny_canny.safetensors"}}
+    wf["h"] = {"class_type": "LoadImage", "inputs": {"image": "hint.png"}}
+    report = validate(parse(wf), default_registry())
+    text = report.summary()
+    assert "node 30 (FreeU), input 'b1'" in text and "node 10 (ControlNetApplyAdvanced), input 'end_percent'" in text
