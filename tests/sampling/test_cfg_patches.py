@@ -132,3 +132,30 @@ def test_cfg_1_optimization_and_its_opt_out(fake_model, make_cond):
     out, _ = run(model, pos, neg, 1.0)
     assert math.isclose(uncond_seen[-1], 2.0, abs_tol=1e-4) and model.calls[-1]["x"].shape[0] == 4
     assert torch.allclose(out, torch.full_like(out, 0.5), atol=1e-4)
+
+
+def test_perp_neg_guider_is_the_perp_neg_patch(make_cond):
+    from nodeflow.models import testing
+    from nodeflow.models.diffusion import DiffusionModel
+    from nodeflow.models.unet import UNet
+    from nodes._custom_sampling import Guider, RandomNoise, SamplerChoice, sample_custom
+    from nodes.custom_sampling import PerpNegGuider
+    from nodes.model_patches import PerpNeg
+
+    unet = UNet(testing.tiny_unet_config("sd1"))
+    unet.load_state_dict(testing.random_tensors({k: tuple(v.shape) for k, v in unet.state_dict().items()}, seed=4))
+    model = DiffusionModel(unet, family="sd1", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    pos, neg, empty = ([[torch.randn(1, 77, 32, generator=g), {}]] for _ in range(3))
+    sigmas = torch.cat([SD.sigmas[[999, 500, 100]], torch.zeros(1)])
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (guider,) = PerpNegGuider().run(model, pos, neg, empty, 5.0, 0.7)
+    out, _ = sample_custom(guider, SamplerChoice("euler"), sigmas, latent, RandomNoise(1))
+    (patched,) = PerpNeg().run(model, empty, 0.7)
+    same, _ = sample_custom(Guider(patched, "cfg", (pos, neg), 5.0), SamplerChoice("euler"), sigmas, latent,
+                            RandomNoise(1))
+    plain, _ = sample_custom(Guider(model, "cfg", (pos, neg), 5.0), SamplerChoice("euler"), sigmas, latent,
+                             RandomNoise(1))
+    assert torch.equal(out["samples"], same["samples"])
+    assert not torch.allclose(out["samples"], plain["samples"], atol=1e-3)
+    assert model.model_patches.cfg_function is None
