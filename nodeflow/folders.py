@@ -39,7 +39,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 #: Model kinds and the folder names under models/.
 MODEL_KINDS = ("checkpoints", "vae", "loras", "embeddings", "upscale_models", "clip", "unet",
-               "diffusion_models", "controlnet", "clip_vision", "diffusers", "configs")
+               "diffusion_models", "controlnet", "clip_vision", "diffusers", "configs",
+               "text_encoders", "t2i_adapter", "gligen", "style_models")
 
 IO_KINDS = ("input", "output", "temp")
 

@@ -101,10 +101,11 @@ class Guider:
     def __init__(self, model, kind: str, conds: tuple, cfg=1.0):
         self.model, self.kind, self.conds, self.cfg = model, kind, conds, cfg
 
-    def denoiser(self, schedule: DiscreteSchedule, shape, device, latent_image: Tensor, mask: Tensor | None):
+    def denoiser(self, schedule: DiscreteSchedule, shape, device, latent_image: Tensor, mask: Tensor | None,
+                 seed: int = 0):
         def single(cond, negative=(), cfg=1.0):
             return CFGDenoiser(self.model, schedule, cond, list(negative), cfg, shape, device,
-                               latent_image=latent_image, denoise_mask=mask)
+                               latent_image=latent_image, denoise_mask=mask, seed=seed)
 
         if self.kind == "cfg":
             positive, negative = self.conds
@@ -146,7 +147,7 @@ def sample_custom(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, latent
     noise_d = initial.to(device)
     noise_mask = latent.get("noise_mask")
     mask = prepare_mask(noise_mask, x0.shape, device) if noise_mask is not None else None
-    denoiser = guider.denoiser(schedule, x0.shape, device, x0, mask)
+    denoiser = guider.denoiser(schedule, x0.shape, device, x0, mask, seed=noise.seed)
     inpaint_noise = noise_d
     if spec.inpaint_random_noise:      # "ddim": the masked area is re-noised with fresh noise
         generator = torch.Generator("cpu").manual_seed((noise.seed + 1) & 0xFFFF_FFFF_FFFF_FFFF)

@@ -222,7 +222,6 @@ class AverageConditioning(Node):
     outputs = [Output("CONDITIONING")]
 
     def run(self, conditioning_to, conditioning_from, conditioning_to_strength):
-        import torch
 
         src, src_meta = conditioning_from[0]
         w = conditioning_to_strength
@@ -231,9 +230,12 @@ class AverageConditioning(Node):
             other = _fit_tokens(src, cond.shape[1])
             mixed = cond * w + other * (1.0 - w)
             meta = dict(meta)
-            pooled, pooled_src = meta.get("pooled_output"), src_meta.get("pooled_output")
+            pooled_src = src_meta.get("pooled_output")
+            pooled = meta.get("pooled_output", pooled_src)       # an entry without one takes the source's
             if pooled is not None and pooled_src is not None:
-                meta["pooled_output"] = torch.lerp(pooled_src, pooled, w)
+                meta["pooled_output"] = pooled * w + pooled_src * (1.0 - w)
+            elif pooled_src is not None:
+                meta["pooled_output"] = pooled_src
             out.append([mixed, meta])
         return (out,)
 

@@ -304,6 +304,31 @@ class CFGGuider(Node):
         return (Guider(model, "cfg", (positive, negative), cfg),)
 
 
+class PerpNegGuider(Node):
+    """Perp-Neg guidance: the negative counts only through its part perpendicular to the
+    positive, both measured from the empty conditioning's prediction (ComfyUI's PerpNegGuider)."""
+
+    category = "_for_testing"
+    inputs = {
+        "model": Socket("MODEL"),
+        "positive": Socket("CONDITIONING"),
+        "negative": Socket("CONDITIONING"),
+        "empty_conditioning": Socket("CONDITIONING"),
+        "cfg": Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        "neg_scale": Float(default=1.0, min=0.0, max=100.0, step=0.01),
+    }
+    outputs = [Output("GUIDER")]
+
+    def run(self, model, positive, negative, empty_conditioning, cfg, neg_scale):
+        from nodeflow.sampling.cfg_patches import perp_neg_cfg
+        from nodes._custom_sampling import Guider
+        from nodes.model_patches import copy_model
+
+        patched = copy_model(model)
+        patched.model_patches.set_cfg_function(perp_neg_cfg(empty_conditioning, neg_scale))
+        return (Guider(patched, "cfg", (positive, negative), cfg),)
+
+
 class BasicGuider(Node):
     """One conditioning, no guidance (for guidance-distilled models, or cfg 1)."""
 

@@ -307,3 +307,135 @@ class LoadLoraModelOnly(Node):
         lora = load_lora_file(folders().model_path("loras", lora_name))
         patched, _ = apply_lora(lora, model, None, strength_model, 0.0)
         return (patched,)
+
+
+# -- helpers for model kinds ComfyUI spreads over several folders ---------------------------------
+
+
+def choices_of(*kinds: str):
+    """The model files of several kinds (ComfyUI's text_encoders + clip, …), each name once."""
+    def choices() -> list[str]:
+        names: set[str] = set()
+        for kind in kinds:
+            names.update(folders().list_models(kind))
+        return sorted(names, key=str.lower)
+    return choices
+
+
+def model_path_of(kinds: tuple[str, ...], name: str) -> Path:
+    """The file ``name`` in the first of ``kinds``' folders that has it."""
+    store = folders()
+    for kind in kinds:
+        try:
+            return store.model_path(kind, name)
+        except FileNotFoundError:
+            continue
+    available = choices_of(*kinds)()
+    shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "") if available else "none"
+    dirs = ", ".join(str(d) for kind in kinds for d in store.model_dirs(kind))
+    raise FileNotFoundError(f"model file {name!r} not found in {dirs}; available: {shown}")
+
+
+def stamp_of(kinds: tuple[str, ...], name: str):
+    try:
+        return _stamp(model_path_of(kinds, name))
+    except (OSError, ValueError):
+        return None
+
+
+# -- separate model files (ComfyUI's split-file workflows) -----------------------------------------
+
+DIFFUSION_KINDS = ("diffusion_models", "unet")
+TEXT_ENCODER_KINDS = ("text_encoders", "clip")
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+#: ComfyUI's CLIPLoader and DualCLIPLoader types, in its order; nodeflow runs the SD 1.x/2.x/XL ones.
+CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+              "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image", "flux2", "ovis"]
+DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image", "hunyuan_video_15"]
+
+
+class LoadDiffusionModel(Node):
+    """Loads a diffusion model (UNet) alone from models/diffusion_models or models/unet: LDM keys
+    (with or without ``model.diffusion_model.``) or diffusers keys. fp8 weight types round the
+    weights to fp8 as ComfyUI stores them, keeping them in the compute precision."""
+
+    category = "advanced/loaders"
+    display_name = "Load Diffusion Model"
+    aliases = ("UNETLoader",)
+    alias_display_names = {"UNETLoader": "Load Diffusion Model"}
+    model_inputs = {"unet_name": "diffusion_models"}
+    inputs = {"unet_name": Combo(choices=choices_of(*DIFFUSION_KINDS)), "weight_dtype": Combo(choices=WEIGHT_DTYPES)}
+    outputs = [Output("MODEL")]
+
+    @classmethod
+    def fingerprint(cls, unet_name, **_):
+        return stamp_of(DIFFUSION_KINDS, unet_name)
+
+    def run(self, unet_name, weight_dtype):
+        from nodeflow.models.components import load_diffusion_model
+
+        return (load_diffusion_model(model_path_of(DIFFUSION_KINDS, unet_name), weight_dtype=weight_dtype),)
+
+
+def _text_encoder(names: list[str], device: str):
+    import torch
+
+    from nodeflow.models.components import load_text_encoders
+
+    paths = [model_path_of(TEXT_ENCODER_KINDS, n) for n in names]
+    if device == "cpu":
+        return load_text_encoders(paths, device=torch.device("cpu"), dtype=torch.float32)
+    return load_text_encoders(paths)
+
+
+class LoadTextEncoder(Node):
+    """Loads a CLIP text encoder alone from models/text_encoders or models/clip: CLIP-L (SD 1.x),
+    OpenCLIP ViT-H (SD 2.x) or bigG (SDXL refiner), told apart by the weights. ``type`` is ComfyUI's;
+    nodeflow runs "stable_diffusion"."""
+
+    category = "advanced/loaders"
+    display_name = "Load CLIP"
+    aliases = ("CLIPLoader",)
+    alias_display_names = {"CLIPLoader": "Load CLIP"}
+    model_inputs = {"clip_name": "text_encoders"}
+    inputs = {"clip_name": Combo(choices=choices_of(*TEXT_ENCODER_KINDS)), "type": Combo(choices=CLIP_TYPES)}
+    optional = {"device": Combo(choices=["default", "cpu"])}
+    outputs = [Output("CLIP")]
+
+    @classmethod
+    def fingerprint(cls, clip_name, **_):
+        return stamp_of(TEXT_ENCODER_KINDS, clip_name)
+
+    def run(self, clip_name, type, device="default"):
+        if type != "stable_diffusion":
+            raise ValueError(f"CLIP type {type!r} is for a model nodeflow does not run; use 'stable_diffusion' "
+                             "(SD 1.x CLIP-L, SD 2.x ViT-H, SDXL refiner bigG)")
+        return (_text_encoder([clip_name], device),)
+
+
+class LoadDualTextEncoder(Node):
+    """Loads SDXL's two text encoders (CLIP-L and OpenCLIP bigG, in either order) from
+    models/text_encoders or models/clip. ``type`` is ComfyUI's; nodeflow runs "sdxl"."""
+
+    category = "advanced/loaders"
+    display_name = "DualCLIPLoader"
+    aliases = ("DualCLIPLoader",)
+    model_inputs = {"clip_name1": "text_encoders", "clip_name2": "text_encoders"}
+    inputs = {"clip_name1": Combo(choices=choices_of(*TEXT_ENCODER_KINDS)),
+              "clip_name2": Combo(choices=choices_of(*TEXT_ENCODER_KINDS)),
+              "type": Combo(choices=DUAL_CLIP_TYPES)}
+    optional = {"device": Combo(choices=["default", "cpu"])}
+    outputs = [Output("CLIP")]
+
+    @classmethod
+    def fingerprint(cls, clip_name1, clip_name2, **_):
+        return stamp_of(TEXT_ENCODER_KINDS, clip_name1), stamp_of(TEXT_ENCODER_KINDS, clip_name2)
+
+    def run(self, clip_name1, clip_name2, type, device="default"):
+        if type != "sdxl":
+            raise ValueError(f"DualCLIPLoader type {type!r} is for a model nodeflow does not run; use 'sdxl' "
+                             "(CLIP-L + OpenCLIP bigG)")
+        clip = _text_encoder([clip_name1, clip_name2], device)
+        if clip.family != "sdxl":
+            raise ValueError(f"{clip_name1} and {clip_name2} are not SDXL's CLIP-L and bigG text encoders")
+        return (clip,)

@@ -10,7 +10,9 @@ shapes:
 - the text encoders: ``cond_stage_model.transformer`` (CLIP-L: SD 1.x),
   ``cond_stage_model.model`` (OpenCLIP ViT-H: SD 2.x), ``conditioner.embedders.0.transformer``
   + ``conditioner.embedders.1.model`` (SDXL), ``conditioner.embedders.0.model`` alone (refiner);
-- without text encoders, the context width: 768 SD 1.x, 1024 SD 2.x.
+- without text encoders, the context width: 768 SD 1.x, 1024 SD 2.x;
+- SD 2.1 unCLIP: an SD 2.x model (ViT-H text tower) whose UNet has a label embedding (the noised
+  CLIP image embedding and its noise level; its image encoder is under ``embedder.model.visual.``).
 
 SD 2.x v-prediction, which the architecture does not show, comes from, in order: the
 ``prediction_type`` argument; a ``v_pred`` key; a ``parameterization: v`` line in a ``.yaml``
@@ -123,7 +125,10 @@ def detect(shapes: dict[str, tuple], get=None, *, prediction_type: str | None = 
         context = next((s[1] for k, s in unet.items() if k.endswith("attn2.to_k.weight")), 0)
         adm = unet.get("label_emb.0.0.weight", (0, 0))[1]
         linear = any(len(s) == 2 for k, s in unet.items() if k.endswith("proj_in.weight"))
-        if adm:
+        unclip = adm and ("h" in towers or (not towers and context == 1024 and adm in (1536, 2048)))
+        if unclip:                       # SD 2.1 unCLIP: y = noised CLIP image embedding + its noise level
+            base = "sd2"
+        elif adm:
             refiner = set(towers) == {"g"} or (not towers and adm == context + 5 * 256)
             base = "sdxl_refiner" if refiner else "sdxl"
         elif "h" in towers:

@@ -155,7 +155,7 @@ class ClipTextModel(nn.Module):
         return index
 
     def forward(self, ids: torch.Tensor, layer: int, final_norm: bool,
-                vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, project: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, 77) -> hidden state after layer ``layer`` (-1 = last), (B, 77, D); pooled (B, P).
         ``vectors``: ``(rows [N], columns [N], values [N, D])``: the input embedding at
@@ -173,7 +173,7 @@ class ClipTextModel(nn.Module):
         if final_norm:
             hidden = self._inner.final_layer_norm(hidden)
         pooled = out.pooler_output
-        if self.text_projection is not None:
+        if self.text_projection is not None and project:
             pooled = self.text_projection(pooled)
         return hidden, pooled
 
@@ -272,12 +272,14 @@ class TextEncoder:
             embeddings.warn_missing(missing, self.embedding_dirs)
         return out
 
-    def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cond [1, 77*k, D], pooled [1, P])`` float32 CPU for a prompt (weights, chunks; see module doc)."""
-        return self.encode_tokens(self.tokenize(text))
+    def encode(self, text: str, projected: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cond [1, 77*k, D], pooled [1, P])`` float32 CPU for a prompt (weights, chunks; see module doc).
+        ``projected=False``: the pooled output before the text projection (GLIGEN's phrases)."""
+        return self.encode_tokens(self.tokenize(text), projected)
 
     @torch.no_grad()
-    def encode_tokens(self, tokens: dict[str, list[Chunk]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_tokens(self, tokens: dict[str, list[Chunk]],
+                      projected: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the output of ``tokenize`` (one entry per tower)."""
         conds, pooled = [], None
         for tower in self.towers:
@@ -290,7 +292,7 @@ class TextEncoder:
             devices.model_manager().load(tower.model, self.device)
             patching.sync(tower.model, self.patches.get(tower.name, {}))
             hidden, pool = tower.model(ids.to(self.device), self.layer or tower.default_layer, tower.final_norm,
-                                       vectors)
+                                       vectors, projected)
             hidden = hidden.float().cpu()                                                # (k[+1], 77, D)
             if weighted:
                 empty, hidden = hidden[-1], hidden[:-1]

@@ -14,6 +14,7 @@ import copy
 import torch
 
 from nodeflow.models import devices, patching
+from nodeflow.models.model_patches import ModelPatches
 from nodeflow.models.unet import UNet, timestep_embedding
 
 LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
@@ -32,7 +33,9 @@ def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: 
 
 
 class DiffusionModel:
-    """A handle on a UNet. ``clone()`` shares the weights; each handle carries its own LoRA patches."""
+    """A handle on a UNet. ``clone()`` shares the weights; each handle carries its own LoRA
+    patches (``patches``) and model patches (``model_patches``: CFG functions, UNet block and
+    attention patches; see ``nodeflow.models.model_patches``)."""
 
     def __init__(self, unet: UNet, *, family: str, prediction_type: str = "eps",
                  device: torch.device | None = None):
@@ -47,6 +50,7 @@ class DiffusionModel:
         self.latent_channels = unet.config.out_channels         # 4
         self.latent_scale_factor = LATENT_SCALE[base_family(family)]
         self.patches: patching.Patches = {}                     # weight patches (LoRA): {param: [(strength, patch)]}
+        self.model_patches = ModelPatches()                     # sampling and forward patches (FreeU, PAG, ...)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,6 +61,7 @@ class DiffusionModel:
         (prediction type, schedule, sampling patches), so patches applied in any order add up."""
         other = copy.copy(self)
         other.patches = {name: list(entries) for name, entries in self.patches.items()}
+        other.model_patches = self.model_patches.copy()
         return other
 
     def process_latent_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +72,12 @@ class DiffusionModel:
 
     @torch.no_grad()
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                    c_concat: torch.Tensor | None = None) -> torch.Tensor:
+                    c_concat: torch.Tensor | None = None, control: dict | None = None,
+                    extra_patches: ModelPatches | None = None, info: dict | None = None) -> torch.Tensor:
         """x (B, 4, h, w) scaled noisy latent; t (B,) timesteps 0..999; context (B, T, D); y (B, adm) for
-        SDXL; c_concat (B, 5, h, w) (mask + masked latent) for inpainting models -> ε or v, float32."""
+        SDXL; c_concat (B, 5, h, w) (mask + masked latent) for inpainting models -> ε or v, float32.
+        ``control``: ControlNet residuals; ``extra_patches`` join the handle's own for this call; ``info``
+        starts the dict the patches see (e.g. "cond_or_uncond")."""
         out_device = x.device
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x.device, x.dtype)], dim=1)
@@ -81,17 +89,33 @@ class DiffusionModel:
         devices.model_manager().load(self.unet, self.device)
         patching.sync(self.unet, self.patches)
         dev, dtype = self.device, self.dtype
+        patches = self.model_patches.merged(extra_patches)
+        options = {}
+        if control is not None:
+            options["control"] = {k: [None if r is None else r.to(dev, dtype) for r in v] for k, v in control.items()}
+        if patches.touches_unet:
+            options["patches"], options["info"] = patches, dict(info or {})
         out = self.unet(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),
-                        None if y is None else y.to(dev, dtype))
+                        None if y is None else y.to(dev, dtype), **options)
         return out.to(out_device, torch.float32)
 
     def condition_kwargs(self, meta: dict, batch: int, width: int, height: int) -> dict:
-        """Extra ``apply_model`` kwargs for one conditioning entry. SD 1/2: ``{}``. SDXL: ``{"y": (batch, adm)}``
+        """Extra ``apply_model`` kwargs for one conditioning entry. SD 1/2: ``{}``; SD 2.1 unCLIP: ``y`` from
+        the entry's ``unclip_conditioning`` (``nodeflow.models.unclip``; zeros without). SDXL: ``{"y": (batch, adm)}``
         = pooled text ⊕ embeddings of (height, width, crop_h, crop_w, target_height, target_width), the refiner
         (height, width, crop_h, crop_w, aesthetic_score); sizes default to the image's, crops to 0."""
         adm = self.unet.config.adm_in_channels
         if not adm:
             return {}
+        unclip = meta.get("unclip_conditioning")
+        if base_family(self.family) == "sd2":          # SD 2.1 unCLIP: y is the noised image embedding
+            from nodeflow.models.unclip import unclip_vector
+
+            y = unclip_vector(unclip, meta.get("seed", 0), 0.05) if unclip else torch.zeros(1, adm)
+            if y.shape[1] != adm:
+                raise ValueError(f"the unCLIP model takes image embeddings of width {adm // 2}, got "
+                                 f"{y.shape[1] // 2}: use the CLIP vision model it was made for")
+            return {"y": y.expand(batch, -1) if y.shape[0] == 1 else y}
         w, h = meta.get("width", width), meta.get("height", height)
         crop_w, crop_h = meta.get("crop_w", 0), meta.get("crop_h", 0)
         if base_family(self.family) == "sdxl_refiner":
@@ -101,6 +125,10 @@ class DiffusionModel:
         sizes = timestep_embedding(torch.tensor(numbers, dtype=torch.float32), SIZE_EMBED_DIM).reshape(1, -1)
         width_pooled = adm - sizes.shape[1]
         pooled = meta.get("pooled_output")
+        if unclip:                                      # SDXL "revision": image embeddings as the pooled text
+            from nodeflow.models.unclip import unclip_vector
+
+            pooled = unclip_vector(unclip, meta.get("seed", 0))[:, :width_pooled]
         if pooled is None:
             pooled = torch.zeros(1, width_pooled)
         pooled = pooled.float().cpu().reshape(-1, pooled.shape[-1])

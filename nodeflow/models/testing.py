@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -267,3 +268,172 @@ def write_tiny_diffusers(folder, family: str = "sd1", *, seed: int = 0, v_predic
         "prediction_type": "v_prediction" if v_prediction else "epsilon"}, indent=1))
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
+
+
+# --- ControlNets and T2I-Adapters ------------------------------------------------------------------
+
+def tiny_controlnet_state_dict(family: str = "sd1", *, seed: int = 10, hint_channels: int = 3) -> dict:
+    """A tiny ControlNet for ``tiny_unet_config(family)`` in LDM key names (no prefix)."""
+    from nodeflow.models.controlnet import ControlNet
+
+    cfg = tiny_unet_config(family)
+    return random_tensors(_shapes(lambda: ControlNet(cfg, hint_channels)), seed)
+
+
+def write_tiny_controlnet(path, family: str = "sd1", *, layout: str = "ldm", seed: int = 10,
+                          diff_of: dict | None = None) -> Path:
+    """A tiny ControlNet file. ``layout``: "ldm" (``control_model.*``, as the control_v11 files),
+    "bare" (no prefix), "diffusers" (``ControlNetModel`` keys) or "diff" (``control_model.*`` as
+    differences from ``diff_of``, the UNet's LDM state dict, plus the ``difference`` key)."""
+    from nodeflow.models.controlnet import ldm_to_diffusers
+
+    sd = tiny_controlnet_state_dict(family, seed=seed)
+    if layout == "diffusers":
+        sd = ldm_to_diffusers(sd)
+    elif layout == "bare":
+        pass
+    elif layout in ("ldm", "diff"):
+        if layout == "diff":
+            sd = {k: v - diff_of[k] if k in diff_of and diff_of[k].shape == v.shape else v for k, v in sd.items()}
+        sd = _prefixed("control_model.", sd)
+        if layout == "diff":
+            sd["difference"] = torch.tensor([])
+    else:
+        raise ValueError(f"unknown ControlNet layout {layout!r}")
+    return save(sd, path)
+
+
+def tiny_adapter_state_dict(kind: str = "full", *, seed: int = 20, width: int = 32, hint_channels: int = 3) -> dict:
+    """A tiny T2I-Adapter whose features fit the tiny UNets: "full" (SD 1.x, 2 ResnetBlocks per
+    level, conv downsampling), "light" (SD 1.x), "xl" (SDXL: unshuffle 16). Widths per level:
+    ``width`` × (1, 2, 2, 2), as the tiny UNets' (1, 2, 2)."""
+    from nodeflow.models.t2i_adapter import Adapter, AdapterLight
+
+    widths = [width, 2 * width, 2 * width, 2 * width]
+    if kind == "light":
+        shapes = _shapes(lambda: AdapterLight(hint_channels * 64, widths, [w // 4 for w in widths], 4))
+    elif kind in ("full", "xl"):
+        xl = kind == "xl"
+        cin = hint_channels * (256 if xl else 64)
+        shapes = _shapes(lambda: Adapter(cin, widths, 2, 1 if xl else 3, use_conv=not xl, xl=xl))
+    else:
+        raise ValueError(f"unknown adapter kind {kind!r}")
+    return random_tensors(shapes, seed)
+
+
+def write_tiny_adapter(path, kind: str = "full", *, diffusers_keys: bool = False, **kw) -> Path:
+    """A tiny T2I-Adapter file (TencentARC keys, or diffusers' ``adapter.body.N.resnets.M``)."""
+    sd = tiny_adapter_state_dict(kind, **kw)
+    if diffusers_keys:
+        out = {}
+        for key, value in sd.items():
+            m = re.match(r"body\.(\d+)\.(.*)$", key)
+            if m:
+                i, rest = int(m.group(1)), m.group(2)
+                level, j = divmod(i, 2)
+                if rest.startswith("in_conv."):
+                    key = f"adapter.body.{level}.{rest}"
+                else:
+                    key = f"adapter.body.{level}.resnets.{j}.{rest}"
+            else:
+                key = "adapter." + key
+            out[key] = value
+        sd = out
+    return save(sd, path)
+
+
+# --- separate component files (UNETLoader, CLIPLoader) -------------------------------------------------
+
+#: Layer counts that tell the towers apart in a lone text-encoder file (ComfyUI's rule: a 23rd layer
+#: means ViT-H, a 31st bigG), at the tiny widths.
+TOWER_LAYERS = {"l": CLIP_L["layers"], "h": 24, "g": 32}
+
+
+def tiny_text_encoder(tower: str, *, seed: int = 30, openclip: bool = True) -> dict[str, torch.Tensor]:
+    """A lone tiny text tower: CLIP-L in transformers' layout; ViT-H / bigG in OpenCLIP's (or,
+    with ``openclip=False``, transformers' with ``text_projection.weight``), with the layer counts
+    of ``TOWER_LAYERS``."""
+    from nodeflow.models.clip import openclip_to_hf
+
+    if tower == "l":
+        return random_tensors(clip_l_shapes(**CLIP_L), seed)
+    dims = dict(OPENCLIP_H if tower == "h" else OPENCLIP_G, layers=TOWER_LAYERS[tower])
+    sd = random_tensors(openclip_shapes(**dims), seed)
+    return sd if openclip else openclip_to_hf(sd)
+
+
+def split_checkpoint(family: str, towers: dict[str, dict], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint of ``family`` whose text towers are ``towers`` (lone tower state
+    dicts as ``tiny_text_encoder`` makes them): what the split files assemble to."""
+    sd = {k: v for k, v in tiny_state_dict(family, seed=seed).items()
+          if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    prefixes = {"sd1": {"l": "cond_stage_model.transformer."}, "sd2": {"h": "cond_stage_model.model."},
+                "sdxl": {"l": "conditioner.embedders.0.transformer.", "g": "conditioner.embedders.1.model."}}[family]
+    for tower, tower_sd in towers.items():
+        sd.update(_prefixed(prefixes[tower], tower_sd))
+    return sd
+
+
+# --- CLIP vision, unCLIP, GLIGEN ---------------------------------------------------------------------
+
+#: tiny image towers: the real layer counts (which tell L, H and bigG apart), width 32, patch 14, 224²
+VISION_LAYERS = {"l": 24, "h": 32, "g": 48}
+VISION = {"width": 32, "intermediate": 64, "patch": 14, "positions": 257}
+
+
+def openclip_visual_shapes(layers: int, projection: int) -> dict[str, tuple]:
+    """OpenCLIP ``VisionTransformer`` shapes (``visual.*``), at the tiny width."""
+    d, i, p = VISION["width"], VISION["intermediate"], VISION["patch"]
+    shapes = {"class_embedding": (d,), "conv1.weight": (d, 3, p, p), "positional_embedding": (VISION["positions"], d),
+              "ln_pre.weight": (d,), "ln_pre.bias": (d,), "ln_post.weight": (d,), "ln_post.bias": (d,),
+              "proj": (d, projection)}
+    for n in range(layers):
+        q = f"transformer.resblocks.{n}."
+        shapes.update({f"{q}ln_1.weight": (d,), f"{q}ln_1.bias": (d,), f"{q}attn.in_proj_weight": (3 * d, d),
+                       f"{q}attn.in_proj_bias": (3 * d,), f"{q}attn.out_proj.weight": (d, d),
+                       f"{q}attn.out_proj.bias": (d,), f"{q}ln_2.weight": (d,), f"{q}ln_2.bias": (d,),
+                       f"{q}mlp.c_fc.weight": (i, d), f"{q}mlp.c_fc.bias": (i,), f"{q}mlp.c_proj.weight": (d, i),
+                       f"{q}mlp.c_proj.bias": (d,)})
+    return shapes
+
+
+def tiny_clip_vision(tower: str = "h", *, projection: int = 32, seed: int = 40, openclip: bool = False) -> dict:
+    """A tiny CLIP image encoder: transformers keys (``vision_model.*``), or OpenCLIP's (``visual.*``)."""
+    from nodeflow.models.clip_vision import openclip_visual_to_hf
+
+    sd = _prefixed("visual.", random_tensors(openclip_visual_shapes(VISION_LAYERS[tower], projection), seed))
+    return sd if openclip else openclip_visual_to_hf(sd, "visual.")
+
+
+def write_tiny_unclip(path, *, seed: int = 0) -> Path:
+    """A tiny SD 2.1 unCLIP checkpoint: SD 2.x with a label embedding for a 32-wide image embedding
+    and its noise level, and its image encoder (ViT-H-like) under ``embedder.model.visual.``."""
+    from dataclasses import replace
+
+    sd = {k: v for k, v in tiny_state_dict("sd2", seed=seed).items() if not k.startswith("model.diffusion_model.")}
+    cfg = replace(tiny_unet_config("sd2"), adm_in_channels=2 * 32)
+    sd.update(_prefixed("model.diffusion_model.", random_tensors(_shapes(lambda: UNet(cfg)), seed)))
+    visual = tiny_clip_vision("h", projection=32, seed=seed + 7, openclip=True)
+    sd.update(_prefixed("embedder.model.", visual))
+    return save(sd, path)
+
+
+def tiny_gligen_state_dict(*, seed: int = 50, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A tiny SD 1.x text-box GLIGEN: a fuser in every transformer block of the tiny SD 1.x UNet and
+    a position net over CLIP-L's (tiny) pooled width; ``alpha`` gates open."""
+    from nodeflow.models.gligen import GatedSelfAttention, PositionNet
+
+    key_dim = CLIP_L["width"]
+    unet = UNet(tiny_unet_config("sd1"))
+    shapes: dict[str, tuple] = {}
+    for name, module in unet.named_modules():
+        if name.endswith("transformer_blocks.0"):
+            width = module.norm1.normalized_shape[0]
+            fuser = _shapes(lambda width=width: GatedSelfAttention(width, key_dim, 8, width // 8))
+            shapes.update({f"{prefix}{name}.fuser.{k}": s for k, s in fuser.items()})
+    shapes.update(_prefixed("position_net.", _shapes(lambda: PositionNet(key_dim, key_dim))))
+    sd = random_tensors(shapes, seed)
+    for key in sd:
+        if key.endswith(("alpha_attn", "alpha_dense")):
+            sd[key] = torch.tensor(0.8)
+    return sd

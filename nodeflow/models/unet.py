@@ -5,6 +5,10 @@ real checkpoint as they are (``strict=True``, no renaming). ``config_from_shapes
 every architecture hyperparameter the weights show (widths, levels, res blocks, transformer
 depths, context width, input channels, label embedding); only the attention head layout,
 which the weights cannot show, comes from the caller (the family's known config).
+
+``forward`` also takes ControlNet / T2I-Adapter residuals (``control``: lists under "input",
+"middle", "output", consumed from the end as ComfyUI's ``apply_control`` does) and model
+patches (``nodeflow.models.model_patches``); without them it is the plain network.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nodeflow.models.model_patches import ModelPatches, replacement
 
 
 @dataclass
@@ -70,6 +76,14 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of projected q (B, T, h·d) over k, v (B, S, h·d)."""
+    B, T, _ = q.shape
+    q, k, v = (t.view(B, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, T, -1)                                              # (B, T, heads·d)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of x over ``context`` (itself when None), through SDPA."""
 
@@ -82,14 +96,14 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                replace=None, info: dict | None = None) -> torch.Tensor:
+        """``value`` (default: ``context``) feeds to_v; ``replace(q, k, v, info)`` stands in for the
+        attention itself (a model patch)."""
         context = x if context is None else context
-        B, T, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-                   for t in (q, k, v))                                   # (B, heads, T, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(B, T, -1)                     # (B, T, heads * head_dim)
+        value = context if value is None else value
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(value)
+        out = attention(q, k, v, self.heads) if replace is None else replace(q, k, v, info)
         return self.to_out[0](out)
 
 
@@ -121,10 +135,35 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.heads, self.dim_head = heads, dim_head
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, patches: ModelPatches | None = None,
+                info: dict | None = None) -> torch.Tensor:
+        if patches is None:
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+            return x + self.ff(self.norm3(x))
+        return self._patched(x, context, patches, {**info, "n_heads": self.heads, "dim_head": self.dim_head})
+
+    def _patched(self, x, context, patches: ModelPatches, info: dict) -> torch.Tensor:
+        """The same block with model patches, in ComfyUI's order: attn1 patches, attn1 (or its
+        replacement), attn1 output patches, residual, transformer-middle patches, the same for
+        attn2 over the text, then the feed-forward."""
+        for which, own_context in (("attn1", None), ("attn2", context)):
+            norm, attn = (self.norm1, self.attn1) if which == "attn1" else (self.norm2, self.attn2)
+            n, ctx, value = norm(x), own_context, None
+            if getattr(patches, which):
+                ctx = n if ctx is None else ctx
+                value = ctx
+                for p in getattr(patches, which):
+                    n, ctx, value = p(n, ctx, value, info)
+            n = attn(n, ctx, value, replace=replacement(getattr(patches, which + "_replace"), info), info=info)
+            for p in getattr(patches, which + "_output"):
+                n = p(n, info)
+            x = x + n
+            if which == "attn1":
+                for p in patches.transformer_middle:
+                    x = p(x, info)
         return x + self.ff(self.norm3(x))
 
 
@@ -139,7 +178,8 @@ class SpatialTransformer(nn.Module):
             [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, patches: ModelPatches | None = None,
+                info: dict | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -147,8 +187,10 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)                  # (B, HW, inner)
         if self.use_linear:
             h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context)
+        for i, block in enumerate(self.transformer_blocks):
+            if patches is not None:
+                info["block_index"] = i
+            h = block(h, context, patches, info)
         if self.use_linear:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)                   # (B, inner, H, W)
@@ -179,12 +221,14 @@ class Upsample(nn.Module):
 class Block(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks (LDM's TimestepEmbedSequential)."""
 
-    def forward(self, x, emb, context, size=None):
+    def forward(self, x, emb, context, size=None, patches: ModelPatches | None = None, info: dict | None = None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, patches, info)
+                if info is not None:
+                    info["transformer_index"] = info.get("transformer_index", 0) + 1
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -192,40 +236,74 @@ class Block(nn.ModuleList):
         return x
 
 
+def build_encoder(cfg: UNetConfig) -> tuple[nn.Module, nn.ModuleList, Block, list[int]]:
+    """The half a UNet and a ControlNet share: (time_embed, input_blocks, middle_block, the
+    width of each input block's output)."""
+    mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+    time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    widths, ch, depths = [mc], mc, iter(cfg.transformer_depth)
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
+            ch = mc * mult
+            if (depth := next(depths)) > 0:
+                layers.append(_transformer(cfg, ch, depth))
+            input_blocks.append(Block(layers))
+            widths.append(ch)
+        if level != last:
+            input_blocks.append(Block([Downsample(ch)]))
+            widths.append(ch)
+    middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
+    if cfg.transformer_depth_middle > 0:
+        middle.append(_transformer(cfg, ch, cfg.transformer_depth_middle))
+    return time_embed, input_blocks, Block([*middle, ResBlock(ch, emb_dim, ch)]), widths
+
+
+def _transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, dim_head = cfg.heads(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+
+def label_embedding(adm_in_channels: int, emb_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+
+
+def embed(net: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The time (and, with a label embedding, y) embedding every ResBlock of ``net`` (a UNet or a
+    ControlNet: ``config``, ``time_embed``, ``label_emb``) adds."""
+    emb = net.time_embed(timestep_embedding(timesteps, net.config.model_channels).to(dtype))
+    if net.config.adm_in_channels:
+        if y is None:
+            raise ValueError(f"this {type(net).__name__} needs the y vector (SDXL: pooled text + size embeddings; "
+                             "unCLIP: image embedding + noise level): is it made for another model?")
+        emb = emb + net.label_emb(y.to(dtype))
+    return emb
+
+
+def _add_control(h: torch.Tensor, control: dict | None, where: str) -> torch.Tensor:
+    """h plus the next residual of ``control[where]`` (lists consumed from the end, None = none)."""
+    if control is None or not control.get(where):
+        return h
+    residual = control[where].pop()
+    if residual is None:
+        return h
+    if residual.shape[1:] != h.shape[1:]:
+        raise ValueError(f"a control residual of shape {tuple(residual.shape)} does not fit the UNet's "
+                         f"{where} features {tuple(h.shape)}: the ControlNet or adapter is for another model")
+    return h + residual.to(h.dtype)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed, self.input_blocks, self.middle_block, skip_channels = build_encoder(cfg)
         if cfg.adm_in_channels:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
-
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_channels, ch, depths = [mc], mc, iter(cfg.transformer_depth)
-        last = len(cfg.channel_mult) - 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
-                ch = mc * mult
-                if (depth := next(depths)) > 0:
-                    layers.append(transformer(ch, depth))
-                self.input_blocks.append(Block(layers))
-                skip_channels.append(ch)
-            if level != last:
-                self.input_blocks.append(Block([Downsample(ch)]))
-                skip_channels.append(ch)
-
-        middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
-        if cfg.transformer_depth_middle > 0:
-            middle.append(transformer(ch, cfg.transformer_depth_middle))
-        self.middle_block = Block([*middle, ResBlock(ch, emb_dim, ch)])
-
+            self.label_emb = label_embedding(cfg.adm_in_channels, emb_dim)
+        ch = skip_channels[-1]
         self.output_blocks = nn.ModuleList()
         depths = iter(cfg.transformer_depth_output)
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -233,28 +311,52 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
                 if (depth := next(depths)) > 0:
-                    layers.append(transformer(ch, depth))
+                    layers.append(_transformer(cfg, ch, depth))
                 if level and i == cfg.num_res_blocks[level]:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(layers))
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        return embed(self, timesteps, y, dtype)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, in_channels, h, w), timesteps (B,) float, context (B, T, context_dim), y (B, adm)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        if self.config.adm_in_channels:
-            if y is None:
-                raise ValueError("this UNet needs the y vector (SDXL: pooled text + size embeddings)")
-            emb = emb + self.label_emb(y.to(x.dtype))
+                y: torch.Tensor | None = None, control: dict | None = None,
+                patches: ModelPatches | None = None, info: dict | None = None) -> torch.Tensor:
+        """x (B, in_channels, h, w), timesteps (B,) float, context (B, T, context_dim), y (B, adm).
+        ``control``: {"input" | "middle" | "output": [residual or None, ...]}; ``patches`` and
+        ``info``: see ``nodeflow.models.model_patches``."""
+        emb = self.embed(timesteps, y, x.dtype)
+        if control is not None:
+            control = {k: list(v) for k, v in control.items()}
+        if patches is not None and not patches.touches_unet:
+            patches = None
+        if patches is not None:
+            info = {**(info or {}), "original_shape": list(x.shape), "transformer_index": 0}
+        inner = patches if patches is not None and patches.touches_attention else None
         skips, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            if patches is not None:
+                info["block"] = ("input", i)
+            h = _add_control(block(h, emb, context, patches=inner, info=info), control, "input")
+            for p in patches.input_block if patches is not None else ():
+                h = p(h, info)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
+            for p in patches.input_block_after_skip if patches is not None else ():
+                h = p(h, info)
+        if patches is not None:
+            info["block"] = ("middle", 0)
+        h = _add_control(self.middle_block(h, emb, context, patches=inner, info=info), control, "middle")
+        for p in patches.middle_block if patches is not None else ():
+            h = p(h, info)
+        for i, block in enumerate(self.output_blocks):
+            skip = _add_control(skips.pop(), control, "output")
+            if patches is not None:
+                info["block"] = ("output", i)
+                for p in patches.output_block:
+                    h, skip = p(h, skip, info)
+            h = block(torch.cat([h, skip], dim=1), emb, context, size=skips[-1].shape[-2:] if skips else None,
+                      patches=inner, info=info)
         return self.out(h)
 
 
@@ -282,7 +384,9 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *, num_heads: int = 
 
 def _config_from_shapes(shapes: dict[str, tuple[int, ...]], num_heads: int, num_head_channels: int) -> UNetConfig:
     mc, in_channels = shapes["input_blocks.0.0.weight"][:2]
-    out_channels = shapes["out.2.weight"][0]
+    # a ControlNet is the encoder half: no output blocks, no "out"
+    out_channels = shapes["out.2.weight"][0] if "out.2.weight" in shapes or "zero_convs.0.0.weight" not in shapes \
+        else in_channels
     n_input = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.", k)))
 
     channel_mult, num_res_blocks, depth = [], [0], []

@@ -15,6 +15,12 @@ Every active entry of both signs that can share a forward pass is run in **one**
 ``apply_model`` call; with cfg = 1 the negative entries are skipped (unless a CFG++ sampler
 asks for D_u). Conditioning tensors of different token lengths are batched by repeating them
 to their least common multiple (at most 4×), which leaves cross-attention unchanged.
+
+An entry may also carry a ``control`` (ControlNet / T2I-Adapter chain: its residuals are
+computed for each forward pass the entry is in, which only entries with the same control
+share) and ``gligen`` boxes (a transformer patch, one forward pass per entry), and the model
+handle may carry model patches (``nodeflow.models.model_patches``): a CFG function replacing
+the formula above, post-CFG functions after it, and UNet patches passed to every forward.
 """
 
 from __future__ import annotations
@@ -137,12 +143,13 @@ def _concat_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_m
     return {"c_concat": torch.cat([mask, image], dim=1)}
 
 
-def _model_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_mask, device) -> dict:
-    """Extra apply_model arguments of one entry (SDXL's ``y``; c_concat), batched."""
+def _model_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_mask, device, seed: int = 0) -> dict:
+    """Extra apply_model arguments of one entry (SDXL's ``y``; c_concat), batched. The sampling
+    seed joins the entry's options, as in ComfyUI (unCLIP's noise augmentation draws from it)."""
     kwargs = {}
     condition_kwargs = getattr(model, "condition_kwargs", None)
     if condition_kwargs is not None:
-        for key, value in (condition_kwargs(meta, batch, shape[-1] * 8, shape[-2] * 8) or {}).items():
+        for key, value in (condition_kwargs({**meta, "seed": seed}, batch, shape[-1] * 8, shape[-2] * 8) or {}).items():
             if isinstance(value, Tensor):
                 value = repeat_to_batch_size(value.to(device), batch)
             kwargs[key] = value
@@ -172,6 +179,22 @@ def _add_same_area_counterparts(entries: list[Entry], others: list[Entry]) -> No
             continue
         entries.append(Entry(cond=smallest.cond, kwargs=smallest.kwargs, meta=c.meta, uncond=entries[0].uncond,
                              area=c.area, sigma_start=c.sigma_start, sigma_end=c.sigma_end))
+
+
+def _share_with_negative(positive: list[Entry], negative: list[Entry], key: str, only_flagged: bool) -> None:
+    """ComfyUI's apply_empty_x_to_equal_area: the ``key`` ("control" of ControlNetApply, "gligen")
+    of whole-latent positive entries is given to whole-latent negative entries that have none,
+    unless a negative entry already has one."""
+    sources = [e.meta[key] for e in positive if e.area is None and e.meta.get(key) is not None
+               and (not only_flagged or e.meta.get("control_apply_to_uncond", False))]
+    if any(e.area is None and e.meta.get(key) is not None for e in negative):
+        return
+    targets = [e for e in negative if e.area is None]
+    if not targets:
+        return
+    for i, value in enumerate(sources):
+        target = targets[i % len(targets)]
+        target.meta = {**target.meta, key: value}
 
 
 def _finish(entry: Entry, shape) -> None:
@@ -215,7 +238,8 @@ def _finish(entry: Entry, shape) -> None:
 
 
 def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, shape, device,
-                         latent_image: Tensor | None = None, denoise_mask: Tensor | None = None) -> list[Entry]:
+                         latent_image: Tensor | None = None, denoise_mask: Tensor | None = None,
+                         seed: int = 0) -> list[Entry]:
     """Entries of both signs for a latent of ``shape`` (B, C, h, w), as ComfyUI's
     process_conds prepares them."""
     b, _, h, w = shape
@@ -224,9 +248,11 @@ def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, 
         side = []
         for cond, meta in conds:
             meta = _resolve_area_and_mask(meta or {}, h, w, device)
+            if meta.get("control") is not None:
+                meta["control"].check(model)          # a ControlNet made for another model family
             cond = repeat_to_batch_size(torch.as_tensor(cond).to(device=device, dtype=torch.float32), b)
-            entry = Entry(cond=cond, kwargs=_model_kwargs(model, meta, b, shape, latent_image, denoise_mask, device),
-                          meta=meta, uncond=uncond, area=meta.get("area"))
+            kwargs = _model_kwargs(model, meta, b, shape, latent_image, denoise_mask, device, seed)
+            entry = Entry(cond=cond, kwargs=kwargs, meta=meta, uncond=uncond, area=meta.get("area"))
             if "start_percent" in meta:
                 entry.sigma_start = schedule.percent_to_sigma(meta["start_percent"])
             if "end_percent" in meta:
@@ -238,6 +264,8 @@ def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, 
         _add_same_area_counterparts(neg, pos)
     if pos:
         _add_same_area_counterparts(pos, neg)
+    _share_with_negative(pos, neg, "control", only_flagged=True)
+    _share_with_negative(pos, neg, "gligen", only_flagged=False)
     entries = pos + neg
     for entry in entries:
         _finish(entry, shape)
@@ -247,8 +275,11 @@ def prepare_conditioning(model, schedule: DiscreteSchedule, positive, negative, 
 # -- batching ------------------------------------------------------------------------------------
 
 def _can_batch(a: Entry, b: Entry) -> bool:
-    """Whether two entries can share a forward pass."""
-    if a.size != b.size:
+    """Whether two entries can share a forward pass: same size, the same control chain (or
+    none), no GLIGEN boxes (each such entry runs alone, as in ComfyUI), compatible tensors."""
+    if a.size != b.size or a.meta.get("control") is not b.meta.get("control"):
+        return False
+    if a is not b and (a.meta.get("gligen") is not None or b.meta.get("gligen") is not None):
         return False
     s1, s2 = a.cond.shape, b.cond.shape
     if s1 != s2:
@@ -276,6 +307,14 @@ class _Batch:
     context: Tensor
     kwargs: dict
     whole: bool = False        # every entry covers the whole latent: the model input is x, n times
+
+    @property
+    def control(self):
+        return self.entries[0].meta.get("control")
+
+    @property
+    def gligen(self):
+        return self.entries[0].meta.get("gligen")
 
 
 def _make_batches(entries: list[Entry], max_entries: int | None) -> list[_Batch]:
@@ -305,11 +344,17 @@ class CFGDenoiser:
 
     def __init__(self, model, schedule: DiscreteSchedule, positive, negative, cfg: float, shape, device,
                  latent_image: Tensor | None = None, denoise_mask: Tensor | None = None,
-                 max_batch_entries: int | None = None):
+                 max_batch_entries: int | None = None, seed: int = 0):
         self.model, self.schedule, self.cfg = model, schedule, float(cfg)
+        self.shape, self.device, self.seed = shape, device, seed
+        self._latent_image, self._denoise_mask = latent_image, denoise_mask
         self.entries = prepare_conditioning(model, schedule, positive, negative, shape, device,
-                                            latent_image=latent_image, denoise_mask=denoise_mask)
+                                            latent_image=latent_image, denoise_mask=denoise_mask, seed=seed)
+        self.positive = [e for e in self.entries if not e.uncond]
+        self.negative = [e for e in self.entries if e.uncond]
+        self.patches = getattr(model, "model_patches", None)      # None for handles without model patches
         self.max_batch_entries = max_batch_entries
+        self._prepared: dict[int, tuple] = {}
         self._batches: dict[tuple, list[_Batch]] = {}
         self._timed = any(e.sigma_start is not None or e.sigma_end is not None for e in self.entries)
         # the per-call shortcuts assume DiscreteSchedule's own σ maps (a subclass, e.g. LCM's or
@@ -358,38 +403,70 @@ class CFGDenoiser:
         self._terms[key] = found
         return found
 
-    def _predict(self, x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
-        """(D_c, D_u or None) as area/strength-weighted averages over the active entries."""
+    def _forward(self, batch: _Batch, x: Tensor, sigma: Tensor, extra_patches=None) -> Tensor:
+        """D of each entry of ``batch``: (B, C, h, w) for one entry, else (n, B, C, h', w')."""
+        b, _, h, w = x.shape
+        n = len(batch.entries)
+        sigma_in, t, terms = self._sigma_terms(sigma, n, x)
+        whole = batch.whole and (n == 1 or (self._plain_schedule and terms.root.shape[0] == 1))
+        if whole:
+            # n copies of x under one σ: scale x once, and take D against x broadcast
+            # over the n entries — the same values as on n stacked copies, with less work
+            scaled = self.schedule.calculate_input(sigma_in, x, terms)
+            x_in, scaled = x, (scaled if n == 1 else torch.cat([scaled] * n))
+        else:
+            crops = []
+            for e in batch.entries:
+                ah, aw, ay, ax = e.area if e.area is not None else (h, w, 0, 0)
+                crops.append(x[:, :, ay:ay + ah, ax:ax + aw])
+            x_in = torch.cat(crops) if n > 1 else crops[0]                 # (n·B, C, ah, aw)
+            scaled = self.schedule.calculate_input(sigma_in, x_in, terms)
+        kwargs = self._call_options(batch, scaled, t, sigma, n, extra_patches)
+        output = self.model.apply_model(scaled, t, batch.context, **kwargs).float()
+        self.model_calls += 1
+        if whole:
+            if n > 1:
+                output = output.reshape((n,) + tuple(x.shape))               # (n, B, C, h, w)
+            return self.schedule.calculate_denoised(sigma_in, output, x_in, terms)
+        denoised = self.schedule.calculate_denoised(sigma_in, output, x_in, terms)
+        return denoised if n == 1 else denoised.reshape((n, b) + tuple(denoised.shape[1:]))
+
+    def _call_options(self, batch: _Batch, scaled: Tensor, t: Tensor, sigma: Tensor, n: int, extra_patches) -> dict:
+        """apply_model's keyword arguments for one batch: its conditioning kwargs, the control
+        residuals, GLIGEN's transformer patch, and the "info" the model patches see."""
+        kwargs = batch.kwargs
+        control, gligen = batch.control, batch.gligen
+        if control is None and gligen is None and extra_patches is None and (
+                self.patches is None or not self.patches.touches_unet):
+            return kwargs
+        kwargs = dict(kwargs)
+        if control is not None:
+            residuals = control.residuals(scaled, t, sigma, batch.context, kwargs.get("y"), n, self.schedule)
+            if residuals is not None:
+                kwargs["control"] = residuals
+        if gligen is not None:
+            from nodeflow.models.model_patches import ModelPatches
+
+            patch = gligen[1].transformer_patch(gligen[0], gligen[2], tuple(scaled.shape), scaled.device)
+            gligen_patches = ModelPatches(transformer_middle=[patch])
+            extra_patches = gligen_patches if extra_patches is None else extra_patches.merged(gligen_patches)
+        if extra_patches is not None:
+            kwargs["extra_patches"] = extra_patches
+        kwargs["info"] = {"cond_or_uncond": [int(e.uncond) for e in batch.entries], "sigmas": sigma}
+        return kwargs
+
+    def _accumulate(self, batches: list[_Batch], x: Tensor, sigma: Tensor, sides: int,
+                    extra_patches=None) -> list[Tensor | None]:
+        """Σ w·D / Σ w per side (0: positive, 1: negative) over ``batches``; None for a side
+        no batch covered when ``sides`` is 1."""
         b, _, h, w = x.shape
         sums: list[Tensor | None] = [None, None]            # Σ weight · D per side
         counts: list = [1e-37, 1e-37]                       # Σ weight per side (a float while uniform)
-        for batch in self._batches_for(sigma, with_uncond):
+        for batch in batches:
+            denoised = self._forward(batch, x, sigma, extra_patches)
             n = len(batch.entries)
-            sigma_in, t, terms = self._sigma_terms(sigma, n, x)
-            if batch.whole and (n == 1 or (self._plain_schedule and terms.root.shape[0] == 1)):
-                # n copies of x under one σ: scale x once, and take D against x broadcast
-                # over the n entries — the same values as on n stacked copies, with less work
-                scaled = self.schedule.calculate_input(sigma_in, x, terms)
-                output = self.model.apply_model(scaled if n == 1 else torch.cat([scaled] * n), t, batch.context,
-                                                **batch.kwargs)
-                output = output.float()
-                if n > 1:
-                    output = output.reshape((n,) + tuple(x.shape))        # (n, B, C, h, w)
-                denoised = self.schedule.calculate_denoised(sigma_in, output, x, terms)
-            else:
-                crops = []
-                for e in batch.entries:
-                    ah, aw, ay, ax = e.area if e.area is not None else (h, w, 0, 0)
-                    crops.append(x[:, :, ay:ay + ah, ax:ax + aw])
-                x_in = torch.cat(crops) if n > 1 else crops[0]             # (n·B, C, ah, aw)
-                output = self.model.apply_model(self.schedule.calculate_input(sigma_in, x_in, terms), t,
-                                                batch.context, **batch.kwargs)
-                denoised = self.schedule.calculate_denoised(sigma_in, output.float(), x_in, terms)
-                if n > 1:
-                    denoised = denoised.reshape((n, b) + tuple(denoised.shape[1:]))
-            self.model_calls += 1
             for k, e in enumerate(batch.entries):
-                side = int(e.uncond)
+                side = int(e.uncond) if sides == 2 else 0
                 d = denoised if n == 1 else denoised[k]
                 if e.mult is None:                                        # whole latent, one weight
                     d = d if e.weight == 1.0 else d * e.weight
@@ -404,7 +481,7 @@ class CFGDenoiser:
                 sums[side][:, :, ay:ay + ah, ax:ax + aw] += d * e.mult
                 counts[side][:, :, ay:ay + ah, ax:ax + aw] += e.mult
         results = []
-        for side in (0, 1) if with_uncond else (0,):
+        for side in range(sides):
             total, count = sums[side], counts[side]
             if total is None:
                 results.append(torch.zeros_like(x))
@@ -412,15 +489,73 @@ class CFGDenoiser:
                 results.append(total)
             else:
                 results.append(total / count)
+        return results
+
+    def _predict(self, x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
+        """(D_c, D_u or None) as area/strength-weighted averages over the active entries."""
+        results = self._accumulate(self._batches_for(sigma, with_uncond), x, sigma, 2)
         return results[0], (results[1] if with_uncond else None)
+
+    # -- the API model patches use -------------------------------------------------------------
+
+    def predict(self, entries: list[Entry] | None, x: Tensor, sigma: Tensor, patches=None) -> Tensor:
+        """The weighted D of ``entries`` (a side's entries, as post-CFG functions receive them in
+        "cond" / "uncond"), with ``patches`` (a ModelPatches) joining the model's for these
+        forward passes — ComfyUI's ``calc_cond_batch(model, [entries], x, sigma, options)``."""
+        if not entries:
+            return torch.zeros_like(x)
+        value = float(sigma.reshape(-1)[0])
+        active = [e for e in entries if e.active(value)]
+        return self._accumulate(_make_batches(active, self.max_batch_entries), x, sigma, 1, patches)[0]
+
+    def prepare(self, conditioning, negative: bool = True) -> list[Entry]:
+        """Entries for another CONDITIONING (e.g. PerpNeg's empty prompt), prepared as the run's
+        own, once per conditioning."""
+        key = (id(conditioning), negative)
+        found = self._prepared.get(key)
+        if found is None or found[0] is not conditioning:
+            args = ([], conditioning) if negative else (conditioning, [])
+            entries = prepare_conditioning(self.model, self.schedule, *args, self.shape, self.device,
+                                           latent_image=self._latent_image, denoise_mask=self._denoise_mask,
+                                           seed=self.seed)
+            found = self._prepared[key] = (conditioning, entries)
+        return found[1]
+
+    # -- D(x, σ) -------------------------------------------------------------------------------
+
+    def _guide(self, x: Tensor, sigma: Tensor, cond: Tensor, uncond: Tensor | None) -> Tensor:
+        """CFG, or the model's CFG function, then its post-CFG functions (ComfyUI's cfg_function)."""
+        patches = self.patches
+        if patches is None or (patches.cfg_function is None and not patches.post_cfg_functions):
+            if uncond is None:
+                return cond
+            return uncond + (cond - uncond) * self.cfg
+        uncond_pred = torch.zeros_like(cond) if uncond is None else uncond
+        sigma_rows = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        negative = self.negative if uncond is not None else None
+        if patches.cfg_function is not None:
+            args = {"cond": x - cond, "uncond": x - uncond_pred, "cond_scale": self.cfg, "timestep": sigma_rows,
+                    "input": x, "sigma": sigma_rows, "cond_denoised": cond, "uncond_denoised": uncond_pred,
+                    "model": self.model, "denoiser": self, "input_cond": self.positive, "input_uncond": negative}
+            result = x - patches.cfg_function(args)
+        else:
+            result = uncond_pred + (cond - uncond_pred) * self.cfg
+        for fn in patches.post_cfg_functions:
+            args = {"denoised": result, "cond": self.positive, "uncond": negative, "cond_scale": self.cfg,
+                    "model": self.model, "uncond_denoised": uncond_pred, "cond_denoised": cond, "sigma": sigma_rows,
+                    "input": x, "denoiser": self}
+            result = fn(args)
+        return result
+
+    def _needs_uncond(self) -> bool:
+        return not math.isclose(self.cfg, 1.0) or (self.patches is not None and self.patches.disable_cfg1_optimization)
 
     def denoise_with_uncond(self, x: Tensor, sigma: Tensor, **_) -> tuple[Tensor, Tensor]:
         """(guided D, unconditional D), always running the negative entries (CFG++)."""
         cond, uncond = self._predict(x, sigma, with_uncond=True)
-        return uncond + (cond - uncond) * self.cfg, uncond
+        return self._guide(x, sigma, cond, uncond), uncond
 
     def __call__(self, x: Tensor, sigma: Tensor, **_) -> Tensor:
-        if math.isclose(self.cfg, 1.0):
-            return self._predict(x, sigma, with_uncond=False)[0]
-        cond, uncond = self._predict(x, sigma, with_uncond=True)
-        return uncond + (cond - uncond) * self.cfg
+        with_uncond = self._needs_uncond()
+        cond, uncond = self._predict(x, sigma, with_uncond=with_uncond)
+        return self._guide(x, sigma, cond, uncond)

@@ -128,7 +128,7 @@ def sample(model, noise: Tensor, positive, negative, *, cfg: float, sampler_name
     mask = prepare_mask(noise_mask, latent.shape, device) if noise_mask is not None else None
 
     denoiser = CFGDenoiser(model, schedule, positive, negative, cfg, latent.shape, device,
-                           latent_image=latent, denoise_mask=mask)
+                           latent_image=latent, denoise_mask=mask, seed=seed)
     inpaint_noise = noise_d
     if spec.inpaint_random_noise:      # ComfyUI's "ddim": masked areas are re-noised with fresh noise
         generator = torch.Generator("cpu").manual_seed((int(seed) + 1) & 0xFFFF_FFFF_FFFF_FFFF)

@@ -16,6 +16,7 @@ import nodeflow
 import nodeflow.folders as folders_mod
 from nodeflow import Executor, default_registry
 from nodeflow import context as run_context
+from nodeflow.models import testing
 from nodeflow.models.testing import save, write_tiny_sd1, write_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,12 @@ def base(tmp_path_factory):
     (base / "models" / "upscale_models").mkdir(parents=True)
     torch.save({"params_ema": RRDBNet(RRDBConfig(nf=8, nb=1, gc=4)).state_dict()},
                base / "models" / "upscale_models" / "tiny_x4.pth")
+    # ControlNets, GLIGEN and the bigG image encoder the examples name, tiny, under their real names
+    testing.write_tiny_controlnet(base / "models" / "controlnet" / "control_v11p_sd15_canny_fp16.safetensors")
+    testing.write_tiny_controlnet(base / "models" / "controlnet" / "control_v11e_sd15_shuffle_fp16.safetensors",
+                                  layout="diffusers", seed=13)
+    save(testing.tiny_gligen_state_dict(), base / "models" / "gligen" / "gligen_sd14_textbox_pruned.safetensors")
+    save(testing.tiny_clip_vision("g", projection=128), base / "models" / "clip_vision" / "clip_vision_g.safetensors")
     (base / "input").mkdir()
     rgba = (np.random.default_rng(0).random((48, 64, 4)) * 255).astype(np.uint8)
     rgba[..., 3] = 255
@@ -76,6 +83,12 @@ CASES = {
     "upscale.json": ({"4__ckpt_name": "tiny_sd1.safetensors", "3__steps": 2}, (96, 72)),
     "upscale_esrgan.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL, "11__model_name": "tiny_x4.pth"},
                             (256, 256)),
+    "controlnet_canny.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL}, (64, 64)),
+    "controlnet_mixed.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL}, (64, 64)),
+    "gligen_boxes.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL, "11__width": 32, "11__height": 32,
+                           "11__x": 0, "11__y": 0, "12__width": 16, "12__height": 16, "12__x": 40,
+                           "12__y": 40}, (64, 64)),
+    "sdxl_revision.json": ({"4__ckpt_name": "tiny_sdxl.safetensors", **SMALL}, (64, 64)),
 }
 
 
