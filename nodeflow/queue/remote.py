@@ -21,7 +21,9 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -60,6 +62,7 @@ class WorkerRuntime:
     """One worker, in its own process."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        _die_with_parent()
         if spec.threads:
             os.environ["OMP_NUM_THREADS"] = str(spec.threads)
             try:
@@ -161,6 +164,23 @@ class WorkerRuntime:
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when its parent (Ray's raylet) dies: a server
+    killed with SIGKILL takes its Ray runtime down with it, and no worker may live on holding
+    a GPU and its models."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request was made
+        os._exit(1)
 
 
 def _device(context: Any) -> tuple[str, dict | None]:

@@ -416,3 +416,46 @@ async def test_no_ray_imported_without_the_option(tmp_path):
 
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- the server killed: nothing lost, no worker left behind -------------------------------------------
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@async_test
+async def test_sigkill_of_the_server_loses_nothing_and_leaves_no_worker(tmp_path):
+    args = ("--backend", "ray", "--workers", "1", "--worker-threads", "1")
+    server = ServerProcess(tmp_path, *args)
+    try:
+        await server.ready(60)
+        (worker,) = await idle_workers(server, count=1, timeout=120)
+        done = await submit(server, held(1, 1, 0.0))
+        await history(server, done)
+        victim = await submit(server, held(2, 100, 0.5))
+        waiting = [await submit(server, held(v, 1, 0.0)) for v in (3, 4, 5)]
+        end = time.monotonic() + 30
+        while time.monotonic() < end and (await get(server, "/api/workers"))[1]["workers"][0]["prompt_id"] != victim:
+            await asyncio.sleep(0.05)
+        server.kill()  # SIGKILL: no cleanup at all
+        end = time.monotonic() + 15
+        while alive(worker["pid"]) and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        assert not alive(worker["pid"]), "the worker outlived its server"
+
+        server = ServerProcess(tmp_path, *args, port=server.port)
+        await server.ready(60)
+        for pid in waiting:
+            assert (await history(server, pid, timeout=120))["status"]["status_str"] == "success"
+        _, entries = await get(server, "/history")
+        assert set(entries) == {done, victim, *waiting}  # nothing lost
+        assert entries[victim]["status"]["status_str"] == "error"  # it was running: marked, as documented
+    finally:
+        server.stop()
