@@ -41,6 +41,9 @@ class InputSpec(BaseModel):
     tooltip: str = ""
     #: Socket types take links only; widget types also take literals.
     kind: str = ANY
+    #: Evaluated only when the node asks for it (ComfyUI's ``lazy``): the nodes feeding a lazy
+    #: input run only if ``Node.check_lazy_status`` names it.
+    lazy: bool = False
 
     @property
     def type_name(self) -> str:
@@ -58,7 +61,10 @@ class InputSpec(BaseModel):
                             expected=f"a link [node_id, output_index] of type {self.type_name}")
 
     def options(self) -> dict[str, Any]:
-        return {"tooltip": self.tooltip} if self.tooltip else {}
+        opts: dict[str, Any] = {"tooltip": self.tooltip} if self.tooltip else {}
+        if self.lazy:
+            opts["lazy"] = True
+        return opts
 
     def object_info(self) -> list:
         opts = self.options()
@@ -229,7 +235,8 @@ class Output(BaseModel):
     kind: str
     name: str = ""
     tooltip: str = ""
-    #: ComfyUI's OUTPUT_IS_LIST: the value is a list that feeds a list-taking input.
+    #: ComfyUI's OUTPUT_IS_LIST: ``run`` returns a list of values for this output; a node it
+    #: feeds runs once per element, unless it takes whole lists (``Node.input_is_list``).
     is_list: bool = False
 
     def __init__(self, kind: str, name: str = "", **kw: Any) -> None:
