@@ -49,6 +49,7 @@ from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, 
 from nodeflow.listexec import OutputList, call_inputs, collect, collect_ui
 from nodeflow.node import Interrupted, Node, Result
 from nodeflow.registry import Registry
+from nodeflow.spec import DynamicCombo
 
 if TYPE_CHECKING:
     from nodeflow.context import RunContext
@@ -268,7 +269,7 @@ class _Run:
         for a list); ``None`` for a lazy input whose source has not run."""
         inputs: dict[str, Any] = {}
         values, hits = self.result.values, self.hits
-        for name in (*cls.inputs, *cls.optional):
+        for name in _input_names(cls, node):
             if name not in node.inputs:
                 continue
             value = node.inputs[name]
@@ -282,6 +283,8 @@ class _Run:
                     got = entry.values if entry is not None else values[value.node]
                 value = got[value.index]
             inputs[name] = value
+        if cls.accept_all_inputs:
+            inputs.update((k, v) for k, v in node.inputs.items() if k not in inputs and type(v) is not Link)
         return inputs
 
     def hidden(self, node, cls: type[Node]) -> dict[str, Any]:
@@ -542,6 +545,20 @@ def _fingerprint(cls: type[Node], literals: list[tuple[str, Any]]) -> Any:
         return cls.fingerprint(**dict(literals))
     except Exception:  # noqa: BLE001 - let the run itself fail with its own, clearer error
         return uuid.uuid4().hex
+
+
+def _input_names(cls: type[Node], node) -> list[str]:
+    """The names of a node's inputs: its declared ones, and the inputs its dynamic combos'
+    chosen options bring (``"<combo>.<input>"``)."""
+    names = [*cls.inputs, *cls.optional]
+    for name, (spec, _) in cls.all_inputs().items():
+        if isinstance(spec, DynamicCombo):
+            choice = node.inputs.get(name)
+            if type(choice) is Link:  # chosen at run time: whatever the prompt gives for it
+                names.extend(k for k in node.inputs if k.startswith(name + "."))
+            else:
+                names.extend(f"{name}.{sub}" for sub in spec.sub_inputs(choice))
+    return names
 
 
 def _has_lazy_check(cls: type[Node]) -> bool:

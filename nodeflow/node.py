@@ -142,6 +142,9 @@ class Node:
     #: value as a one-element list; hidden inputs stay plain), instead of once per element of
     #: the lists it is fed.
     input_is_list: ClassVar[bool] = False
+    #: ComfyUI's ``accept_all_inputs``: literal inputs the node does not declare (widgets the
+    #: editor adds by itself) are passed to ``run`` too, unchecked; ``run`` takes ``**kwargs``.
+    accept_all_inputs: ClassVar[bool] = False
     #: Set ``abstract = True`` in a shared base class's own body to keep it out of the
     #: registry (its subclasses are not affected; see ``nodeflow.registry.node_classes``).
     abstract: ClassVar[bool] = False
