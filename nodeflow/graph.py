@@ -501,7 +501,7 @@ def _validate_node(node: NodeEntry, check: _Check) -> list[NodeError]:
     inputs = schema.inputs if not schema.dynamic else [*schema.inputs, *_chosen_inputs(node, schema.dynamic)]
     for name, spec, required, is_widget, type_name in inputs:
         if name not in given:
-            if required:
+            if required and getattr(spec, "needs_value", True):
                 errors.append(NodeError(node.id, node.class_type, "required_input_missing",
                                         "Required input is missing", name,
                                         expected=f"{_a(type_name)} {type_name} link" if not is_widget

@@ -137,8 +137,9 @@ class Int(Widget):
 class Float(Widget):
     kind: str = "FLOAT"
     default: float = 0.0
-    min: float = -math.inf
-    max: float = math.inf
+    # An int limit stays an int in /object_info (ComfyUI writes some FLOAT limits as ints).
+    min: float | int = -math.inf
+    max: float | int = math.inf
     step: float = 0.01
     round: float | None = None
 
@@ -228,6 +229,16 @@ class Combo(Widget):
             log.warning("the choices of a %s input could not be listed: %s: %s", self.kind, type(exc).__name__, exc)
             choices = []
         return [choices, opts]
+
+
+class EditorWidget(Widget):
+    """A widget the editor draws and fills by itself (ComfyUI's image-compare slider): any
+    value is accepted, and none is needed."""
+
+    needs_value: bool = False
+
+    def check(self, value: Any) -> LiteralError | None:
+        return None
 
 
 class FreeCombo(Combo):

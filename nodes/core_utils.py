@@ -17,14 +17,14 @@ import random
 import string
 from typing import Any
 
-from nodeflow import Combo, Float, Int, Node, Output, Result, Socket, String
-from nodeflow.spec import ANY
+from nodeflow import Combo, Float, Hidden, Int, Node, Output, Result, Socket, String
+from nodeflow.spec import ANY, EditorWidget
 from nodes._mathexpr import ExpressionError, evaluate
 
 #: The variables of ComfyMathExpression: ComfyUI's autogrow names a..z.
 MATH_NAMES = list(string.ascii_lowercase)
 #: How many images BatchImagesNode takes (its autogrow group ``images.image0`` ...).
-MAX_BATCH_INPUTS = 32
+MAX_BATCH_INPUTS = 50
 
 
 class ComfyMathExpression(Node):
@@ -138,10 +138,11 @@ class MaskPreview(Node):
     category = "mask"
     display_name = "Preview Mask"
     inputs = {"mask": Socket("MASK")}
+    hidden = {"prompt": Hidden("PROMPT"), "extra_pnginfo": Hidden("EXTRA_PNGINFO")}
     outputs = [Output("MASK", "mask")]
     output_node = True
 
-    def run(self, mask):
+    def run(self, mask, prompt=None, extra_pnginfo=None):
         from nodes._imaging import mask_batch
 
         masks = mask_batch(mask)
@@ -154,11 +155,13 @@ class ImageCompare(Node):
 
     category = "image"
     display_name = "Image Compare"
+    # The editor's comparison slider: a widget with no value of its own to send.
+    inputs = {"compare_view": EditorWidget(kind="IMAGECOMPARE")}
     optional = {"image_a": Socket("IMAGE"), "image_b": Socket("IMAGE")}
     outputs = []
     output_node = True
 
-    def run(self, image_a=None, image_b=None):
+    def run(self, compare_view=None, image_a=None, image_b=None):
         ui = {"a_images": _preview(image_a) if image_a is not None else [],
               "b_images": _preview(image_b) if image_b is not None else []}
         return Result(ui=ui)

@@ -12,7 +12,7 @@ import copy
 
 from nodeflow import Bool, Combo, Node, Output, Socket
 
-SAMPLING_TYPES = ["eps", "v_prediction", "lcm", "x0"]
+SAMPLING_TYPES = ["eps", "v_prediction", "lcm", "x0", "img_to_img"]
 
 
 def copy_model(model):
