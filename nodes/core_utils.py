@@ -161,7 +161,7 @@ class ImageCompare(Node):
     outputs = []
     output_node = True
 
-    def run(self, compare_view=None, image_a=None, image_b=None):
+    def run(self, image_a=None, image_b=None, compare_view=None):
         ui = {"a_images": _preview(image_a) if image_a is not None else [],
               "b_images": _preview(image_b) if image_b is not None else []}
         return Result(ui=ui)

@@ -46,6 +46,9 @@ class ModelSamplingDiscrete(Node):
         from nodeflow.sampling.model_sampling import scaled_linear_alphas_cumprod
         from nodes._schedules import make_schedule, zero_terminal_snr
 
+        if sampling == "img_to_img":  # offered for ComfyUI's widget contract; its model family is not loaded
+            raise ValueError("ModelSamplingDiscrete: sampling 'img_to_img' is not supported by nodeflow yet; "
+                             "use eps, v_prediction, lcm or x0")
         alphas_cumprod = scaled_linear_alphas_cumprod()
         if zsnr:
             alphas_cumprod = zero_terminal_snr(alphas_cumprod)
