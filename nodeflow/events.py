@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from nodeflow.listexec import is_output_list
+
 #: Events that belong in a history entry's ``status.messages``.
 STATUS_EVENTS = frozenset({"execution_start", "execution_cached", "execution_success", "execution_error",
                            "execution_interrupted"})
@@ -96,9 +98,11 @@ def _fallback(value: Any) -> Any:
 
 
 def render_inputs(inputs: Mapping[str, Any], hidden: Iterable[str] = ()) -> dict[str, list]:
-    """A node's inputs as ComfyUI's ``current_inputs`` shows them: ``{name: [value]}``, JSON-safe."""
+    """A node's inputs as ComfyUI's ``current_inputs`` shows them: ``{name: [value]}``, JSON-safe;
+    an input fed a list (``nodeflow.listexec.OutputList``) shows its values, as ComfyUI does."""
     skip = set(hidden)
-    return {name: [json_safe(value)] for name, value in inputs.items() if name not in skip}
+    return {name: [json_safe(v, 1) for v in value[:MAX_ITEMS]] if is_output_list(value) else [json_safe(value)]
+            for name, value in inputs.items() if name not in skip}
 
 
 def json_safe(value: Any, depth: int = 0) -> Any:

@@ -2,7 +2,10 @@
 
 ``Executor.execute`` runs only what the requested output nodes need, in a topological
 order, skipping every node whose signature is in the cache (and everything only a cached
-node needs). It reports through one observer, a callable ``observer(event, data)``, with
+node needs). What feeds a lazy input runs only when its node asks for it
+(``Node.check_lazy_status``); such a node gets a second ``executing`` event when it runs after
+the inputs it asked for, as in ComfyUI. A node fed a list runs once per element
+(``nodeflow.listexec``). It reports through one observer, a callable ``observer(event, data)``, with
 ComfyUI's event names and payloads, so the CLI, the server and tests share one stream:
 
 ``execution_start``, ``execution_cached`` (nodes), ``executing`` (node), ``progress``
@@ -16,7 +19,9 @@ the history entry before sending it.
 
 An executor runs in a run context (``nodeflow.context``: the worker's folders, device and
 precision), activated for the length of each run, and offers three hooks, each called in the
-executor's thread with the node id, its class and its resolved inputs:
+executor's thread with the node id, its class and its resolved inputs. They are called once
+per call of ``run``: a node that runs once per list element calls them per element, with that
+element's inputs and outputs (a node that takes whole lists gets lists):
 
 - ``before_node(node_id, cls, inputs)`` just before ``run`` (e.g. the server's resource limits:
   raise to fail the node, with the exception's message in its ``execution_error``);
@@ -29,6 +34,7 @@ executor's thread with the node id, its class and its resolved inputs:
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import threading
 import uuid
@@ -40,8 +46,10 @@ from nodeflow import context as run_context
 from nodeflow import events
 from nodeflow.cache import CacheEntry, OutputCache, signature
 from nodeflow.graph import Graph, Link, ValidationReport, WorkflowError, parse, validate
+from nodeflow.listexec import OutputList, call_inputs, collect, collect_ui
 from nodeflow.node import Interrupted, Node, Result
 from nodeflow.registry import Registry
+from nodeflow.spec import DynamicCombo
 
 if TYPE_CHECKING:
     from nodeflow.context import RunContext
@@ -129,6 +137,162 @@ class _NodeContext:
         self.check_interrupted()
 
 
+class _NodeFailed(Exception):
+    """A node's call (or a hook around it) raised its ``__cause__``: ``inputs`` are that call's,
+    ``shown`` every input of the node (lists whole), for ``current_inputs``."""
+
+    def __init__(self, inputs: dict, shown: dict) -> None:
+        super().__init__("node failed")
+        self.inputs, self.shown = inputs, shown
+
+
+class _Run:
+    """The state of one ``execute``: the nodes needed so far and the queue of those to run.
+
+    The queue holds positions in the topological order of everything upstream of the
+    outputs (a heap), so the next node always has the nodes it needs done; a node that asks
+    for lazy inputs goes back into the queue and comes out again after them."""
+
+    def __init__(self, executor: Executor, graph: Graph, report: ValidationReport, prompt_id: str,
+                 observer: Observer, extra_data: dict, ctx: RunContext, result: ExecutionResult,
+                 order: list[str], keys: dict[str, bytes], hits: dict[str, CacheEntry]) -> None:
+        self.executor, self.graph, self.prompt_id, self.observer = executor, graph, prompt_id, observer
+        self.extra_data, self.ctx, self.result, self.hits = extra_data, ctx, result, hits
+        self.position = {n: i for i, n in enumerate(order)}
+        self.needed: set[str] = set()
+        self.queue: list[int] = []
+        self._lazy: dict[type, frozenset[str]] = {}
+
+    def lazy_inputs(self, cls: type[Node]) -> frozenset[str]:
+        names = self._lazy.get(cls)
+        if names is None:
+            names = self._lazy[cls] = frozenset(n for n, (spec, _) in cls.all_inputs().items() if spec.lazy)
+        return names
+
+    def need(self, roots: Iterable[str]) -> set[str]:
+        """Mark ``roots`` and what they need as needed, not descending into cached nodes nor
+        through lazy inputs; queue those that must run. Returns the nodes newly needed."""
+        new: set[str] = set()
+        stack = list(roots)
+        nodes, registry = self.graph.nodes, self.executor.registry
+        while stack:
+            n = stack.pop()
+            if n in self.needed:
+                continue
+            self.needed.add(n)
+            new.add(n)
+            if n in self.hits:
+                continue
+            heapq.heappush(self.queue, self.position[n])
+            node = nodes[n]
+            lazy = self.lazy_inputs(registry.get(node.class_type))
+            stack.extend(link.node for name, link in node.links() if name not in lazy)
+        return new
+
+    def replay(self, n: str) -> None:
+        """Use a cached node's outputs, and show again what it showed."""
+        entry = self.hits[n]
+        self.result.values[n] = entry.values
+        if entry.ui is not None:
+            self.result.ui[n] = entry.ui
+            self.observer("executed", events.executed(self.prompt_id, n, entry.ui))
+
+    def attempt(self, n: str, node, cls: type[Node]) -> CacheEntry | None:
+        """Run a node (once per list element); ``None`` when it asked for lazy inputs first."""
+        executor = self.executor
+        if executor._interrupt.is_set():
+            raise Interrupted("interrupted before node " + n)
+        self.observer("executing", events.executing(self.prompt_id, n))
+        inputs = self.gather(node, cls)
+        hidden = self.hidden(node, cls)
+        if _has_lazy_check(cls) and self.ask_lazy(n, node, cls, inputs, hidden):
+            heapq.heappush(self.queue, self.position[n])
+            return None
+        results: list[tuple] = []
+        uis: list[dict | None] = []
+        before, after = executor.before_node, executor.after_node
+        for call in call_inputs(inputs, cls.input_is_list):
+            call.update(hidden)
+            try:
+                executor._check_interrupt(n)
+                if before is not None:
+                    before(n, cls, call)
+                instance = cls(_NodeContext(self.prompt_id, n, self.observer, executor._interrupt, self.ctx))
+                entry = _normalise(instance.run(**call), cls)
+                if after is not None:
+                    after(n, cls, entry.values, entry.ui)
+            except Interrupted:
+                raise
+            except Exception as exc:  # a node's failure fails its prompt, not the engine
+                raise _NodeFailed(call, {**inputs, **hidden}) from exc
+            results.append(entry.values)
+            uis.append(entry.ui)
+        if not results:  # an empty list: no call, and empty lists downstream
+            return CacheEntry(tuple(OutputList() for _ in cls.outputs), None)
+        return CacheEntry(collect(results, [o.is_list for o in cls.outputs]), collect_ui(uis))
+
+    def ask_lazy(self, n: str, node, cls: type[Node], inputs: dict, hidden: dict) -> bool:
+        """Ask the node which lazy inputs it needs; queue what feeds those not evaluated yet.
+        True when it must wait for them."""
+        asked: list[str] = []
+        instance = cls(_NodeContext(self.prompt_id, n, self.observer, self.executor._interrupt, self.ctx))
+        for call in call_inputs(inputs, cls.input_is_list):
+            try:
+                names = instance.check_lazy_status(**call)
+            except Exception as exc:  # the node's own failure, reported as the node's error
+                raise _NodeFailed(call, {**inputs, **hidden}) from exc
+            for name in names or ():
+                if isinstance(name, str) and name not in asked:
+                    asked.append(name)
+        sources = []
+        for name in asked:
+            value = node.inputs.get(name)
+            if type(value) is Link:
+                if value.node not in self.result.values and value.node not in self.hits:
+                    sources.append(value.node)
+            elif name not in node.inputs or name not in cls.all_inputs():
+                error = ValueError(f"node {n} ({node.class_type}) asks for its input '{name}' (check_lazy_status), "
+                                   f"but that input is not connected" if name in cls.all_inputs() else
+                                   f"node {n} ({node.class_type}) asks for an input '{name}' (check_lazy_status), "
+                                   f"but it has no input of that name")
+                raise _NodeFailed(inputs, {**inputs, **hidden}) from error
+        if not sources:
+            return False
+        for m in sorted(self.need(sources), key=self.position.__getitem__):
+            if m in self.hits:
+                self.result.cached.append(m)
+                self.replay(m)
+        return True
+
+    def gather(self, node, cls: type[Node]) -> dict[str, Any]:
+        """The node's inputs: literals, and the values its links point to (an ``OutputList``
+        for a list); ``None`` for a lazy input whose source has not run."""
+        inputs: dict[str, Any] = {}
+        values, hits = self.result.values, self.hits
+        for name in _input_names(cls, node):
+            if name not in node.inputs:
+                continue
+            value = node.inputs[name]
+            if type(value) is Link:
+                got = values.get(value.node)
+                if got is None:
+                    entry = hits.get(value.node)
+                    if entry is None and name in self.lazy_inputs(cls):
+                        inputs[name] = None
+                        continue
+                    got = entry.values if entry is not None else values[value.node]
+                value = got[value.index]
+            inputs[name] = value
+        if cls.accept_all_inputs:
+            inputs.update((k, v) for k, v in node.inputs.items() if k not in inputs and type(v) is not Link)
+        return inputs
+
+    def hidden(self, node, cls: type[Node]) -> dict[str, Any]:
+        found = {"PROMPT": self.graph.prompt, "EXTRA_PNGINFO": self.extra_data.get("extra_pnginfo"),
+                 "UNIQUE_ID": node.id}
+        return {name: found.get(spec.kind) for name, spec in cls.hidden.items()}
+
+
 class Executor:
     """Runs workflows against a registry, keeping an output cache between runs.
 
@@ -203,63 +367,42 @@ class Executor:
         order, keys = self._plan(graph, report)
         result._lookup = functools.partial(self._lookup, graph, keys)
         # Pin what the cache holds now, then walk back from the outputs: a cached node's
-        # upstream is not needed at all.
+        # upstream is not needed at all, nor is what feeds a lazy input (until asked for).
         hits = self.cache.get_many(keys)
-        needed: set[str] = set()
-        stack = list(report.outputs)
-        while stack:
-            n = stack.pop()
-            if n in needed:
-                continue
-            needed.add(n)
-            if n not in hits:
-                stack.extend(link.node for _, link in graph.nodes[n].links())
+        run = _Run(self, graph, report, prompt_id, observer, extra_data, ctx, result, order, keys, hits)
+        needed = run.need(report.outputs)
         cached = [n for n in order if n in needed and n in hits]
-        to_run = [n for n in order if n in needed and n not in hits]
         result.cached = cached
         status("execution_cached", {"nodes": cached})
-
-        values = result.values
         for n in cached:
-            entry = hits[n]
-            values[n] = entry.values
-            if entry.ui is not None:
-                result.ui[n] = entry.ui
-                observer("executed", events.executed(prompt_id, n, entry.ui))
+            run.replay(n)
 
-        before, after = self.before_node, self.after_node
-        for n in to_run:
+        while run.queue:
+            n = order[heapq.heappop(run.queue)]
+            if n in result.values:
+                continue
             node = graph.nodes[n]
             cls = self.registry.get(node.class_type)
-            inputs: dict[str, Any] = {}
             try:
-                if self._interrupt.is_set():
-                    raise Interrupted("interrupted before node " + n)
-                observer("executing", events.executing(prompt_id, n))
-                inputs = self._gather(node, cls, graph, values, extra_data)
-                if before is not None:
-                    before(n, cls, inputs)
-                instance = cls(_NodeContext(prompt_id, n, observer, self._interrupt, ctx))
-                entry = _normalise(instance.run(**inputs), cls)
-                if after is not None:
-                    after(n, cls, entry.values, entry.ui)
+                entry = run.attempt(n, node, cls)
             except Interrupted:
                 result.status = "interrupted"
                 status("execution_interrupted", {"node_id": n, "node_type": node.class_type,
                                                  "executed": result.executed})
                 return result
-            except Exception as exc:  # noqa: BLE001 - a node's failure fails its prompt, not the engine
-                self._node_failed(n, cls, inputs, exc)
+            except _NodeFailed as failed:
+                exc = failed.__cause__ or failed
+                self._node_failed(n, cls, failed.inputs, exc)
                 result.status = "error"
                 result.error = {k: v for k, v in events.error_from_exception(
                     prompt_id, exc, node_id=n, node_type=node.class_type, executed=result.executed,
-                    current_inputs=events.render_inputs(inputs, cls.hidden if cls is not None else ()),
-                    current_outputs=values).items() if k not in ("prompt_id", "timestamp")}
+                    current_inputs=events.render_inputs(failed.shown, cls.hidden if cls is not None else ()),
+                    current_outputs=result.values).items() if k not in ("prompt_id", "timestamp")}
                 status("execution_error", result.error)
                 return result
-            finally:
-                inputs = {}  # do not keep large inputs alive in this frame
-            values[n] = entry.values
+            if entry is None:
+                continue  # waiting for lazy inputs it asked for: it comes back after them
+            result.values[n] = entry.values
             self.cache.put(keys[n], entry)
             result.executed.append(n)
             if entry.ui is not None:
@@ -268,6 +411,10 @@ class Executor:
 
         status("execution_success", {})
         return result
+
+    def _check_interrupt(self, node_id: str) -> None:
+        if self._interrupt.is_set():
+            raise Interrupted(f"interrupted in node {node_id}")
 
     def _node_failed(self, node_id: str, cls: type[Node], inputs: dict, exc: BaseException) -> None:
         if self.on_node_error is not None:
@@ -340,19 +487,6 @@ class Executor:
             return None
         return extra[node_id]
 
-    def _gather(self, node, cls: type[Node], graph: Graph, values: dict[str, tuple],
-                extra_data: dict) -> dict[str, Any]:
-        inputs: dict[str, Any] = {}
-        for name in (*cls.inputs, *cls.optional):
-            if name not in node.inputs:
-                continue
-            value = node.inputs[name]
-            inputs[name] = values[value.node][value.index] if type(value) is Link else value
-        for name, spec in cls.hidden.items():
-            inputs[name] = {"PROMPT": graph.prompt, "EXTRA_PNGINFO": extra_data.get("extra_pnginfo"),
-                            "UNIQUE_ID": node.id}.get(spec.kind)
-        return inputs
-
 
 def _upstream(graph: Graph, roots: Iterable[str]) -> set[str]:
     """``roots`` and every node feeding them, directly or not."""
@@ -413,6 +547,24 @@ def _fingerprint(cls: type[Node], literals: list[tuple[str, Any]]) -> Any:
         return uuid.uuid4().hex
 
 
+def _input_names(cls: type[Node], node) -> list[str]:
+    """The names of a node's inputs: its declared ones, and the inputs its dynamic combos'
+    chosen options bring (``"<combo>.<input>"``)."""
+    names = [*cls.inputs, *cls.optional]
+    for name, (spec, _) in cls.all_inputs().items():
+        if isinstance(spec, DynamicCombo):
+            choice = node.inputs.get(name)
+            if type(choice) is Link:  # chosen at run time: whatever the prompt gives for it
+                names.extend(k for k in node.inputs if k.startswith(name + "."))
+            else:
+                names.extend(f"{name}.{sub}" for sub in spec.sub_inputs(choice))
+    return names
+
+
+def _has_lazy_check(cls: type[Node]) -> bool:
+    return cls.check_lazy_status is not Node.check_lazy_status
+
+
 def _normalise(out: Any, cls: type[Node]) -> CacheEntry:
     if isinstance(out, Result):
         values, ui = out.values, out.ui
@@ -424,4 +576,8 @@ def _normalise(out: Any, cls: type[Node]) -> CacheEntry:
         values, ui = (out,), None
     if len(values) != len(cls.outputs):
         raise TypeError(f"{cls.type_name}.run returned {len(values)} values for {len(cls.outputs)} outputs")
+    for value, output in zip(values, cls.outputs, strict=True):
+        if output.is_list and not isinstance(value, (list, tuple)):
+            raise TypeError(f"{cls.type_name}.run must return a list for its list output '{output.name}', "
+                            f"not {type(value).__name__}")
     return CacheEntry(tuple(values), ui)

@@ -23,7 +23,7 @@ import networkx as nx
 
 from nodeflow.node import Node
 from nodeflow.registry import Registry
-from nodeflow.spec import types_match
+from nodeflow.spec import DynamicCombo, types_match
 
 
 class WorkflowError(ValueError):
@@ -461,6 +461,8 @@ class _Schema:
 
     inputs: list[tuple[str, Any, bool, bool, str]]  # name, spec, required, is_widget, type name
     hook: Any  # the class's validate_inputs, or None when it has none
+    #: The class's dynamic combos (name, spec): their chosen option's inputs are checked too.
+    dynamic: list[tuple[str, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -479,7 +481,8 @@ class _Check:
             inputs = [(name, spec, required, spec.is_widget, spec.type_name)
                       for name, (spec, required) in cls.all_inputs().items()]
             own = getattr(cls.validate_inputs, "__func__", None) is not _BASE_VALIDATE_INPUTS
-            schema = self.schemas[cls] = _Schema(inputs, cls.validate_inputs if own else None)
+            dynamic = [(name, spec) for name, (spec, _) in cls.all_inputs().items() if isinstance(spec, DynamicCombo)]
+            schema = self.schemas[cls] = _Schema(inputs, cls.validate_inputs if own else None, dynamic)
         return schema
 
 
@@ -495,9 +498,10 @@ def _validate_node(node: NodeEntry, check: _Check) -> list[NodeError]:
     # Only a validate_inputs hook needs the literals gathered.
     literals: dict[str, Any] | None = {} if schema.hook is not None else None
     given = node.inputs
-    for name, spec, required, is_widget, type_name in schema.inputs:
+    inputs = schema.inputs if not schema.dynamic else [*schema.inputs, *_chosen_inputs(node, schema.dynamic)]
+    for name, spec, required, is_widget, type_name in inputs:
         if name not in given:
-            if required:
+            if required and getattr(spec, "needs_value", True):
                 errors.append(NodeError(node.id, node.class_type, "required_input_missing",
                                         "Required input is missing", name,
                                         expected=f"{_a(type_name)} {type_name} link" if not is_widget
@@ -513,7 +517,7 @@ def _validate_node(node: NodeEntry, check: _Check) -> list[NodeError]:
             else:
                 check.successors[value.node].append(node.id)
             continue
-        if not is_widget:
+        if not is_widget and not spec.takes_literal:
             errors.append(NodeError(node.id, node.class_type, "invalid_input_type",
                                     f"Input takes {_a(type_name)} {type_name} link, not a literal", name, value,
                                     f"a link [node_id, output_index] to {_a(type_name)} {type_name} output"))
@@ -539,6 +543,17 @@ def _validate_node(node: NodeEntry, check: _Check) -> list[NodeError]:
 
 
 _BASE_VALIDATE_INPUTS = Node.validate_inputs.__func__
+
+
+def _chosen_inputs(node: NodeEntry, dynamic: list[tuple[str, Any]]) -> list[tuple[str, Any, bool, bool, str]]:
+    """The inputs that the chosen options of a node's dynamic combos bring, as
+    ``"<combo>.<input>"`` (a combo fed by a link brings none: its choice is known at run time)."""
+    found = []
+    for name, spec in dynamic:
+        choice = node.inputs.get(name, spec.default_value())
+        for sub, sub_spec in spec.sub_inputs(choice).items():
+            found.append((f"{name}.{sub}", sub_spec, True, sub_spec.is_widget, sub_spec.type_name))
+    return found
 
 
 def _run_hook(node: NodeEntry, hook: Any, literals: dict[str, Any]) -> list[NodeError]:

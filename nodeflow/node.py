@@ -18,6 +18,27 @@ clients see (e.g. ``{"images": [{"filename", "subfolder", "type"}]}``).
 
 While running, ``self.context`` reports progress and checks for interruption; nodes keep
 no other state between runs.
+
+Lists (ComfyUI's ``OUTPUT_IS_LIST``/``INPUT_IS_LIST``, see ``nodeflow.listexec``): an output
+declared ``Output(..., is_list=True)`` takes a list of values from ``run``; a node fed such a
+list runs once per element (the outputs of the calls are collected into lists), unless it
+sets ``input_is_list = True``, when it runs once and gets every input as a list.
+
+Lazy inputs (ComfyUI's ``lazy``): an input declared ``lazy=True`` is evaluated only when the
+node asks for it. Before ``run``, the engine calls ``check_lazy_status`` with what it has: the
+evaluated inputs, ``None`` for each linked lazy input not evaluated yet; an input that is not
+connected is left out, as for ``run``. It returns the names of the lazy inputs it needs; the
+engine runs what feeds them and asks again, until it needs nothing more. What feeds a lazy
+input that is never asked for does not run::
+
+    class Switch(Node):
+        inputs = {"switch": Bool()}
+        optional = {"on_false": Socket("*", lazy=True), "on_true": Socket("*", lazy=True)}
+        outputs = [Output("*", "output")]
+
+        def check_lazy_status(self, switch, on_false=MISSING, on_true=MISSING):
+            wanted = "on_true" if switch else "on_false"
+            return [wanted] if {"on_true": on_true, "on_false": on_false}[wanted] is None else []
 """
 
 from __future__ import annotations
@@ -117,6 +138,13 @@ class Node:
     #: "checkpoints"}``). With several workers, a prompt goes to one that already holds its
     #: models, and ``/api/workers`` lists what each holds.
     model_inputs: ClassVar[dict[str, str]] = {}
+    #: ComfyUI's ``INPUT_IS_LIST``: the node runs once with every input as a list (a single
+    #: value as a one-element list; hidden inputs stay plain), instead of once per element of
+    #: the lists it is fed.
+    input_is_list: ClassVar[bool] = False
+    #: ComfyUI's ``accept_all_inputs``: literal inputs the node does not declare (widgets the
+    #: editor adds by itself) are passed to ``run`` too, unchecked; ``run`` takes ``**kwargs``.
+    accept_all_inputs: ClassVar[bool] = False
     #: Set ``abstract = True`` in a shared base class's own body to keep it out of the
     #: registry (its subclasses are not affected; see ``nodeflow.registry.node_classes``).
     abstract: ClassVar[bool] = False
@@ -138,6 +166,14 @@ class Node:
 
     def run(self, **inputs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def check_lazy_status(self, **inputs: Any) -> list[str] | None:
+        """The lazy inputs this node needs, given what it has (see the module docs): called
+        before each attempt to run, with ``run``'s inputs (hidden ones left out), ``None`` for
+        a linked lazy input not evaluated yet. Names of inputs already evaluated or given as
+        literals are ignored; a name that is no linked input of the node fails it. Called per
+        list element, as ``run`` (the names are gathered over the calls)."""
+        return None
 
     @classmethod
     def fingerprint(cls, **literals: Any) -> Any:

@@ -198,6 +198,8 @@ def node_info(cls: type[Node], name: str) -> dict[str, Any]:
             "hidden": {k: v.kind for k, v in cls.hidden.items()},
         },
         "input_order": {"required": list(cls.inputs), "optional": list(cls.optional), "hidden": list(cls.hidden)},
+        # ComfyUI's name for INPUT_IS_LIST in /object_info.
+        "is_input_list": cls.input_is_list,
         "output": [o.kind for o in cls.outputs],
         "output_is_list": [o.is_list for o in cls.outputs],
         "output_name": [o.name for o in cls.outputs],

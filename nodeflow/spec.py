@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 log = logging.getLogger(__name__)
 
 ANY = "*"
+#: ComfyUI's "match type" sockets (a switch's inputs and output): any type, matched in the
+#: editor; validation lets them connect to anything, as ComfyUI's does.
+MATCH_TYPE = "COMFY_MATCHTYPE_V3"
+#: ComfyUI's combo whose chosen option brings its own inputs (see ``DynamicCombo``).
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 
 # ComfyUI's seed widgets accept any unsigned 64-bit value.
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -41,6 +46,9 @@ class InputSpec(BaseModel):
     tooltip: str = ""
     #: Socket types take links only; widget types also take literals.
     kind: str = ANY
+    #: Evaluated only when the node asks for it (ComfyUI's ``lazy``): the nodes feeding a lazy
+    #: input run only if ``Node.check_lazy_status`` names it.
+    lazy: bool = False
 
     @property
     def type_name(self) -> str:
@@ -50,6 +58,11 @@ class InputSpec(BaseModel):
     def is_widget(self) -> bool:
         return False
 
+    @property
+    def takes_literal(self) -> bool:
+        """Whether a literal value may stand for a link (widgets; ComfyUI's match type)."""
+        return self.is_widget
+
     def default_value(self) -> Any:
         return None
 
@@ -58,7 +71,10 @@ class InputSpec(BaseModel):
                             expected=f"a link [node_id, output_index] of type {self.type_name}")
 
     def options(self) -> dict[str, Any]:
-        return {"tooltip": self.tooltip} if self.tooltip else {}
+        opts: dict[str, Any] = {"tooltip": self.tooltip} if self.tooltip else {}
+        if self.lazy:
+            opts["lazy"] = True
+        return opts
 
     def object_info(self) -> list:
         opts = self.options()
@@ -99,8 +115,9 @@ class Int(Widget):
     min: int = -(2**63)
     max: int = 2**63 - 1
     step: int = 1
-    #: Seed widgets get ComfyUI's extra "control_after_generate" widget in UI-format files.
-    control_after_generate: bool = False
+    #: Seed widgets get ComfyUI's extra "control_after_generate" widget in UI-format files;
+    #: a string names the editor's initial choice ("fixed", "randomize", ...).
+    control_after_generate: bool | str = False
 
     def check(self, value: Any) -> LiteralError | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -113,15 +130,16 @@ class Int(Widget):
     def options(self) -> dict[str, Any]:
         opts = super().options() | {"min": self.min, "max": self.max, "step": self.step}
         if self.control_after_generate:
-            opts["control_after_generate"] = True
+            opts["control_after_generate"] = self.control_after_generate
         return opts
 
 
 class Float(Widget):
     kind: str = "FLOAT"
     default: float = 0.0
-    min: float = -math.inf
-    max: float = math.inf
+    # An int limit stays an int in /object_info (ComfyUI writes some FLOAT limits as ints).
+    min: float | int = -math.inf
+    max: float | int = math.inf
     step: float = 0.01
     round: float | None = None
 
@@ -213,11 +231,76 @@ class Combo(Widget):
         return [choices, opts]
 
 
+class EditorWidget(Widget):
+    """A widget the editor draws and fills by itself (ComfyUI's image-compare slider): any
+    value is accepted, and none is needed."""
+
+    needs_value: bool = False
+
+    def check(self, value: Any) -> LiteralError | None:
+        return None
+
+
+class FreeCombo(Combo):
+    """A combo whose choices the editor's user writes (ComfyUI's ``CustomCombo``): shown with
+    the given choices (often none), any string accepted."""
+
+    def check(self, value: Any) -> LiteralError | None:
+        if not isinstance(value, str):
+            return LiteralError(type="invalid_input_type", message="Expected a string", expected="a string")
+        return None
+
+
+class DynamicCombo(Combo):
+    """ComfyUI's dynamic combo: each choice brings inputs of its own, which appear after the
+    combo in the editor (its ``widgets_values`` hold the chosen option's widgets right after
+    the combo's value) and are named ``"<combo>.<input>"`` in API prompts. ``choice_inputs``
+    maps each choice to its inputs (all required), in the editor's order."""
+
+    kind: str = DYNAMIC_COMBO
+    choice_inputs: dict[str, dict[str, InputSpec]] = Field(default_factory=dict)
+
+    def options_list(self) -> list[str]:
+        return list(self.choice_inputs)
+
+    def sub_inputs(self, choice: Any) -> dict[str, InputSpec]:
+        """The inputs ``choice`` brings, by their own names (``"width"``)."""
+        return dict(self.choice_inputs.get(choice, {})) if isinstance(choice, str) else {}
+
+    def object_info(self) -> list:
+        opts = self.options()
+        if self.default is None:
+            opts.pop("default", None)
+        opts["options"] = [{"key": key, "inputs": {"required": {n: spec.object_info() for n, spec in inputs.items()}}}
+                           for key, inputs in self.choice_inputs.items()]
+        return [self.kind, opts]
+
+
+class MatchType(InputSpec):
+    """ComfyUI's match-type socket: takes a link of any of ``allowed`` types (the editor makes
+    the node's sockets of one template agree)."""
+
+    kind: str = MATCH_TYPE
+    template_id: str = "T"
+    allowed: str = ANY
+
+    @property
+    def takes_literal(self) -> bool:
+        return True  # ComfyUI checks no literal of a match type (a primitive's text, say)
+
+    def check(self, value: Any) -> LiteralError | None:
+        return None
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {"template": {"template_id": self.template_id, "allowed_types": self.allowed}}
+
+
 class Hidden(InputSpec):
     """Values the executor supplies: ``PROMPT`` (the whole workflow), ``EXTRA_PNGINFO``
-    (``extra_data["extra_pnginfo"]``), ``UNIQUE_ID`` (the node's id)."""
+    (``extra_data["extra_pnginfo"]``), ``UNIQUE_ID`` (the node's id), ``DYNPROMPT`` (the
+    workflow too: nodeflow does not expand graphs at run time, so it is the prompt as run)."""
 
-    def __init__(self, kind: Literal["PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID"], **kw: Any) -> None:
+    def __init__(self, kind: Literal["PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID", "DYNPROMPT"], **kw: Any) -> None:
         super().__init__(kind=kind, **kw)
 
 
@@ -229,7 +312,8 @@ class Output(BaseModel):
     kind: str
     name: str = ""
     tooltip: str = ""
-    #: ComfyUI's OUTPUT_IS_LIST: the value is a list that feeds a list-taking input.
+    #: ComfyUI's OUTPUT_IS_LIST: ``run`` returns a list of values for this output; a node it
+    #: feeds runs once per element, unless it takes whole lists (``Node.input_is_list``).
     is_list: bool = False
 
     def __init__(self, kind: str, name: str = "", **kw: Any) -> None:
@@ -249,10 +333,10 @@ def _check_range(value: float, lo: float, hi: float) -> LiteralError | None:
 def types_match(output_type: str, input_type: str) -> bool:
     """Whether a link from an output of ``output_type`` may feed an input of ``input_type``.
 
-    ``*`` matches anything; comma-separated names ("IMAGE,MASK") match any of them.
+    ``*`` and ComfyUI's match type match anything; comma-separated names ("IMAGE,MASK") match any of them.
     A COMBO input accepts a STRING or COMBO link (primitive nodes in the editor send strings).
     """
-    if output_type == input_type or ANY in (output_type, input_type):
+    if output_type == input_type or ANY in (output_type, input_type) or MATCH_TYPE in (output_type, input_type):
         return True
     outs, ins = set(output_type.split(",")), set(input_type.split(","))
     if input_type == "COMBO" or isinstance(input_type, list):

@@ -68,6 +68,7 @@ from typing import Any
 
 from nodeflow.graph import WorkflowError, is_ui_format
 from nodeflow.registry import Registry
+from nodeflow.spec import DynamicCombo
 
 #: Node types that exist only in ComfyUI's editor.
 EDITOR_ONLY = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
@@ -475,9 +476,10 @@ class _Converter:
         if isinstance(values, dict):
             given = {k: _literal(v) for k, v in values.items() if k in all_inputs and all_inputs[k][0].is_widget}
             return _with_defaults(_widget_specs(cls), given)
-        specs = _widget_specs(cls)
+        values = values if isinstance(values, list) else []
+        specs = _expand_dynamic(_widget_specs(cls), values)
         given = _zip_widgets([(name, spec.type_name, getattr(spec, "control_after_generate", False))
-                              for name, spec in specs], values if isinstance(values, list) else [])
+                              for name, spec in specs], values)
         return _with_defaults(specs, given)
 
     def _unknown_widgets(self, raw: dict[str, Any], values: Any) -> dict[str, Any]:
@@ -691,6 +693,27 @@ def _fits(a: Any, b: Any) -> bool:
 def _widget_specs(cls) -> list[tuple[str, Any]]:
     return [(name, spec) for name, (spec, _) in cls.all_inputs().items()
             if spec.is_widget and not getattr(spec, "force_input", False)]
+
+
+def _expand_dynamic(specs: list[tuple[str, Any]], values: list[Any]) -> list[tuple[str, Any]]:
+    """The widgets in the editor's order when a dynamic combo is among them: the chosen
+    option's widgets (``"<combo>.<input>"``) come right after the combo, as the editor lays
+    them out and stores their values."""
+    if not any(isinstance(spec, DynamicCombo) for _, spec in specs):
+        return specs
+    out: list[tuple[str, Any]] = []
+    position = 0  # where each widget's value sits in ``values``
+    for name, spec in specs:
+        out.append((name, spec))
+        if isinstance(spec, DynamicCombo):
+            choice = values[position] if position < len(values) else spec.default_value()
+            chosen = [(f"{name}.{sub}", sub_spec) for sub, sub_spec in spec.sub_inputs(choice).items()
+                      if sub_spec.is_widget and not getattr(sub_spec, "force_input", False)]
+            out.extend(chosen)
+            position += 1 + len(chosen)
+            continue
+        position += 2 if getattr(spec, "control_after_generate", False) or name in SEED_NAMES else 1
+    return out
 
 
 def _with_defaults(specs: list[tuple[str, Any]], given: dict[str, Any]) -> dict[str, Any]:

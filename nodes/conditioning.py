@@ -36,7 +36,9 @@ class EncodeTextSDXL(Node):
     category = "conditioning"
     display_name = "Encode Text (SDXL)"
     aliases = ("CLIPTextEncodeSDXL",)
+    # Current ComfyUI's order (clip first); the widgets' order is the same as in older files.
     inputs = {
+        "clip": Socket("CLIP"),
         "width": Int(default=1024, min=0, max=MAX_RESOLUTION),
         "height": Int(default=1024, min=0, max=MAX_RESOLUTION),
         "crop_w": Int(default=0, min=0, max=MAX_RESOLUTION),
@@ -44,12 +46,11 @@ class EncodeTextSDXL(Node):
         "target_width": Int(default=1024, min=0, max=MAX_RESOLUTION),
         "target_height": Int(default=1024, min=0, max=MAX_RESOLUTION),
         "text_g": String(multiline=True),
-        "clip": Socket("CLIP"),
         "text_l": String(multiline=True),
     }
     outputs = [Output("CONDITIONING")]
 
-    def run(self, width, height, crop_w, crop_h, target_width, target_height, text_g, clip, text_l):
+    def run(self, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l):
         tokens = clip.tokenize(text_g)
         if set(tokens) != {"l", "g"}:
             raise ValueError(f"this CLIP ({getattr(clip, 'family', '?')}) is not SDXL's pair of text encoders; "

@@ -17,14 +17,14 @@ import random
 import string
 from typing import Any
 
-from nodeflow import Node, Output, Result, Socket, String
-from nodeflow.spec import ANY
+from nodeflow import Combo, Float, Hidden, Int, Node, Output, Result, Socket, String
+from nodeflow.spec import ANY, EditorWidget
 from nodes._mathexpr import ExpressionError, evaluate
 
 #: The variables of ComfyMathExpression: ComfyUI's autogrow names a..z.
 MATH_NAMES = list(string.ascii_lowercase)
 #: How many images BatchImagesNode takes (its autogrow group ``images.image0`` ...).
-MAX_BATCH_INPUTS = 32
+MAX_BATCH_INPUTS = 50
 
 
 class ComfyMathExpression(Node):
@@ -138,10 +138,11 @@ class MaskPreview(Node):
     category = "mask"
     display_name = "Preview Mask"
     inputs = {"mask": Socket("MASK")}
+    hidden = {"prompt": Hidden("PROMPT"), "extra_pnginfo": Hidden("EXTRA_PNGINFO")}
     outputs = [Output("MASK", "mask")]
     output_node = True
 
-    def run(self, mask):
+    def run(self, mask, prompt=None, extra_pnginfo=None):
         from nodes._imaging import mask_batch
 
         masks = mask_batch(mask)
@@ -154,11 +155,13 @@ class ImageCompare(Node):
 
     category = "image"
     display_name = "Image Compare"
+    # The editor's comparison slider: a widget with no value of its own to send.
+    inputs = {"compare_view": EditorWidget(kind="IMAGECOMPARE")}
     optional = {"image_a": Socket("IMAGE"), "image_b": Socket("IMAGE")}
     outputs = []
     output_node = True
 
-    def run(self, image_a=None, image_b=None):
+    def run(self, image_a=None, image_b=None, compare_view=None):
         ui = {"a_images": _preview(image_a) if image_a is not None else [],
               "b_images": _preview(image_b) if image_b is not None else []}
         return Result(ui=ui)
@@ -192,3 +195,51 @@ class BatchImagesNode(Node):
                                     align_corners=False).movedim(1, -1)
             out.append(img)
         return (torch.cat(out, dim=0),)
+
+
+#: ResolutionSelector's aspect ratios (ComfyUI's names and order): width and height parts.
+ASPECT_RATIOS = {"1:1 (Square)": (1, 1), "3:2 (Photo)": (3, 2), "4:3 (Standard)": (4, 3),
+                 "16:9 (Widescreen)": (16, 9), "21:9 (Ultrawide)": (21, 9), "2:3 (Portrait Photo)": (2, 3),
+                 "3:4 (Portrait Standard)": (3, 4), "9:16 (Portrait Widescreen)": (9, 16)}
+
+
+class ResolutionSelector(Node):
+    """A width and height of the chosen aspect ratio with about ``megapixels`` (1 MP = 1024²
+    pixels), each a multiple of ``multiple``; when a side would be under ``minimum``, the
+    smallest size of exactly that ratio whose sides are multiples and at least the minimum."""
+
+    category = "utilities"
+    display_name = "Resolution Selector"
+    inputs = {
+        "aspect_ratio": Combo(choices=list(ASPECT_RATIOS), default="1:1 (Square)"),
+        "megapixels": Float(default=1.0, min=0.1, max=16.0, step=0.1),
+        "multiple": Int(default=8, min=8, max=128, step=4),
+        "minimum": Int(default=256, min=32, max=4096, step=32),
+    }
+    outputs = [Output("INT", "width"), Output("INT", "height")]
+
+    def run(self, aspect_ratio, megapixels, multiple, minimum):
+        w_part, h_part = ASPECT_RATIOS[aspect_ratio]
+        scale = math.sqrt(megapixels * 1024 * 1024 / (w_part * h_part))
+        width = round(w_part * scale / multiple) * multiple
+        height = round(h_part * scale / multiple) * multiple
+        if width < minimum or height < minimum:
+            # k × (w_part, h_part) with both sides multiples of `multiple`: k a multiple of step.
+            step_w, step_h = multiple // math.gcd(w_part, multiple), multiple // math.gcd(h_part, multiple)
+            step = math.lcm(step_w, step_h)
+            k = math.ceil(math.ceil(max(minimum / w_part, minimum / h_part)) / step) * step
+            width, height = w_part * k, h_part * k
+        return width, height
+
+
+class SeedNode(Node):
+    """A seed value to share between nodes (the editor's "control after generate" widget
+    changes it between runs)."""
+
+    category = "utilities"
+    display_name = "Seed"
+    inputs = {"seed": Int(default=0, min=0, max=2**63 - 1, control_after_generate="fixed")}
+    outputs = [Output("INT", "seed")]
+
+    def run(self, seed):
+        return (seed,)

@@ -344,7 +344,8 @@ class BasicGuider(Node):
 
 class DualCFGGuider(Node):
     """Guidance with two positive conditionings: D = D_neg + cfg_cond2_negative·(D_cond2 −
-    D_neg) + cfg_conds·(D_cond1 − D_cond2). Only ComfyUI's ``regular`` style is offered."""
+    D_neg) + cfg_conds·(D_cond1 − D_cond2). ComfyUI's ``nested`` style is not implemented yet:
+    it fails the node by name."""
 
     category = "sampling/custom_sampling/guiders"
     inputs = {
@@ -354,12 +355,15 @@ class DualCFGGuider(Node):
         "negative": Socket("CONDITIONING"),
         "cfg_conds": Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
         "cfg_cond2_negative": Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        "style": Combo(choices=["regular", "nested"]),
     }
-    optional = {"style": Combo(choices=["regular"])}
     outputs = [Output("GUIDER")]
 
-    def run(self, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style="regular"):
+    def run(self, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style):
         from nodes._custom_sampling import Guider
+
+        if style != "regular":
+            raise ValueError(f"DualCFGGuider: style {style!r} is not supported by nodeflow yet; use 'regular'")
 
         return (Guider(model, "dual", (cond1, cond2, negative), (cfg_conds, cfg_cond2_negative)),)
 

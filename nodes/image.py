@@ -7,7 +7,7 @@ with ComfyUI's class name as an alias.
 
 from __future__ import annotations
 
-from nodeflow import Bool, Combo, Float, Int, Node, Output, Socket
+from nodeflow import Bool, Combo, Float, Hidden, Int, Node, Output, Socket
 
 MAX_RESOLUTION = 16384
 
@@ -77,12 +77,12 @@ class ScaleImageToTotalPixels(Node):
         "image": Socket("IMAGE"),
         "upscale_method": Combo(choices=IMAGE_METHODS),
         "megapixels": Float(default=1.0, min=0.01, max=16.0, step=0.01),
+        # Required in current ComfyUI; older editor files without it get its default.
+        "resolution_steps": Int(default=1, min=1, max=256),
     }
-    # Required in recent ComfyUI, absent in older workflows: optional here, so both run.
-    optional = {"resolution_steps": Int(default=1, min=1, max=256)}
     outputs = [Output("IMAGE")]
 
-    def run(self, image, upscale_method, megapixels, resolution_steps=1):
+    def run(self, image, upscale_method, megapixels, resolution_steps):
         import math
 
         from nodes._imaging import resize_image
@@ -202,19 +202,21 @@ class RepeatImageBatch(Node):
 
 class ImageFromBatch(Node):
     """Takes ``length`` images from a batch starting at ``batch_index`` (clamped to the
-    batch: an index past the end gives the last image)."""
+    batch: an index past the end gives the last image; a negative one counts from the end)."""
 
     category = "image/batch"
     display_name = "Get Image from Batch"
     inputs = {
         "image": Socket("IMAGE"),
-        "batch_index": Int(default=0, min=0, max=4095),
+        "batch_index": Int(default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION),
         "length": Int(default=1, min=1, max=4096),
     }
     outputs = [Output("IMAGE")]
 
     def run(self, image, batch_index, length):
-        start = min(image.shape[0] - 1, batch_index)
+        if batch_index < 0:
+            batch_index += image.shape[0]
+        start = max(0, min(image.shape[0] - 1, batch_index))
         length = min(image.shape[0] - start, length)
         return (image[start:start + length].clone(),)
 
@@ -268,9 +270,10 @@ class GetImageSize(Node):
     category = "image"
     display_name = "Get Image Size"
     inputs = {"image": Socket("IMAGE")}
+    hidden = {"unique_id": Hidden("UNIQUE_ID")}  # ComfyUI shows the size on the node through it
     outputs = [Output("INT", "width"), Output("INT", "height"), Output("INT", "batch_size")]
 
-    def run(self, image):
+    def run(self, image, unique_id=None):
         return int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
 
 

@@ -397,7 +397,8 @@ class SaveImage(Node):
                                           "style tokens"),
     }
     hidden = {"prompt": Hidden("PROMPT"), "extra_pnginfo": Hidden("EXTRA_PNGINFO")}
-    outputs = []
+    #: As in current ComfyUI: the images pass through (templates link from this output).
+    outputs = [Output("IMAGE", "images")]
     output_node = True
 
     @classmethod
@@ -406,7 +407,7 @@ class SaveImage(Node):
 
     def run(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
         results = save_images(images, filename_prefix, "output", 4, prompt, extra_pnginfo)
-        return Result(ui={"images": results})
+        return Result(images, ui={"images": results})
 
 
 class PreviewImage(Node):
@@ -417,10 +418,11 @@ class PreviewImage(Node):
     display_name = "Preview Image"
     inputs = {"images": Socket("IMAGE")}
     hidden = {"prompt": Hidden("PROMPT"), "extra_pnginfo": Hidden("EXTRA_PNGINFO")}
-    outputs = []
+    #: As in current ComfyUI: the images pass through (templates link from this output).
+    outputs = [Output("IMAGE", "images")]
     output_node = True
 
     def run(self, images, prompt=None, extra_pnginfo=None):
         prefix = "ComfyUI_temp_" + "".join(random.choice(string.ascii_lowercase) for _ in range(5))
         results = save_images(images, prefix, "temp", 1, prompt, extra_pnginfo)
-        return Result(ui={"images": results})
+        return Result(images, ui={"images": results})

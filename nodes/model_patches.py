@@ -14,7 +14,7 @@ import copy
 
 from nodeflow import Bool, Combo, Float, Node, Output, Socket
 
-SAMPLING_TYPES = ["eps", "v_prediction", "lcm", "x0"]
+SAMPLING_TYPES = ["eps", "v_prediction", "lcm", "x0", "img_to_img"]
 
 
 def copy_model(model):
@@ -48,6 +48,9 @@ class ModelSamplingDiscrete(Node):
         from nodeflow.sampling.model_sampling import scaled_linear_alphas_cumprod
         from nodes._schedules import make_schedule, zero_terminal_snr
 
+        if sampling == "img_to_img":  # offered for ComfyUI's widget contract; its model family is not loaded
+            raise ValueError("ModelSamplingDiscrete: sampling 'img_to_img' is not supported by nodeflow yet; "
+                             "use eps, v_prediction, lcm or x0")
         alphas_cumprod = scaled_linear_alphas_cumprod()
         if zsnr:
             alphas_cumprod = zero_terminal_snr(alphas_cumprod)

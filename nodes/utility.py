@@ -70,7 +70,8 @@ class PrimitiveFloat(Node):
 
     category = "utils/primitive"
     display_name = "Float"
-    inputs = {"value": Float(default=0.0, min=-(2.0**63), max=2.0**63, step=0.1)}
+    # ComfyUI's limits are the ints ±sys.maxsize.
+    inputs = {"value": Float(default=0.0, min=-(2**63 - 1), max=2**63 - 1, step=0.1)}
     outputs = [Output("FLOAT")]
 
     def run(self, value):

@@ -64,6 +64,15 @@ def test_object_info_matches_comfyui(name):
                 assert ours == value and isinstance(ours, bool) == isinstance(value, bool), \
                     f"{where}: {key} is {ours!r}, ComfyUI's is {value!r}"
     assert sorted(info["input"]["hidden"]) == sorted(want.get("hidden", [])), f"{name}: hidden inputs"
+    for combo, options in want.get("dynamic_options", {}).items():
+        ours = {o["key"]: o["inputs"]["required"] for o in info["input"]["required"][combo][1]["options"]}
+        assert list(ours) == list(options), f"{name}.{combo}: options (names and order)"
+        for key, expected in options.items():
+            assert list(ours[key]) == [e[0] for e in expected], f"{name}.{combo}[{key}]: inputs"
+            for input_name, kind, opts in expected:
+                our_kind, our_choices, our_opts = normalise_ours(ours[key][input_name])
+                assert (our_choices if isinstance(kind, list) else our_kind) == kind, f"{name}.{combo}.{input_name}"
+                assert all(our_opts.get(k) == v for k, v in opts.items()), f"{name}.{combo}.{input_name}: options"
     if autogrow:
         names = [autogrow["prefix"] + c for c in autogrow["names"]]
         assert list(info["input"]["optional"]) == names

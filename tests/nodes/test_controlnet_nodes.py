@@ -156,9 +156,10 @@ def test_a_controlnet_for_another_family_is_named(base):
 def test_the_control_network_goes_through_the_model_manager(base, monkeypatch):
     _, image = base
     loads = []
-    original = devices.manager.load
-    monkeypatch.setattr(devices.manager, "load", lambda module, device: (loads.append((type(module).__name__, device)),
-                                                                         original(module, device))[1])
+    manager = devices.model_manager()  # the run context's (nodeflow.run runs in the default one)
+    original = manager.load
+    monkeypatch.setattr(manager, "load", lambda module, device: (loads.append((type(module).__name__, device)),
+                                                                 original(module, device))[1])
     samples(run(workflow(("10", "control_tiny_canny.safetensors", 1.0, 0.0, 1.0, ["h", 0])), image))
     kinds = [k for k, _ in loads]
     assert "ControlNet" in kinds and "UNet" in kinds

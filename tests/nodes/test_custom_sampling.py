@@ -184,7 +184,7 @@ def test_guiders_combine_predictions_as_their_formulas_say(stub_model, make_cond
         return CFGDenoiser(stub_model, schedule, cond, [], 1.0, shape, "cpu")(x, sigma)
 
     d1, d2, dn = prediction(c1), prediction(c2), prediction(neg)
-    (dual,) = DualCFGGuider().run(stub_model, c1, c2, neg, 3.0, 5.0)
+    (dual,) = DualCFGGuider().run(stub_model, c1, c2, neg, 3.0, 5.0, "regular")
     got = dual.denoiser(schedule, shape, "cpu", torch.zeros(shape), None)(x, sigma)
     assert torch.allclose(got, dn + 5.0 * (d2 - dn) + 3.0 * (d1 - d2), atol=1e-5)
     (cfg,) = CFGGuider().run(stub_model, c1, neg, 6.0)
@@ -194,7 +194,7 @@ def test_guiders_combine_predictions_as_their_formulas_say(stub_model, make_cond
     assert torch.allclose(basic.denoiser(schedule, shape, "cpu", torch.zeros(shape), None)(x, sigma), d2, atol=1e-6)
     # cfg 1 on both scales: only cond1 is evaluated.
     stub_model.calls = 0
-    (ones,) = DualCFGGuider().run(stub_model, c1, c2, neg, 1.0, 1.0)
+    (ones,) = DualCFGGuider().run(stub_model, c1, c2, neg, 1.0, 1.0, "regular")
     got = ones.denoiser(schedule, shape, "cpu", torch.zeros(shape), None)(x, sigma)
     assert torch.allclose(got, d1, atol=1e-6) and stub_model.calls == 1
 

@@ -79,7 +79,7 @@ def test_scale_by_and_total_pixels():
     assert ScaleImageBy().run(img, "area", 0.5)[0].shape == (1, 5, 10, 3)
     # 0.01 megapixels = 10485 pixels; a 64x64 image grows by sqrt(10485/4096) to 102x102.
     sq = pattern(64, 64)
-    assert ScaleImageToTotalPixels().run(sq, "bicubic", 0.01)[0].shape == (1, 102, 102, 3)
+    assert ScaleImageToTotalPixels().run(sq, "bicubic", 0.01, 1)[0].shape == (1, 102, 102, 3)
     # ... and with sides rounded to multiples of 8: 102.4 -> 104.
     assert ScaleImageToTotalPixels().run(sq, "bicubic", 0.01, resolution_steps=8)[0].shape == (1, 104, 104, 3)
 
@@ -118,7 +118,9 @@ def test_invert_batch_repeat_from_batch_crop():
     assert part[:, 0, 0, 0].tolist() == [3.0, 4.0]
     assert ImageFromBatch().run(batch, batch_index=99, length=1)[0][:, 0, 0, 0].tolist() == [4.0]
     index = ImageFromBatch.inputs["batch_index"]
-    assert (index.min, index.max, ImageFromBatch.inputs["length"].max) == (0, 4095, 4096)  # ComfyUI's ranges
+    # Current ComfyUI's ranges (comfy_extras/nodes_images.py): a negative index counts from the end.
+    assert (index.min, index.max, ImageFromBatch.inputs["length"].max) == (-16384, 16384, 4096)
+    assert ImageFromBatch().run(batch, batch_index=-2, length=5)[0][:, 0, 0, 0].tolist() == [3.0, 4.0]
     (cut,) = ImageCrop().run(a, width=3, height=2, x=2, y=1)
     assert torch.equal(cut, a[:, 1:3, 2:4])  # clipped at the right edge
     assert ImageCrop().run(a, width=2, height=2, x=99, y=99)[0].shape == (1, 1, 1, 3)
