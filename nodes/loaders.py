@@ -348,10 +348,14 @@ def stamp_of(kinds: tuple[str, ...], name: str):
 DIFFUSION_KINDS = ("diffusion_models", "unet")
 TEXT_ENCODER_KINDS = ("text_encoders", "clip")
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
-#: ComfyUI's CLIPLoader and DualCLIPLoader types, in its order; nodeflow runs the SD 1.x/2.x/XL ones.
+#: ComfyUI's CLIPLoader and DualCLIPLoader types, in its order (the widget contract: an editor file
+#: stores the chosen name); nodeflow runs the SD 1.x/2.x/XL ones and refuses the others by name.
 CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
-              "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image", "flux2", "ovis"]
-DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image", "hunyuan_video_15"]
+              "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image", "flux2", "ovis",
+              "longcat_image", "cogvideox", "lens", "pixeldit", "ideogram4", "boogu", "krea2", "joyimage", "mage",
+              "minimax"]
+DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image", "hunyuan_video_15",
+                   "kandinsky5", "kandinsky5_image", "ltxv", "newbie", "ace"]
 
 
 class LoadDiffusionModel(Node):
@@ -408,8 +412,8 @@ class LoadTextEncoder(Node):
 
     def run(self, clip_name, type, device="default"):
         if type != "stable_diffusion":
-            raise ValueError(f"CLIP type {type!r} is for a model nodeflow does not run; use 'stable_diffusion' "
-                             "(SD 1.x CLIP-L, SD 2.x ViT-H, SDXL refiner bigG)")
+            raise ValueError(f"CLIPLoader: type {type!r} is for a model family nodeflow does not run yet; "
+                             "expected 'stable_diffusion' (SD 1.x CLIP-L, SD 2.x ViT-H, SDXL refiner bigG)")
         return (_text_encoder([clip_name], device),)
 
 
@@ -433,8 +437,8 @@ class LoadDualTextEncoder(Node):
 
     def run(self, clip_name1, clip_name2, type, device="default"):
         if type != "sdxl":
-            raise ValueError(f"DualCLIPLoader type {type!r} is for a model nodeflow does not run; use 'sdxl' "
-                             "(CLIP-L + OpenCLIP bigG)")
+            raise ValueError(f"DualCLIPLoader: type {type!r} is for a model family nodeflow does not run yet; "
+                             "expected 'sdxl' (CLIP-L + OpenCLIP bigG)")
         clip = _text_encoder([clip_name1, clip_name2], device)
         if clip.family != "sdxl":
             raise ValueError(f"{clip_name1} and {clip_name2} are not SDXL's CLIP-L and bigG text encoders")

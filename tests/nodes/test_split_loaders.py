@@ -111,8 +111,14 @@ def test_each_tower_alone(base):
 def test_bad_input_is_named(base):
     from nodes.loaders import LoadDiffusionModel, LoadDualTextEncoder, LoadTextEncoder
 
-    with pytest.raises(ValueError, match="CLIP type 'sd3' is for a model nodeflow does not run"):
+    with pytest.raises(ValueError, match="CLIPLoader: type 'sd3' is for a model family nodeflow does not run yet; "
+                                         "expected 'stable_diffusion'"):
         LoadTextEncoder().run("clip_l.safetensors", "sd3")
+    # The newer choices of ComfyUI's lists are offered (the widget contract) and refused by name.
+    with pytest.raises(ValueError, match="CLIPLoader: type 'minimax' .* expected 'stable_diffusion'"):
+        LoadTextEncoder().run("clip_l.safetensors", "minimax")
+    with pytest.raises(ValueError, match="DualCLIPLoader: type 'kandinsky5' .* expected 'sdxl'"):
+        LoadDualTextEncoder().run("clip_l.safetensors", "xl_big_g.safetensors", "kandinsky5")
     with pytest.raises(ValueError, match="both CLIP-L text encoders"):
         LoadDualTextEncoder().run("clip_l.safetensors", "xl_clip_l.safetensors", "sdxl")
     with pytest.raises(ValueError, match=r"do not make a Stable Diffusion text encoder: CLIP-L .* OpenCLIP ViT-H"):
