@@ -4,7 +4,9 @@ ComfyUI declares, and the same choices where ComfyUI's are fixed. Editor files s
 values by position, so one extra, missing or reordered widget shifts every value after it.
 
 The expectations are data recorded from ComfyUI's source (``data/comfyui_schemas.json``,
-which names the commit read), independent of nodeflow's code."""
+which names the commits read), independent of nodeflow's code: the schemas, and ComfyUI's
+class names, so that every name nodeflow answers to (a native type name or an alias) that is
+a ComfyUI class name must have its schema recorded and compared."""
 
 import json
 from pathlib import Path
@@ -15,7 +17,10 @@ from nodeflow.registry import default_registry
 
 DATA = json.loads((Path(__file__).parent / "data" / "comfyui_schemas.json").read_text())
 CLASSES = DATA["classes"]
-PENDING = set(DATA["pending"])
+NAMES = DATA["comfyui_class_names"]
+#: Every ComfyUI class name recorded: the complete list at one commit and the later file versions read.
+COMFYUI_NAMES = ({n for names in NAMES["complete"]["files"].values() for n in names}
+                 | {n for later in NAMES["later"] for n in later["names"]})
 OPTION_KEYS = ("default", "min", "max", "step")
 
 
@@ -29,13 +34,27 @@ def normalise_ours(entry: list) -> tuple:
     return kind, None, opts
 
 
-def test_every_alias_is_recorded_or_listed_as_pending():
+def test_the_class_name_list_is_whole():
+    """nodes.py and every comfy_extras module ComfyUI loads, each file with its names, none twice."""
+    files = NAMES["complete"]["files"]
+    assert "nodes.py" in files and len(files) == 1 + 75  # the 75 comfy_extras modules at that commit
+    assert all(path == "nodes.py" or path.startswith("comfy_extras/nodes_") for path in files)
+    assert all(names for names in files.values()), "a file with no class names"
+    every = [n for names in files.values() for n in names]
+    assert len(every) == len(set(every)), "a class name in two files"
+    assert all(len(later["commit"]) == 40 and later["names"] for later in NAMES["later"])
+
+
+def test_every_comfyui_name_nodeflow_serves_is_recorded():
+    """Native type names and aliases alike: a class registered under a ComfyUI name is held to
+    ComfyUI's schema just as an alias is."""
     reg = default_registry()
-    aliases = set(reg._aliases)
-    missing = sorted(aliases - set(CLASSES) - PENDING)
-    assert not missing, f"aliases with no recorded ComfyUI schema: {missing}"
-    assert not PENDING & set(CLASSES), "a class is both recorded and pending"
-    unknown = sorted(n for n in set(CLASSES) | PENDING if n not in reg)
+    served = set(reg.names(include_aliases=True))
+    missing = sorted((served & COMFYUI_NAMES) - set(CLASSES))
+    assert not missing, f"ComfyUI class names nodeflow serves with no recorded schema: {missing}"
+    not_comfyui = sorted(set(CLASSES) - COMFYUI_NAMES)
+    assert not not_comfyui, f"recorded schemas of names that are not ComfyUI class names: {not_comfyui}"
+    unknown = sorted(n for n in CLASSES if n not in reg)
     assert not unknown, f"recorded ComfyUI classes nodeflow does not serve: {unknown}"
 
 
