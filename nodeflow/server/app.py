@@ -40,7 +40,16 @@ from nodeflow.queue import (
     default_db_path,
 )
 from nodeflow.registry import Registry, build_registry
-from nodeflow.server import routes_files, routes_info, routes_prompt, routes_user, ws
+from nodeflow.server import (
+    frontend,
+    routes_files,
+    routes_info,
+    routes_internal,
+    routes_prompt,
+    routes_templates,
+    routes_user,
+    ws,
+)
 from nodeflow.server.common import (
     API_ROUTES,
     CONFIG,
@@ -64,7 +73,7 @@ log = logging.getLogger("nodeflow.server")
 BackendFactory = Callable[[Registry, ServerConfig], Backend]
 
 ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_user.ROUTES, *routes_info.ROUTES,
-                       *ws.ROUTES]
+                       *routes_templates.ROUTES, *routes_internal.ROUTES, *ws.ROUTES]
 
 
 class StartupError(Exception):
@@ -95,8 +104,10 @@ def create_app(config: ServerConfig | None = None, registry: Registry | None = N
                 app.router.add_get(prefix + route.path, route.handler)  # HEAD too
             else:
                 app.router.add_route(route.method, prefix + route.path, route.handler)
-    if config.web_root:
-        _serve_frontend(app, Path(config.web_root))
+    app[frontend.EDITOR] = frontend.find_frontend(config.web_root)
+    frontend.serve(app, app[frontend.EDITOR])
+    app[routes_internal.LOGS] = routes_internal.LogBuffer()
+    app.cleanup_ctx.append(routes_internal.capture_logs)
     app.cleanup_ctx.append(_worker(backend))
     app.on_shutdown.append(_close_websockets)
     return app
@@ -208,16 +219,6 @@ async def json_errors(request: web.Request, handler):
 _ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-def _serve_frontend(app: web.Application, root: Path) -> None:
-    index = root / "index.html"
-
-    async def home(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
-
-    app.router.add_get("/", home)
-    app.router.add_static("/", root, follow_symlinks=False)
-
-
 # -- command line -------------------------------------------------------------------------------------
 
 
@@ -281,7 +282,8 @@ def parser() -> argparse.ArgumentParser:
                          help="runs a prompt may lose with a worker that dies before it fails (default 3)")
     run.add_argument("--preview", action="store_true", help="send live previews as binary WebSocket frames")
     run.add_argument("--preview-size", type=int, default=512, metavar="PX")
-    run.add_argument("--web-root", metavar="DIR", help="serve a web frontend's files at /")
+    run.add_argument("--web-root", metavar="DIR", help="serve this web frontend build at / (default: the graph editor "
+                     "of pip install \"nodeflow[web]\", ComfyUI's frontend package, when installed)")
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -354,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     urls = ", ".join(f"http://{'[' + h + ']' if ':' in h else h}:{config.port}" for h in config.hosts)
+    editor = app[frontend.EDITOR]
+    urls += f" (graph editor: {editor.source})" if editor else " (no graph editor: pip install \"nodeflow[web]\")"
     try:
         web.run_app(app, host=config.hosts, port=config.port, print=lambda _: log.info("serving on %s", urls),
                     access_log=logging.getLogger("nodeflow.access") if args.access_log else None,

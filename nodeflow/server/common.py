@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
     from nodeflow.folders import Folders
@@ -149,6 +149,18 @@ def error_response(status: int, type_: str, message: str, details: str = "", *, 
     if node_errors:
         body["node_errors"] = {}
     return json_response(body, status, headers)
+
+
+def bad_request(exc: ValidationError) -> web.Response:
+    """400 for a request body its model refused, in ComfyUI's error shape."""
+    errors = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        first = errors[0]
+        body = error_body("invalid_json", "The request body is not valid JSON", str(first.get("msg", "")))
+    else:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
+        body = error_body("invalid_request", "Invalid request body", details)
+    return json_response({"error": body, "node_errors": {}}, 400)
 
 
 def storage_unavailable(exc: Exception) -> web.Response:

@@ -30,6 +30,7 @@ from nodeflow.server.common import (
     QUEUE,
     REGISTRY,
     Route,
+    bad_request,
     dumps,
     error_body,
     error_response,
@@ -66,7 +67,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     try:
         req = PromptRequest.model_validate_json(await request.read())
     except ValidationError as exc:
-        return _bad_request(exc)
+        return bad_request(exc)
     if req.prompt is None:
         return error_response(400, "no_prompt", "No prompt provided", node_errors=True)
 
@@ -127,17 +128,6 @@ def _check(app: web.Application, prompt: dict, targets: list[str] | None) -> tup
     return graph, report
 
 
-def _bad_request(exc: ValidationError) -> web.Response:
-    errors = exc.errors(include_url=False)
-    if any(e["type"] == "json_invalid" for e in errors):
-        first = errors[0]
-        body = error_body("invalid_json", "The request body is not valid JSON", str(first.get("msg", "")))
-    else:
-        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
-        body = error_body("invalid_request", "Invalid request body", details)
-    return json_response({"error": body, "node_errors": {}}, 400)
-
-
 async def get_prompt(request: web.Request) -> web.Response:
     return json_response({"exec_info": {"queue_remaining": request.app[QUEUE].remaining()}})
 
@@ -188,7 +178,7 @@ async def _action(request: web.Request, model: Any, empty_ok: bool = False) -> A
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise web.HTTPBadRequest(text=_bad_request(exc).text, content_type="application/json") from None
+        raise web.HTTPBadRequest(text=bad_request(exc).text, content_type="application/json") from None
 
 
 # -- the history -----------------------------------------------------------------------------------
