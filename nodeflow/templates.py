@@ -133,7 +133,8 @@ def graph_svg(doc: dict[str, Any], width: int = 400, height: int = 400) -> str:
         title = html.escape(n.get("title") or n["type"])
         parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="4" fill="#353535" '
                      'stroke="#555"/>')
-        parts.append(f'<text x="{x + 4:.1f}" y="{y + 11:.1f}" font-family="sans-serif" font-size="{max(7, min(12, 16 * scale)):.0f}" '
+        size = max(7, min(12, 16 * scale))
+        parts.append(f'<text x="{x + 4:.1f}" y="{y + 11:.1f}" font-family="sans-serif" font-size="{size:.0f}" '
                      f'fill="#ddd">{title[:24]}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -90,6 +90,11 @@ def serve(app: web.Application, frontend: Frontend | None) -> None:
         return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
 
     async def static(request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            allowed = await _allowed_methods(request, static)
+            if allowed:  # an API route of this path, with other methods
+                raise web.HTTPMethodNotAllowed(request.method, allowed)
+            raise web.HTTPNotFound()
         name = request.match_info["path"]
         try:
             path = confined_path(frontend.root, name, what="the frontend's folder")
@@ -100,7 +105,18 @@ def serve(app: web.Application, frontend: Frontend | None) -> None:
         return web.FileResponse(path)
 
     app.router.add_get("/", home)
-    app.router.add_get("/{path:.+}", static)
+    app.router.add_route("*", "/{path:.+}", static)
+
+
+async def _allowed_methods(request: web.Request, catch_all: object) -> set[str]:
+    """The methods the app's other routes offer at this request's path."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if any(route.handler is catch_all for route in resource):
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    return allowed
 
 
 _NO_EDITOR = """<!doctype html>

@@ -160,9 +160,10 @@ async def get_workers(request: web.Request) -> web.Response:
 
 
 async def post_interrupt(request: web.Request) -> web.Response:
+    """ComfyUI's answer: an empty 200, whether or not something was running."""
     action = await _action(request, InterruptRequest, empty_ok=True)
-    interrupted = request.app[DISPATCHER].interrupt(action.prompt_id or None)
-    return json_response({"interrupted": interrupted})
+    request.app[DISPATCHER].interrupt(action.prompt_id or None)
+    return web.Response(status=200)
 
 
 async def post_free(request: web.Request) -> web.Response:
@@ -226,16 +227,15 @@ def _int_query(query: Any, name: str, minimum: int | None = None) -> int | None:
 
 # -- jobs (recent ComfyUI frontends read the queue and history this way) -----------------------------
 
-JOB_STATUSES = ("pending", "in_progress", "completed", "failed")
+JOB_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+#: How a finished job's status reads in the store (``PromptQueue.history_jobs``' outcomes).
+_OUTCOMES = {"completed": "success", "failed": "error", "cancelled": "interrupted"}
 
 
 async def get_jobs(request: web.Request) -> web.Response:
     query = request.query
+    # Statuses this server does not know (a newer frontend's) match nothing.
     statuses = [s.strip().lower() for s in query.get("status", "").split(",") if s.strip()] or list(JOB_STATUSES)
-    bad = [s for s in statuses if s not in JOB_STATUSES]
-    if bad:
-        return error_response(400, "invalid_status", f"Invalid status value(s): {', '.join(bad)}",
-                              f"valid values: {', '.join(JOB_STATUSES)}")
     sort_by = query.get("sort_by", "created_at").lower()
     sort_order = query.get("sort_order", "desc").lower()
     if sort_by not in ("created_at", "execution_duration") or sort_order not in ("asc", "desc"):
@@ -254,10 +254,9 @@ async def get_jobs(request: web.Request) -> web.Response:
     queued = [(i, s) for i, s in queued if workflow is None or workflow_id(i.extra_data) == workflow]
     keyed: list[tuple[tuple, str, Any]] = [(_queued_key(i, by_duration), i.prompt_id, (i, s)) for i, s in queued]
     total = len(keyed)
-    done = {"completed", "failed"} & set(statuses)
+    done = [_OUTCOMES[s] for s in _OUTCOMES if s in statuses]
     if done:
-        failed = None if len(done) == 2 else "failed" in done
-        count, keys = await asyncio.to_thread(queue.history_jobs, failed=failed, workflow=workflow,
+        count, keys = await asyncio.to_thread(queue.history_jobs, outcomes=done, workflow=workflow,
                                               by_duration=by_duration, descending=descending,
                                               limit=None if limit is None else offset + limit)
         total += count
@@ -317,13 +316,16 @@ def _queued_job(item: QueueItem, status: str) -> dict:
 def _history_job(pid: str, row: dict) -> dict:
     """A finished job from ``PromptQueue.history_summaries``' row."""
     status = row["status"] if isinstance(row["status"], dict) else {}
-    error = None
-    for event, data in status.get("messages", []):
+    error, interrupted = None, False
+    for message in status.get("messages", []):
+        event, data = message if isinstance(message, list) and len(message) == 2 else (None, None)
         if event == "execution_error" and isinstance(data, dict):
             error = data
+        interrupted = interrupted or event == "execution_interrupted"
     outputs = row["outputs"] if isinstance(row["outputs"], dict) else {}
     count, preview = _outputs_summary(outputs)
-    return _prune({"id": pid, "status": "completed" if status.get("status_str") != "error" else "failed",
+    state = "completed" if status.get("status_str") != "error" else "cancelled" if interrupted else "failed"
+    return _prune({"id": pid, "status": state,
                    "priority": row["number"], "create_time": row["create_time"],
                    "execution_start_time": row["exec_start"], "execution_end_time": row["exec_end"],
                    "execution_error": error, "outputs_count": count, "preview_output": preview,
@@ -365,7 +367,7 @@ ROUTES = [
           response=HistoryEntry, tag="history"),
     Route("POST", "/history", post_history, "Clear the history or delete entries", QueueAction, tag="history"),
     Route("GET", "/jobs", get_jobs, "Queue and history as jobs", response=JobsResponse, tag="history",
-          query=(("status", "pending,in_progress,completed,failed"), ("workflow_id", ""),
+          query=(("status", "pending,in_progress,completed,failed,cancelled"), ("workflow_id", ""),
                  ("sort_by", "created_at | execution_duration"), ("sort_order", "asc | desc"),
                  ("limit", ""), ("offset", ""))),
     Route("GET", "/jobs/{job_id}", get_job, "One job with its outputs", tag="history"),

@@ -172,7 +172,7 @@ class UploadResponse(BaseModel):
 
 class Job(BaseModel):
     id: str
-    status: Literal["pending", "in_progress", "completed", "failed"]
+    status: Literal["pending", "in_progress", "completed", "failed", "cancelled"]
     priority: float
     create_time: int | None = None
     execution_start_time: int | None = None
