@@ -96,7 +96,7 @@ def create_app(config: ServerConfig | None = None, registry: Registry | None = N
     app[CONFIG] = config
     app[REGISTRY] = registry if registry is not None else build_registry(config.extra_nodes, config.builtin_nodes)
     app[FOLDERS] = folders
-    app[LIMITS] = ResourceLimits(config.max_pixels, config.max_steps)
+    app[LIMITS] = ResourceLimits(config.max_pixels, config.max_steps, config.max_literal)
     app[API_ROUTES] = ROUTES
     for route in ROUTES:
         for prefix in ("", "/api"):
@@ -257,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
                      "(default 4096×4096; 0: none)")
     sec.add_argument("--max-steps", type=int, default=1000, metavar="N",
                      help="limit on 'steps' inputs, literal or linked (default 1000; 0: none)")
+    sec.add_argument("--max-literal-size", type=int, default=1_000_000, metavar="N",
+                     help="characters in one literal input of a prompt: a text, or a list as JSON "
+                     "(default 1,000,000; 0: none)")
     run = p.add_argument_group("nodes and events")
     run.add_argument("--extra-nodes", action="append", default=[], metavar="MODULE|FILE.py",
                      help="register the nodes of a module or file (repeatable; also $NODEFLOW_EXTRA_NODES, "
@@ -324,6 +327,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         requeue_interrupted=args.requeue_interrupted, max_history=args.max_history, auth_token=args.auth_token or None,
         allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,
+        max_literal=args.max_literal_size,
         previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root,
         device=args.device, precision=args.precision, backend=args.backend, workers=args.workers,
         ray_address=args.ray_address, worker_threads=args.worker_threads, max_tries=args.max_tries,

@@ -49,6 +49,8 @@ class ServerConfig:
     max_pixels: int = 4096 * 4096
     #: Limit on ``steps`` inputs, literal or linked (0: none).
     max_steps: int = 1000
+    #: Characters in one literal input of a prompt: a string, or a list as JSON (0: none).
+    max_literal: int = 1_000_000
     #: Send live previews as binary WebSocket frames (off by default, as several clients
     #: take them for results or crash on them).
     previews: bool = False
@@ -130,12 +132,15 @@ def _fallback(value: Any) -> Any:
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(text=dumps(data), status=status, content_type="application/json", headers=headers)
+    return raw_json(dumps(data), status, headers)
 
 
-def raw_json(text: str, status: int = 200) -> web.Response:
-    """A response from JSON text already made (e.g. the history, assembled from storage)."""
-    return web.Response(text=text, status=status, content_type="application/json")
+def raw_json(text: str, status: int = 200, headers: dict | None = None) -> web.Response:
+    """A response from JSON text already made (e.g. the history, assembled from storage).
+    A lone surrogate (a request's undecodable bytes, echoed back) goes out as its JSON escape
+    ``\\udcff``, never as a failure to encode."""
+    return web.Response(body=text.encode("utf-8", "backslashreplace"), status=status, headers=headers,
+                        content_type="application/json", charset="utf-8")
 
 
 def error_body(type_: str, message: str, details: str = "", extra: dict | None = None) -> dict:

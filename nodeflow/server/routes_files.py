@@ -32,6 +32,7 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from nodeflow.folders import IO_KINDS, Folders, InvalidFileName, UnsafePath, check_file_name
 from nodeflow.server.common import CONFIG, FOLDERS, Route, describe_error, error_response, json_response
@@ -97,7 +98,11 @@ async def view(request: web.Request) -> web.StreamResponse:
     preview, channel = query.get("preview"), query.get("channel", "rgba")
     if preview or channel in ("rgb", "a"):
         try:
-            body, content_type = await asyncio.to_thread(_transform, path, preview, channel)
+            body, content_type = await asyncio.to_thread(_transform, path, preview, channel,
+                                                         request.app[CONFIG].max_pixels)
+        except TooManyPixels as exc:
+            return error_response(400, "too_large", f"Cannot convert {filename!r}: {exc}",
+                                  "the server's --max-pixels sets the limit")
         except Exception as exc:  # noqa: BLE001 - not an image PIL can read
             return error_response(400, "not_an_image", f"Cannot convert {filename!r}",
                                   describe_error(exc, _roots(request.app[FOLDERS])))
@@ -118,11 +123,24 @@ def _disposition(name: str) -> str:
     return text
 
 
-def _transform(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+class TooManyPixels(ValueError):
+    """An image whose header says it decodes to more than the server's ``--max-pixels``."""
+
+
+def check_pixels(img: Any, max_pixels: int) -> None:
+    """Refuse to decode an image (opened, not yet decoded) bigger than ``max_pixels`` (0: any)."""
+    width, height = img.size
+    if max_pixels and width * height > max_pixels:
+        raise TooManyPixels(f"the image is {width} × {height} = {width * height:,} pixels, over the limit of "
+                            f"{max_pixels:,}")
+
+
+def _transform(path: Path, preview: str | None, channel: str, max_pixels: int = 0) -> tuple[bytes, str]:
     from PIL import Image
 
     buffer = io.BytesIO()
     with Image.open(path) as img:
+        check_pixels(img, max_pixels)
         if preview:
             # ComfyUI's "format;quality", e.g. "webp;90" or "jpeg;75".
             parts = preview.split(";")
@@ -166,24 +184,31 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
     upload: IO[bytes] | None = None
     filename = ""
     try:
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "image" and upload is None:
-                filename = part.filename or ""
-                upload = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY)  # noqa: SIM115 - closed below
-                if not await _copy_part(part, upload, limit):
-                    return _too_large(limit)
-            elif part.name in ("overwrite", "subfolder", "type", "original_ref"):
-                buffer = io.BytesIO()
-                if not await _copy_part(part, buffer, _FIELD_LIMIT):
-                    return error_response(400, "invalid_request", f"Form field {part.name!r} is too long")
-                fields[part.name] = buffer.getvalue().decode("utf-8", "replace")
-            else:
-                await part.release()
+        try:
+            async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "image" and upload is None:
+                    filename = part.filename or ""
+                    upload = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY)  # noqa: SIM115 - closed below
+                    if not await _copy_part(part, upload, limit):
+                        return _too_large(limit)
+                elif part.name in ("overwrite", "subfolder", "type", "original_ref"):
+                    buffer = io.BytesIO()
+                    if not await _copy_part(part, buffer, _FIELD_LIMIT):
+                        return error_response(400, "invalid_request", f"Form field {part.name!r} is too long")
+                    fields[part.name] = buffer.getvalue().decode("utf-8", "replace")
+                else:
+                    await part.release()
+        except (BadHttpMessage, ValueError, AssertionError, KeyError, UnicodeError) as exc:
+            # A part whose headers are not HTTP headers (a NUL in a file name...), a missing
+            # boundary, a body cut short: the client's malformed form, never the server's failure.
+            return error_response(400, "invalid_request", "Malformed multipart/form-data body",
+                                  _first_line(exc))
         if upload is None or not filename:
             return error_response(400, "invalid_request", "No file in the form field 'image'")
         config = _upload_fields(fields, filename, mask)
+        config["max_pixels"] = request.app[CONFIG].max_pixels
         upload.seek(0)
         try:
             name = await asyncio.to_thread(_store, request.app[FOLDERS], upload, **config)
@@ -193,6 +218,11 @@ async def _upload(request: web.Request, mask: bool) -> web.Response:
         if upload is not None:
             upload.close()
     return json_response({"name": name, "subfolder": config["subfolder"], "type": config["kind"]})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def _roots(folders: Folders) -> list[Path]:
@@ -261,11 +291,11 @@ def _upload_fields(fields: dict[str, str], filename: str, mask: bool) -> dict[st
 
 
 def _store(folders: Folders, upload: IO[bytes], *, kind: str, subfolder: str, name: str, overwrite: bool,
-           original: dict | None) -> str:
+           original: dict | None, max_pixels: int = 0) -> str:
     """Write the upload (for a mask: the original with the mask as its alpha); returns the name used."""
     target = _resolve(folders, kind, name, subfolder)
     if original is not None:
-        upload = _apply_mask(folders, original, upload)
+        upload = _apply_mask(folders, original, upload, max_pixels)
     target.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
         if target.is_dir():
@@ -332,7 +362,7 @@ def _digest(f: IO[bytes]) -> bytes:
     return h.digest()
 
 
-def _apply_mask(folders: Folders, ref: dict, upload: IO[bytes]) -> IO[bytes]:
+def _apply_mask(folders: Folders, ref: dict, upload: IO[bytes], max_pixels: int = 0) -> IO[bytes]:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -344,14 +374,19 @@ def _apply_mask(folders: Folders, ref: dict, upload: IO[bytes]) -> IO[bytes]:
                                content_type="application/json")
     try:
         with Image.open(original) as img:
+            check_pixels(img, max_pixels)
             info = PngInfo()
             for key, value in getattr(img, "text", {}).items():
                 info.add_text(key, value)
             rgba = img.convert("RGBA")
         with Image.open(upload) as mask_img:
+            check_pixels(mask_img, max_pixels)
             alpha = mask_img.convert("RGBA").getchannel("A")
     except web.HTTPException:
         raise
+    except TooManyPixels as exc:
+        raise web.HTTPBadRequest(text=_err("too_large", f"Cannot apply the mask: {exc} (--max-pixels)"),
+                                 content_type="application/json") from None
     except Exception as exc:  # noqa: BLE001 - unreadable images are the client's error
         raise web.HTTPBadRequest(text=_err("not_an_image", "Cannot read the image or mask: "
                                            + describe_error(exc, _roots(folders))),

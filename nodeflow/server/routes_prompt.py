@@ -57,6 +57,8 @@ from nodeflow.spec import Combo
 #: so are prompts with a node whose validation may read the disk (file-listing choices,
 #: custom ``validate_inputs``). Small in-memory validations (tens of µs) run inline.
 INLINE_VALIDATION_MAX_NODES = 64
+#: The largest POST /prompt body (the workflow, and the editor's copy of it in extra_data).
+MAX_PROMPT_BYTES = 32 * 1024 * 1024
 
 
 # -- POST /prompt ---------------------------------------------------------------------------------
@@ -64,8 +66,12 @@ INLINE_VALIDATION_MAX_NODES = 64
 
 async def post_prompt(request: web.Request) -> web.Response:
     app = request.app
+    body = await read_limited(request, MAX_PROMPT_BYTES)
+    if body is None:
+        return error_response(413, "too_large", f"The request exceeds the limit of {MAX_PROMPT_BYTES:,} bytes "
+                              "for a prompt", node_errors=True)
     try:
-        req = PromptRequest.model_validate_json(await request.read())
+        req = PromptRequest.model_validate_json(body)
     except ValidationError as exc:
         return bad_request(exc)
     if req.prompt is None:
@@ -101,6 +107,19 @@ async def post_prompt(request: web.Request) -> web.Response:
         return error_response(400, "invalid_request", "Cannot queue the prompt", str(exc), node_errors=True)
     app[HUB].queue_changed()
     return json_response({"prompt_id": item.prompt_id, "number": item.number, "node_errors": answer["node_errors"]})
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is longer than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, size = [], 0
+    while chunk := await request.content.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _validate_in_thread(registry: Registry, prompt: dict) -> bool:
