@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from nodeflow.folders import Folders
@@ -101,19 +101,47 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
+class Param:
+    """A query (or path) parameter, documented in /openapi.json with its JSON schema."""
+
+    name: str
+    description: str = ""
+    schema: dict[str, Any] = field(default_factory=lambda: {"type": "string"})
+    required: bool = False
+
+
+STRING: dict[str, Any] = {"type": "string"}
+BOOLEAN_FLAG: dict[str, Any] = {"type": "string", "description": "true, 1 or yes for on"}
+
+
+@dataclass(frozen=True)
 class Route:
-    """One route: served at ``path`` and at ``/api`` + ``path``, documented in /openapi.json."""
+    """One route: served at ``path`` and at ``/api`` + ``path``, documented in /openapi.json
+    with every status it answers."""
 
     method: str
     path: str
     handler: Handler
     summary: str
-    body: type[BaseModel] | None = None
+    #: The request body: a pydantic model, a JSON schema, or None.
+    body: Any = None
+    #: The 200 body: a pydantic model, a JSON schema, or None (any JSON).
     response: Any = None
     tag: str = ""
-    query: tuple[tuple[str, str], ...] = ()
+    query: tuple[Param | tuple[str, str], ...] = ()
     #: The body is multipart form data (documented by ``body``'s fields).
     multipart: bool = False
+    #: The body's media type when not JSON (e.g. ``*/*`` for a file's bytes).
+    body_media: str = "application/json"
+    body_required: bool = True
+    #: The success status, and its media types (none: an empty body).
+    status: int = 200
+    media: tuple[str, ...] = ("application/json",)
+    #: Error statuses of this route, besides those every route may give (401 without the
+    #: token, 403 for a foreign origin or host; 400 and 413 for a route with a body).
+    errors: tuple[int, ...] = ()
+    #: JSON schemas of path parameters (default: a string).
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # -- responses ------------------------------------------------------------------------------------

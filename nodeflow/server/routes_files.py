@@ -35,7 +35,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from nodeflow.folders import IO_KINDS, Folders, InvalidFileName, UnsafePath, check_file_name
-from nodeflow.server.common import CONFIG, FOLDERS, Route, describe_error, error_response, json_response
+from nodeflow.server.common import CONFIG, FOLDERS, Param, Route, describe_error, error_response, json_response
 from nodeflow.server.schemas import MaskUploadForm, UploadForm, UploadResponse
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ def _store_error(exc: OSError, config: dict[str, Any], folders: Folders) -> web.
         return error_response(400, "invalid_filename", "The file name or subfolder is too long")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return error_response(507, "insufficient_storage", "No space left to store the upload")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return error_response(403, "forbidden_path", f"The server may not write to {where}")
     log.error("cannot store upload %s%s: %s", where, name, exc)
     return error_response(500, "server_error", "Cannot store the upload", describe_error(exc, _roots(folders)))
 
@@ -402,11 +404,12 @@ def _apply_mask(folders: Folders, ref: dict, upload: IO[bytes], max_pixels: int 
 
 ROUTES = [
     Route("GET", "/view", view, "An image from output/, input/ or temp/", tag="files",
-          query=(("filename", "the file name (may end in ' [output]' etc.)"), ("subfolder", ""),
-                 ("type", "output (default) | input | temp"), ("preview", "webp;90 | jpeg;90: re-encode"),
-                 ("channel", "rgba (default) | rgb | a"))),
+          query=(Param("filename", "the file name (may end in ' [output]' etc.)", required=True),
+                 Param("subfolder"), Param("type", "output (default), input or temp"),
+                 Param("preview", "webp;90 or jpeg;90: re-encode"), Param("channel", "rgba (default), rgb or a")),
+          media=("*/*",), errors=(400, 404)),
     Route("POST", "/upload/image", upload_image, "Upload an image", UploadForm, UploadResponse, "files",
-          multipart=True),
+          multipart=True, errors=(507,)),
     Route("POST", "/upload/mask", upload_mask, "Upload a mask into an image's alpha channel", MaskUploadForm,
-          UploadResponse, "files", multipart=True),
+          UploadResponse, "files", multipart=True, errors=(404, 507)),
 ]

@@ -146,12 +146,12 @@ def routes() -> list[Route]:
         Route("GET", "/internal/logs/raw", raw_logs, "The server's recent log entries", response=RawLogs,
               tag="internal"),
         Route("PATCH", "/internal/logs/subscribe", subscribe_logs, "Ask for the log over the WebSocket "
-              "(accepted, not streamed)", LogSubscription, tag="internal"),
+              "(accepted, not streamed)", LogSubscription, tag="internal", media=()),
         Route("GET", "/internal/folder_paths", folder_paths, "The model folders of each kind",
               response={"type": "object", "additionalProperties": {"type": "array", "items": string}},
               tag="internal"),
         Route("GET", "/internal/files/{type}", files, "File names in input/, output/ or temp/, newest first",
-              response={"type": "array", "items": string}, tag="internal"),
+              response={"type": "array", "items": string}, tag="internal", errors=(400,)),
     ]
 
 

@@ -29,6 +29,7 @@ from nodeflow.server.common import (
     LIMITS,
     QUEUE,
     REGISTRY,
+    Param,
     Route,
     bad_request,
     dumps,
@@ -39,10 +40,12 @@ from nodeflow.server.common import (
     storage_unavailable,
 )
 from nodeflow.server.schemas import (
+    Deleted,
+    Freed,
     FreeRequest,
     History,
-    HistoryEntry,
     InterruptRequest,
+    JobDetail,
     JobsResponse,
     PromptRequest,
     PromptResponse,
@@ -227,17 +230,22 @@ async def post_history(request: web.Request) -> web.Response:
     return json_response({"deleted": deleted})
 
 
+#: Integer query parameters beyond this are refused (the database holds 64-bit integers).
+QUERY_INT_LIMIT = 2 ** 53
+
+
 def _int_query(query: Any, name: str, minimum: int | None = None) -> int | None:
     """An integer query parameter (None when absent or empty); 400 in ComfyUI's error shape
-    when it is not one, or is below ``minimum``."""
+    when it is not one, is below ``minimum`` or beyond ±``QUERY_INT_LIMIT``."""
     if name not in query or query[name] == "":
         return None
     try:
-        value = int(query[name])
+        value = int(query[name]) if len(query[name]) <= 20 else None
     except ValueError:
         value = None
-    if value is None or (minimum is not None and value < minimum):
-        expected = "an integer" if minimum is None else f"an integer of at least {minimum}"
+    if value is None or (minimum is not None and value < minimum) or abs(value) > QUERY_INT_LIMIT:
+        low = -QUERY_INT_LIMIT if minimum is None else minimum
+        expected = f"an integer from {low} to {QUERY_INT_LIMIT}"
         raise web.HTTPBadRequest(text=dumps({"error": error_body("invalid_query", f"{name} must be {expected}",
                                                                  f"{name}={query[name][:100]!r}")}),
                                  content_type="application/json")
@@ -372,22 +380,35 @@ def _outputs_summary(outputs: dict) -> tuple[int, dict | None]:
     return count, preview or fallback
 
 
+_INTEGER = {"type": "integer", "minimum": -QUERY_INT_LIMIT, "maximum": QUERY_INT_LIMIT}
+
 ROUTES = [
-    Route("POST", "/prompt", post_prompt, "Validate and queue a prompt", PromptRequest, PromptResponse, "queue"),
+    Route("POST", "/prompt", post_prompt, "Validate and queue a prompt", PromptRequest, PromptResponse, "queue",
+          errors=(503,)),
     Route("GET", "/prompt", get_prompt, "Queue status", response=PromptStatus, tag="queue"),
     Route("GET", "/queue", get_queue, "Running and pending prompts", response=QueueResponse, tag="queue"),
-    Route("POST", "/queue", post_queue, "Clear the queue or delete pending prompts", QueueAction, tag="queue"),
+    Route("POST", "/queue", post_queue, "Clear the queue or delete pending prompts", QueueAction, Deleted, "queue",
+          errors=(503,)),
     Route("GET", "/workers", get_workers, "The workers that run prompts", response=WorkersResponse, tag="queue"),
-    Route("POST", "/interrupt", post_interrupt, "Interrupt the running prompt", InterruptRequest, tag="queue"),
-    Route("POST", "/free", post_free, "Release cached models and memory", FreeRequest, tag="queue"),
+    Route("POST", "/interrupt", post_interrupt, "Interrupt the running prompt (or only prompt_id); an empty "
+          "answer, as ComfyUI's", InterruptRequest, tag="queue", body_required=False, media=()),
+    Route("POST", "/free", post_free, "Release cached models and memory", FreeRequest, Freed, "queue",
+          body_required=False),
     Route("GET", "/history", get_history, "Finished prompts, oldest first", response=History, tag="history",
-          query=(("max_items", "the newest N"), ("offset", "skip this many"))),
-    Route("GET", "/history/{prompt_id}", get_history_item, "One finished prompt ({} if unknown)",
-          response=HistoryEntry, tag="history"),
-    Route("POST", "/history", post_history, "Clear the history or delete entries", QueueAction, tag="history"),
+          query=(Param("max_items", "the newest N", {"type": "integer", "minimum": 0, "maximum": QUERY_INT_LIMIT}),
+                 Param("offset", "skip this many", _INTEGER)), errors=(400,)),
+    Route("GET", "/history/{prompt_id}", get_history_item, "One finished prompt, as {prompt_id: entry} ({} if "
+          "unknown)", response=History, tag="history"),
+    Route("POST", "/history", post_history, "Clear the history or delete entries", QueueAction, Deleted, "history",
+          errors=(503,)),
     Route("GET", "/jobs", get_jobs, "Queue and history as jobs", response=JobsResponse, tag="history",
-          query=(("status", "pending,in_progress,completed,failed,cancelled"), ("workflow_id", ""),
-                 ("sort_by", "created_at | execution_duration"), ("sort_order", "asc | desc"),
-                 ("limit", ""), ("offset", ""))),
-    Route("GET", "/jobs/{job_id}", get_job, "One job with its outputs", tag="history"),
+          query=(Param("status", "comma-separated: pending, in_progress, completed, failed, cancelled (others "
+                       "match nothing); all by default"), Param("workflow_id", "the editor workflow's id"),
+                 Param("sort_by", "", {"type": "string", "enum": ["created_at", "execution_duration"]}),
+                 Param("sort_order", "", {"type": "string", "enum": ["asc", "desc"]}),
+                 Param("limit", "", {"type": "integer", "minimum": 1, "maximum": QUERY_INT_LIMIT}),
+                 Param("offset", "", _INTEGER)),
+          errors=(400,)),
+    Route("GET", "/jobs/{job_id}", get_job, "One job with its outputs", response=JobDetail, tag="history",
+          errors=(404,)),
 ]

@@ -48,8 +48,10 @@ async def workflow_templates(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("GET", "/templates/{file}", template_file, "The editor's templates: index.json, NAME.json, "
-          "NAME-1.webp|svg", tag="frontend"),
+    Route("GET", "/templates/{file}", template_file, "The editor's templates: index.json (their "
+          "index), NAME.json (a UI-format workflow), NAME-1.webp or NAME-1.svg (its thumbnail)",
+          tag="frontend", media=("application/json", "image/webp", "image/svg+xml"), errors=(404,)),
     Route("GET", "/workflow_templates", workflow_templates, "Templates of node packages, by package (none)",
+          response={"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
           tag="frontend"),
 ]

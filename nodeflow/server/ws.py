@@ -276,6 +276,7 @@ def server_features(app: web.Application) -> dict[str, Any]:
 
 
 ROUTES = [
-    Route("GET", "/ws", websocket, "WebSocket of ComfyUI's events (?clientId=...)", tag="events",
-          query=(("clientId", "the client id given with POST /prompt"),)),
+    Route("GET", "/ws", websocket, "WebSocket of ComfyUI's events (?clientId=...); 400 for a request that is not a "
+          "WebSocket handshake", tag="events", query=(("clientId", "the client id given with POST /prompt"),),
+          status=101, media=(), errors=(400,)),
 ]

@@ -111,6 +111,29 @@ async def test_openapi_document(tmp_path):
         upload = paths["/upload/image"]["post"]["requestBody"]["content"]
         assert "multipart/form-data" in upload
         assert paths["/history/{prompt_id}"]["get"]["parameters"][0]["name"] == "prompt_id"
+        # Every status a route answers is listed; every error is ComfyUI's error object.
+        for path, methods in paths.items():
+            for method, op in methods.items():
+                assert {"401", "403"} <= set(op["responses"]), (method, path)
+                if "requestBody" in op:
+                    assert {"400", "413"} <= set(op["responses"]), (method, path)
+                for status, answer in op["responses"].items():
+                    if status >= "400":
+                        assert answer["content"]["application/json"]["schema"] == {
+                            "$ref": "#/components/schemas/ErrorResponse"}
+        assert set(paths["/jobs/{job_id}"]["get"]["responses"]) == {"200", "401", "403", "404"}
+        assert set(paths["/userdata/{file}"]["delete"]["responses"]) == {"204", "400", "401", "403", "404", "507"}
+        assert "content" not in paths["/interrupt"]["post"]["responses"]["200"]  # empty, as ComfyUI's
+        assert "101" in paths["/ws"]["get"]["responses"]
+        # The history of one prompt is a map of id -> entry, like the whole history.
+        one = paths["/history/{prompt_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert one == {"$ref": "#/components/schemas/History"}
+        assert schemas["History"]["additionalProperties"] == {"$ref": "#/components/schemas/HistoryEntry"}
+        # Constraints of query parameters.
+        jobs = {p["name"]: p["schema"] for p in paths["/jobs"]["get"]["parameters"]}
+        assert jobs["limit"] == {"type": "integer", "minimum": 1} and jobs["sort_order"]["enum"] == ["asc", "desc"]
+        view = {p["name"]: p for p in paths["/view"]["get"]["parameters"]}
+        assert view["filename"]["required"] is True
 
 
 @async_test
