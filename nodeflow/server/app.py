@@ -7,9 +7,9 @@
 also under ``/api``), the security middlewares, and a ``cleanup_ctx`` that opens the
 persistent queue, recovers from a crash, empties temp/ (as ComfyUI does), applies
 ``--device``/``--precision``, and runs the worker thread for the app's lifetime (all of the
-start-up work off the event loop). Handlers are plain functions in ``routes_prompt``,
-``routes_files``, ``routes_user``, ``routes_info`` and ``ws``; they find what they need in
-the typed app state (``common``).
+start-up work off the event loop). Handlers are plain functions in the ``routes_*`` modules and
+``ws``; they find what they need in the typed app state (``common``). ``frontend`` adds the graph
+editor at / after them.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from nodeflow.server import (
     routes_files,
     routes_info,
     routes_internal,
+    routes_jobs,
     routes_prompt,
     routes_templates,
+    routes_uploads,
     routes_user,
     ws,
 )
@@ -72,7 +74,8 @@ log = logging.getLogger("nodeflow.server")
 
 BackendFactory = Callable[[Registry, ServerConfig], Backend]
 
-ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_user.ROUTES, *routes_info.ROUTES,
+ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_jobs.ROUTES, *routes_files.ROUTES, *routes_uploads.ROUTES,
+                       *routes_user.ROUTES, *routes_info.ROUTES,
                        *routes_templates.ROUTES, *routes_internal.ROUTES, *ws.ROUTES]
 
 

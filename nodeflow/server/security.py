@@ -18,7 +18,7 @@
 - **Logs**: ``AccessLogger`` writes the access log (``--access-log``) with ``token``
   query parameters redacted, in the URL and in the Referer.
 - Upload size (``--max-upload-size``) and file-name confinement are enforced where files
-  are read and written (``routes_files``, ``nodeflow.folders``).
+  are read and written (``routes_files``, ``routes_uploads``, ``nodeflow.folders``).
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ async def test_openapi_document(tmp_path):
         assert schemas["History"]["additionalProperties"] == {"$ref": "#/components/schemas/HistoryEntry"}
         # Constraints of query parameters.
         jobs = {p["name"]: p["schema"] for p in paths["/jobs"]["get"]["parameters"]}
-        assert jobs["limit"] == {"type": "integer", "minimum": 1} and jobs["sort_order"]["enum"] == ["asc", "desc"]
+        assert jobs["limit"] == {"type": "integer", "minimum": 1, "maximum": 2 ** 53}
+        assert jobs["sort_order"]["enum"] == ["asc", "desc"]
         view = {p["name"]: p for p in paths["/view"]["get"]["parameters"]}
         assert view["filename"]["required"] is True
 
