@@ -188,7 +188,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  f"3.steps={args.steps}", f"3.cfg={args.cfg}"]
     args.overrides = overrides
     registry = _registry()
-    return _run_prompt(_load(workflow, overrides, registry), workflow, folders, args, registry=registry)
+    code = _run_prompt(_load(workflow, overrides, registry), workflow, folders, args, registry=registry)
+    if code == EXIT_OK and not args.quiet and not args.json:
+        print("next: `python server.py` (or `nodeflow serve`) and open http://127.0.0.1:8188, the graph editor; "
+              "its template \"txt2img on the demo model\" runs this workflow", file=sys.stderr)
+    return code
 
 
 EXAMPLE_INPUTS = ("example.png", "example_masked.png")
