@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from server_helpers import REPO, free_port
 
-FUZZ_SECONDS = int(os.environ.get("NODEFLOW_FUZZ_SECONDS", "45"))
+FUZZ_SECONDS = int(os.environ.get("NODEFLOW_FUZZ_SECONDS", "30"))
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 
