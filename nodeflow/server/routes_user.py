@@ -82,7 +82,10 @@ async def list_userdata(request: web.Request) -> web.Response:
     except UnsafePath as exc:
         return error_response(403, "forbidden_path", str(exc))
     recurse, full_info, split = (_flag(request, k, False) for k in ("recurse", "full_info", "split"))
-    found = await asyncio.to_thread(_list, root, rel, recurse)
+    try:
+        found = await asyncio.to_thread(_list, root, rel, recurse)
+    except OSError as exc:  # e.g. a folder name longer than the file system allows: 400
+        return _os_error(exc)
     if found is None:
         return error_response(403, "forbidden_path", f"{folder!r} leaves the user folder")
     base = (root / rel).resolve()

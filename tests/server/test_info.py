@@ -269,3 +269,15 @@ async def test_device_and_precision_applied_when_the_worker_starts(tmp_path):
         with pytest.raises(StartupError, match="--device cuda:0"):
             async with serve(tmp_path, device="cuda:0"):
                 pass
+
+
+@async_test
+async def test_user_folder_names_too_long_for_the_file_system_are_the_clients_error(tmp_path):
+    """Found by fuzzing: a 300-byte folder name made os.stat fail (500)."""
+    async with serve(tmp_path) as client:
+        assert (await client.post("/userdata/a.json", data=b"{}")).status == 200
+        for folder in ("x" * 300, "workflows/" + "y" * 300):
+            resp = await client.get("/userdata", params={"dir": folder})
+            assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_filename"
+        resp = await client.post("/userdata/" + "z" * 300, data=b"{}")
+        assert resp.status == 400
