@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nodeflow.folders import InvalidFileName, UnsafePath, confined_path, safe_relative
+from nodeflow.folders import InvalidFileName, UnsafePath, check_file_name, confined_path, safe_relative
 from nodeflow.server.common import BOOLEAN_FLAG, FOLDERS, Param, Route, error_response, json_response
 from nodeflow.server.routes_files import FILE_MODE, SAFE_TYPES
 
@@ -79,6 +79,10 @@ async def list_userdata(request: web.Request) -> web.Response:
     root = user_root(request.app)
     try:
         rel = safe_relative(folder)
+        for part in rel.parts:
+            check_file_name(part)  # each a plain name the file system can hold
+    except InvalidFileName as exc:
+        return error_response(400, "invalid_filename", str(exc))
     except UnsafePath as exc:
         return error_response(403, "forbidden_path", str(exc))
     recurse, full_info, split = (_flag(request, k, False) for k in ("recurse", "full_info", "split"))
