@@ -169,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Make sure the demo checkpoint exists, then run workflows/txt2img.json on it."""
+    """Make sure the demo checkpoint exists, then run workflows/txt2img_demo.json on it."""
     from nodeflow.train import assets
 
     folders = folders_mod.configure(_dir(args.base_dir), output_dir=_dir(args.output_dir))
@@ -183,16 +183,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elif not args.quiet:
             print(f"installed the demo model at {target}", file=sys.stderr)
     _install_example_inputs(folders, args.quiet)
-    workflow = _find_workflow("txt2img.json")
-    overrides = [f"4.ckpt_name={assets.DEMO_CHECKPOINT}", "5.width=64", "5.height=64", f"5.batch_size={args.batch}",
-                 f"6.text={json.dumps(args.prompt)}", '7.text=""', f"3.seed={args.seed}", f"3.steps={args.steps}",
-                 f"3.cfg={args.cfg}", '3.sampler_name="euler"', '3.scheduler="normal"', '9.filename_prefix="demo"']
+    workflow = _find_workflow(DEMO_WORKFLOW)
+    overrides = [f"5.batch_size={args.batch}", f"6.text={json.dumps(args.prompt)}", f"3.seed={args.seed}",
+                 f"3.steps={args.steps}", f"3.cfg={args.cfg}"]
     args.overrides = overrides
     registry = _registry()
-    return _run_prompt(_load(workflow, overrides, registry), workflow, folders, args, registry=registry)
+    code = _run_prompt(_load(workflow, overrides, registry), workflow, folders, args, registry=registry)
+    if code == EXIT_OK and not args.quiet and not args.json:
+        print("next: `python server.py` (or `nodeflow serve`) and open http://127.0.0.1:8188, the graph editor; "
+              "its template \"txt2img on the demo model\" runs this workflow", file=sys.stderr)
+    return code
 
 
 EXAMPLE_INPUTS = ("example.png", "example_masked.png")
+#: The example workflows shipped inside the package (a ``workflows`` link at the top of a
+#: source checkout points here).
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+DEMO_WORKFLOW = "txt2img_demo.json"
 
 
 def _install_example_inputs(folders, quiet: bool = False) -> None:
@@ -212,11 +219,11 @@ def _install_example_inputs(folders, quiet: bool = False) -> None:
 
 
 def _find_workflow(name: str) -> Path:
-    here = Path(__file__).resolve().parents[1] / "workflows" / name
-    for candidate in (Path.cwd() / "workflows" / name, here):
-        if candidate.exists():
-            return candidate
-    raise CliError(f"cannot find workflows/{name} (looked in {Path.cwd()} and {here.parent.parent})")
+    """One of the example workflows nodeflow ships (``nodeflow/workflows/``)."""
+    path = WORKFLOWS / name
+    if not path.exists():
+        raise CliError(f"nodeflow's workflows folder ({WORKFLOWS}) has no {name}: a broken install?")
+    return path
 
 
 def _run_prompt(prompt: dict[str, Any], source, folders, args: argparse.Namespace,

@@ -12,6 +12,12 @@ messages) and every worker (in this process or a Ray actor) sends these same sha
     execution_error        {prompt_id, node_id, node_type, executed, exception_message,
                             exception_type, traceback, current_inputs, current_outputs, timestamp}
     execution_interrupted  {prompt_id, node_id, node_type, executed, timestamp}
+    progress_state         {prompt_id, nodes: {id: {value, max, state, node_id, prompt_id,
+                            display_node_id, parent_node_id, real_node_id}}}
+
+``progress_state`` is derived from the others by ``ProgressState``, wherever a prompt's events
+pass (the server's dispatcher, for every worker): ComfyUI's frontends know the running node
+only from it.
 
 ``current_inputs`` is ComfyUI's: each input's value in a one-element list, made JSON-safe
 (``render_inputs``: a tensor shows as ``"Tensor[1, 4, 64, 64]"``). Nothing here imports torch.
@@ -24,6 +30,7 @@ import math
 import time
 import traceback
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from nodeflow.listexec import is_output_list
@@ -92,6 +99,92 @@ def _fallback(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return repr(value)
+
+
+# -- progress_state ---------------------------------------------------------------------------------
+
+PENDING, RUNNING, FINISHED, ERROR = "pending", "running", "finished", "error"
+
+
+@dataclass
+class NodeProgress:
+    state: str = PENDING
+    value: float = 0.0
+    max: float = 1.0
+
+
+def progress_state(prompt_id: str, nodes: Mapping[str, NodeProgress]) -> dict:
+    """ComfyUI's ``progress_state``: every node that has started (not the pending ones)."""
+    return {"prompt_id": prompt_id, "nodes": {
+        n: {"value": p.value, "max": p.max, "state": p.state, "node_id": n, "prompt_id": prompt_id,
+            "display_node_id": n, "parent_node_id": None, "real_node_id": n}
+        for n, p in nodes.items() if p.state != PENDING}}
+
+
+class ProgressState:
+    """The state of each node of one prompt, followed through the prompt's events, as ComfyUI
+    tracks it: a node is ``running`` from its ``executing`` (value 0 of 1) through its
+    ``progress`` events, ``finished`` (value = max) once it is done or when it was cached, and
+    ``error`` when it failed.
+
+    ``update(event, data)`` returns ``(changed, before)``: whether a ``progress_state`` message
+    is due, and whether it goes before the event (``executing``, ``progress``, the end of the
+    prompt: the frontend sees the state first) or after it (``execution_cached``,
+    ``executed``); ``message()`` builds it."""
+
+    def __init__(self, prompt_id: str) -> None:
+        self.prompt_id = prompt_id
+        self.nodes: dict[str, NodeProgress] = {}
+        self._running: str | None = None
+
+    def message(self) -> dict:
+        return progress_state(self.prompt_id, self.nodes)
+
+    def update(self, event: str, data: Mapping[str, Any]) -> tuple[bool, bool]:
+        if event == "execution_cached":
+            cached = [n for n in data.get("nodes") or () if isinstance(n, str)]
+            for n in cached:
+                self.nodes[n] = NodeProgress(FINISHED, 1.0, 1.0)
+            return bool(cached), False
+        if event == "executing":
+            node = data.get("node")
+            if not isinstance(node, str):
+                return False, True
+            self._finish_running()
+            self.nodes[node] = NodeProgress(RUNNING, 0.0, 1.0)
+            self._running = node
+            return True, True
+        if event == "progress":
+            node = data.get("node")
+            value, total = data.get("value"), data.get("max")
+            if not isinstance(node, str) or not _number(value) or not _number(total):
+                return False, True
+            self.nodes[node] = NodeProgress(RUNNING, float(value), float(total))
+            return True, True
+        if event == "executed":
+            return data.get("node") == self._running and self._finish_running(), False
+        if event == "execution_success":
+            return self._finish_running(), True
+        if event == "execution_error":
+            node = data.get("node_id")
+            if isinstance(node, str):
+                entry = self.nodes.setdefault(node, NodeProgress())
+                entry.state = ERROR
+                self._running = None if node == self._running else self._running
+                return True, True
+        return False, True
+
+    def _finish_running(self) -> bool:
+        node, self._running = self._running, None
+        if node is None:
+            return False
+        entry = self.nodes[node]
+        entry.state, entry.value = FINISHED, entry.max
+        return True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # -- JSON-safe values -----------------------------------------------------------------------------

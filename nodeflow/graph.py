@@ -91,6 +91,9 @@ class NodeError:
     received: Any = NOTHING
     expected: str = ""
     details: str = ""
+    #: Set when this problem refuses the whole prompt, as ComfyUI does (a node without a
+    #: ``class_type``, a node type that does not exist): ComfyUI's message for it.
+    prompt_error: str = ""
 
     def __str__(self) -> str:
         where = f"node {self.node_id}" if self.node_id is not None else "workflow"
@@ -153,8 +156,20 @@ class ValidationReport:
         """True when there is no error at all."""
         return not self.errors and bool(self.outputs)
 
+    @property
+    def refused(self) -> NodeError | None:
+        """The first problem that refuses the whole prompt (see ``NodeError.prompt_error``)."""
+        return next((e for e in self.errors if e.prompt_error), None)
+
     def to_comfy(self, graph: Graph | None = None) -> dict[str, Any]:
-        """ComfyUI's error body: ``{"error": {...}, "node_errors": {...}}``."""
+        """ComfyUI's error body: ``{"error": {...}, "node_errors": {...}}``. A prompt refused
+        whole has ComfyUI's ``invalid_prompt`` error naming the node, and no node errors; when
+        no output can run, ``prompt_outputs_failed_validation`` with the reasons in
+        ``node_errors`` only (its ``details`` empty, as ComfyUI's)."""
+        refused = self.refused
+        if refused is not None:
+            return {"error": {"type": "invalid_prompt", "message": refused.prompt_error,
+                              "details": f"Node ID '#{refused.node_id}'", "extra_info": {}}, "node_errors": {}}
         node_errors: dict[str, Any] = {}
         global_errors = []
         for err in self.errors:
@@ -171,7 +186,7 @@ class ValidationReport:
                      "extra_info": {}}
         elif not self.outputs:
             error = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                     "details": "; ".join(str(e) for e in self.errors[:20]), "extra_info": {}}
+                     "details": "", "extra_info": {}}
         else:
             error = None
         return {"error": error, "node_errors": node_errors}
@@ -221,17 +236,19 @@ def parse(data: Any) -> Graph:
         node_id = str(raw_id)
         if node_id.startswith("_") and not (isinstance(raw, dict) and "class_type" in raw):
             continue  # top-level metadata such as "_meta"
+        looks_like_nodes += isinstance(raw, dict)
         if not isinstance(raw, dict) or "class_type" not in raw:
+            # What ComfyUI's editor sends for a node type the server does not know.
             errors.append(NodeError(node_id, "", "invalid_prompt", "Node is not an object with a 'class_type'",
                                     received=raw if not isinstance(raw, dict) else NOTHING,
-                                    expected='{"class_type": ..., "inputs": {...}}'))
+                                    expected='{"class_type": ..., "inputs": {...}}', prompt_error=MISSING_CLASS_TYPE))
             continue
-        looks_like_nodes += 1
         class_type = raw["class_type"]
         inputs_raw = raw.get("inputs", {})
         if type(class_type) is not str:
             errors.append(NodeError(node_id, "", "invalid_prompt", "'class_type' must be a string",
-                                    received=class_type, expected='a node type name such as "SaveImage"'))
+                                    received=class_type, expected='a node type name such as "SaveImage"',
+                                    prompt_error=MISSING_CLASS_TYPE))
             continue
         if type(inputs_raw) is not dict:
             errors.append(NodeError(node_id, class_type, "invalid_prompt", "'inputs' must be an object",
@@ -252,6 +269,9 @@ def parse(data: Any) -> Graph:
 
 
 _BAD = object()
+#: ComfyUI's messages for a prompt it refuses whole.
+MISSING_CLASS_TYPE = "Cannot execute because a node is missing the class_type property."
+NO_SUCH_NODE = "Cannot execute because node {} does not exist."
 
 
 def _parse_input(value: Any, node_id: str, class_type: str, name: str, errors: list[NodeError]) -> Any:
@@ -322,6 +342,8 @@ def validate(graph: Graph, registry: Registry, outputs: Iterable[str] | None = N
                                 details="add an output node such as SaveImage or PreviewImage"))
 
     tainted = reachable(successors, bad_nodes)
+    if any(e.prompt_error for e in errors):  # ComfyUI refuses such a prompt whole
+        tainted |= set(output_ids)
     good = sorted((o for o in output_ids if o not in tainted), key=id_order)
     failed = _failed_outputs(successors, bad_nodes, tainted, [o for o in output_ids if o in tainted])
     return ValidationReport(errors, good, failed, successors, order)
@@ -492,7 +514,8 @@ def _validate_node(node: NodeEntry, check: _Check) -> list[NodeError]:
         hint = check.registry.suggest(node.class_type)
         return [NodeError(node.id, node.class_type, "invalid_prompt", f"Unknown node type '{node.class_type}'",
                           details=f"did you mean {' or '.join(repr(h) for h in hint)}?" if hint else
-                          "see `nodeflow nodes` for the node types installed")]
+                          "see `nodeflow nodes` for the node types installed",
+                          prompt_error=NO_SUCH_NODE.format(node.class_type))]
     schema = check.schema(cls)
     errors: list[NodeError] = []
     # Only a validate_inputs hook needs the literals gathered.

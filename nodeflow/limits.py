@@ -1,9 +1,10 @@
-"""Resource limits: how much one prompt may ask for (the server's ``--max-pixels`` and
-``--max-steps``), checked in two places.
+"""Resource limits: how much one prompt may ask for (the server's ``--max-pixels``,
+``--max-steps`` and ``--max-literal-size``), checked in two places.
 
 - At validation, ``ResourceLimits.check`` refuses literal inputs named ``width``/``height``/
-  ``batch_size`` whose product exceeds ``max_pixels``, and ``steps`` above ``max_steps``
-  (ComfyUI's input names; the check knows no node type), in ComfyUI's ``node_errors`` shape;
+  ``batch_size`` whose product exceeds ``max_pixels``, ``steps`` above ``max_steps``
+  (ComfyUI's input names; the check knows no node type), and literals longer than
+  ``max_literal`` characters (a string, or a list's JSON), in ComfyUI's ``node_errors`` shape;
   ``apply_limits`` adds them to a validation report.
 - At run time, ``ResourceLimits.before_node`` is an executor hook: it sees each node's resolved
   inputs just before the node runs (values that came through links too): the same ints, the
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,11 +33,15 @@ class ResourceLimits:
 
     max_pixels: int = 4096 * 4096
     max_steps: int = 1000
+    #: Characters in one literal input: a string, or a list or object as JSON.
+    max_literal: int = 1_000_000
 
     def check(self, graph: Graph) -> list[NodeError]:
         errors: list[NodeError] = []
         for node in graph.nodes.values():
             inputs = node.inputs
+            if self.max_literal:
+                errors.extend(self._literal_sizes(node))
             if self.max_pixels and "width" in inputs and "height" in inputs:
                 w, h = _int(inputs["width"]), _int(inputs["height"])
                 b = _int(inputs.get("batch_size", 1))
@@ -56,12 +62,34 @@ class ResourceLimits:
         return errors
 
 
+    def _literal_sizes(self, node: Any) -> list[NodeError]:
+        errors = []
+        for name, value in node.inputs.items():
+            size = _literal_size(value, self.max_literal)
+            if size > self.max_literal:
+                # The value itself is not echoed back: a description of it is.
+                shown = f"a string of {size:,} characters" if isinstance(value, str) else \
+                    f"a {type(value).__name__} of more than {self.max_literal:,} characters as JSON"
+                errors.append(NodeError(
+                    node.id, node.class_type, "value_bigger_than_max", "Literal over the server's size limit",
+                    name, shown, f"at most {self.max_literal:,} characters",
+                    f"the server's --max-literal-size is {self.max_literal:,}"))
+        return errors
+
     # -- at run time ------------------------------------------------------------------------------
 
     def before_node(self, node_id: str, cls: type[Node], inputs: Mapping[str, Any]) -> None:
-        """The executor hook: ``check_inputs`` with the node's declared input types."""
+        """The executor hook: ``check_inputs`` with the node's declared input types, and the
+        pixels of the files it is about to decode (``Node.file_pixels``, from their headers)."""
         kinds = {name: spec.kind for name, (spec, _) in cls.all_inputs().items()}
         self.check_inputs(node_id, cls.type_name, kinds, inputs)
+        if self.max_pixels:
+            try:
+                size = cls.file_pixels(**inputs)
+            except Exception:  # noqa: BLE001 - an unreadable file: the node itself says what is wrong
+                size = None
+            if size is not None:
+                self._pixels(f"node {node_id} ({cls.type_name})", f"its file holds {_shown('', size)}", size)
 
     def check_inputs(self, node_id: str, class_type: str, kinds: Mapping[str, str], inputs: Mapping[str, Any]) -> None:
         """Check a node's resolved inputs just before it runs; raises ``LimitExceeded``.
@@ -167,6 +195,21 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return None
     return value
+
+
+def _literal_size(value: Any, limit: int) -> int:
+    """A literal's length in characters: a string's own, a list's or an object's as JSON (at
+    most ``limit + 1``: enough to know it is too long)."""
+    if isinstance(value, str):
+        return len(value)
+    if type(value) is Link or not isinstance(value, (list, dict)):
+        return 0
+    size = 0
+    for chunk in json.JSONEncoder(ensure_ascii=False, default=repr).iterencode(value):
+        size += len(chunk)
+        if size > limit:
+            return limit + 1
+    return size
 
 
 def _int(value: Any) -> int | None:

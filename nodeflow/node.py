@@ -197,6 +197,14 @@ class Node:
         return None
 
     @classmethod
+    def file_pixels(cls, **inputs: Any) -> tuple[int, int, int] | None:
+        """The pixels this node will decode from the files its inputs name, as ``(frames,
+        height, width)`` read from the files' headers only (None: it reads none, or cannot
+        tell). The server's ``--max-pixels`` is checked against it before the node runs, so
+        that a small file that decodes to a huge picture is refused without decoding it."""
+        return None
+
+    @classmethod
     def all_inputs(cls) -> dict[str, tuple[InputSpec, bool]]:
         """Every non-hidden input: name -> (spec, required)."""
         out = {name: (spec, True) for name, spec in cls.inputs.items()}

@@ -189,6 +189,11 @@ def is_concrete(cls: type[Node]) -> bool:
             and bool(cls.inputs or cls.optional or cls.outputs or cls.output_node))
 
 
+def display_name(cls: type[Node], name: str) -> str:
+    """What the editor shows for node type ``name`` (``cls``'s own name or one of its aliases)."""
+    return cls.display_name if name == cls.type_name else cls.alias_display_names.get(name, name)
+
+
 def node_info(cls: type[Node], name: str) -> dict[str, Any]:
     """One node's schema in ComfyUI's ``/object_info`` shape."""
     return {
@@ -205,7 +210,7 @@ def node_info(cls: type[Node], name: str) -> dict[str, Any]:
         "output_name": [o.name for o in cls.outputs],
         "output_tooltips": [o.tooltip for o in cls.outputs],
         "name": name,
-        "display_name": cls.display_name if name == cls.type_name else cls.alias_display_names.get(name, name),
+        "display_name": display_name(cls, name),
         "description": cls.description,
         "python_module": cls.__module__,
         "category": cls.category,

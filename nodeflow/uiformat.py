@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeflow.graph import WorkflowError, is_ui_format
-from nodeflow.registry import Registry
+from nodeflow.registry import Registry, display_name
 from nodeflow.spec import DynamicCombo
 
 #: Node types that exist only in ComfyUI's editor.
@@ -232,7 +232,7 @@ class _Converter:
                     inputs[name] = _literal(resolved.value) if isinstance(resolved, _Value) else resolved
             title = raw.get("title")
             if not isinstance(title, str) or not title:
-                title = cls.display_name if cls is not None else kind
+                title = display_name(cls, kind) if cls is not None else kind
             out[scope.exec_id(node_id)] = {"inputs": inputs, "class_type": kind, "_meta": {"title": title}}
 
     def _child(self, scope: _Scope, node_id: str, raw: dict[str, Any]) -> _Scope:
@@ -571,7 +571,7 @@ class _GroupNode:
                 if resolved is not None:
                     inputs[name] = _literal(resolved.value) if isinstance(resolved, _Value) else resolved
             title = node.get("title") if isinstance(node.get("title"), str) and node.get("title") else \
-                (cls.display_name if cls is not None else node["type"])
+                (display_name(cls, node["type"]) if cls is not None else node["type"])
             out[self.exec_id(index)] = {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
 
     def _inner_input(self, index: int, slot: int, want: Any, seen: set) -> list | _Value | None:

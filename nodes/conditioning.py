@@ -142,6 +142,7 @@ class ConditioningSetAreaStrength(Node):
     they are combined with), leaving their areas as they are."""
 
     category = "conditioning"
+    display_name = "Conditioning (Set Area Strength)"
     inputs = {
         "conditioning": Socket("CONDITIONING"),
         "strength": Float(default=1.0, min=0.0, max=10.0, step=0.01),
@@ -215,6 +216,7 @@ class AverageConditioning(Node):
 
     category = "conditioning"
     aliases = ("ConditioningAverage",)
+    alias_display_names = {"ConditioningAverage": "Conditioning (Average)"}
     inputs = {
         "conditioning_to": Socket("CONDITIONING"),
         "conditioning_from": Socket("CONDITIONING"),
@@ -262,6 +264,7 @@ class ZeroConditioning(Node):
 
     category = "conditioning"
     aliases = ("ConditioningZeroOut",)
+    alias_display_names = {"ConditioningZeroOut": "Conditioning Zero Out"}
     inputs = {"conditioning": Socket("CONDITIONING")}
     outputs = [Output("CONDITIONING")]
 

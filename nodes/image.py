@@ -22,7 +22,7 @@ class ScaleImage(Node):
     ratio first instead of stretching it."""
 
     category = "image/upscaling"
-    display_name = "Upscale Image"
+    display_name = "ScaleImage"
     aliases = ("ImageScale",)
     alias_display_names = {"ImageScale": "Upscale Image"}
     inputs = {
@@ -47,7 +47,7 @@ class ScaleImageBy(Node):
     """Resizes images by a factor (each side rounded to whole pixels)."""
 
     category = "image/upscaling"
-    display_name = "Upscale Image By"
+    display_name = "ScaleImageBy"
     aliases = ("ImageScaleBy",)
     alias_display_names = {"ImageScaleBy": "Upscale Image By"}
     inputs = {
@@ -70,7 +70,7 @@ class ScaleImageToTotalPixels(Node):
     side is rounded to a multiple of ``resolution_steps``."""
 
     category = "image/upscaling"
-    display_name = "Scale Image to Total Pixels"
+    display_name = "ScaleImageToTotalPixels"
     aliases = ("ImageScaleToTotalPixels",)
     alias_display_names = {"ImageScaleToTotalPixels": "Scale Image to Total Pixels"}
     inputs = {
@@ -99,7 +99,7 @@ class PadImageForOutpaint(Node):
     many pixels inside the original image along the padded sides (quadratically)."""
 
     category = "image"
-    display_name = "Pad Image for Outpainting"
+    display_name = "PadImageForOutpaint"
     aliases = ("ImagePadForOutpaint",)
     alias_display_names = {"ImagePadForOutpaint": "Pad Image for Outpainting"}
     inputs = {
@@ -138,7 +138,7 @@ class ImageInvert(Node):
     """Inverts images (1 − value)."""
 
     category = "image"
-    display_name = "Invert Image"
+    display_name = "Invert Image Colors"
     inputs = {"image": Socket("IMAGE")}
     outputs = [Output("IMAGE")]
 
@@ -152,7 +152,7 @@ class ImageBatch(Node):
     the other gets an opaque one (alpha 1), as recent ComfyUI does."""
 
     category = "image"
-    display_name = "Batch Images"
+    display_name = "Batch Images (DEPRECATED)"
     inputs = {"image1": Socket("IMAGE"), "image2": Socket("IMAGE")}
     outputs = [Output("IMAGE")]
 
@@ -248,7 +248,7 @@ class ImageCrop(Node):
     image; the corner is kept inside it)."""
 
     category = "image/transform"
-    display_name = "Image Crop"
+    display_name = "Crop Image"
     inputs = {
         "image": Socket("IMAGE"),
         "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
@@ -312,7 +312,7 @@ class EmptyImage(Node):
     """A batch of images of one colour (``color`` is 0xRRGGBB)."""
 
     category = "image"
-    display_name = "EmptyImage"
+    display_name = "Empty Image"
     inputs = {
         "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
         "height": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
@@ -407,7 +407,7 @@ class ImageBlend(Node):
     ``image1``, 1 gives the blend. ``image2`` is resized (bicubic, centre crop) if needed."""
 
     category = "image/postprocessing"
-    display_name = "Image Blend"
+    display_name = "Blend Images"
     inputs = {
         "image1": Socket("IMAGE"),
         "image2": Socket("IMAGE"),
@@ -464,7 +464,7 @@ class ImageBlur(Node):
     """Gaussian blur over a (2·radius+1)² window (edges reflected)."""
 
     category = "image/postprocessing"
-    display_name = "Image Blur"
+    display_name = "Blur Image"
     inputs = {
         "image": Socket("IMAGE"),
         "blur_radius": Int(default=1, min=1, max=31, step=1),
@@ -483,7 +483,7 @@ class ImageSharpen(Node):
     neighbourhood, renormalised so flat areas stay unchanged."""
 
     category = "image/postprocessing"
-    display_name = "Image Sharpen"
+    display_name = "Sharpen Image"
     inputs = {
         "image": Socket("IMAGE"),
         "sharpen_radius": Int(default=1, min=1, max=31, step=1),
@@ -519,7 +519,7 @@ class ImageQuantize(Node):
     of size 2, 4, 8 or 16."""
 
     category = "image/postprocessing"
-    display_name = "Image Quantize"
+    display_name = "Quantize Image"
     inputs = {
         "image": Socket("IMAGE"),
         "colors": Int(default=256, min=1, max=256, step=1),

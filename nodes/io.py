@@ -114,6 +114,15 @@ def _check_readable(name: Any, default_kind: str = "input") -> list[str] | None:
     return None
 
 
+def _header_size(name: Any, default_kind: str = "input") -> tuple[int, int, int] | None:
+    """``(frames, height, width)`` of an image file, from its header (nothing is decoded)."""
+    if not isinstance(name, str):
+        return None
+    with _open(name, default_kind) as im:
+        width, height = im.size
+        return max(int(getattr(im, "n_frames", 1) or 1), 1), height, width
+
+
 def _open(name: str, default_kind: str = "input"):
     from PIL import Image, UnidentifiedImageError
 
@@ -169,6 +178,10 @@ class LoadImage(Node):
     @classmethod
     def validate_inputs(cls, image=None, **_):
         return _check_readable(image, cls.folder)
+
+    @classmethod
+    def file_pixels(cls, image=None, **_):
+        return _header_size(image, cls.folder)
 
     def run(self, image):
         import numpy as np
@@ -230,6 +243,11 @@ class LoadImageMask(Node):
     @classmethod
     def validate_inputs(cls, image=None, **_):
         return _check_readable(image)
+
+    @classmethod
+    def file_pixels(cls, image=None, **_):
+        size = _header_size(image)
+        return (1, size[1], size[2]) if size is not None else None
 
     def run(self, image, channel):
         import numpy as np

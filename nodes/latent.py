@@ -22,7 +22,7 @@ class ScaleLatent(Node):
     keeps the aspect ratio; both 0 leave the latent as it is)."""
 
     category = "latent"
-    display_name = "Upscale Latent"
+    display_name = "ScaleLatent"
     aliases = ("LatentUpscale",)
     alias_display_names = {"LatentUpscale": "Upscale Latent"}
     inputs = {
@@ -57,7 +57,7 @@ class ScaleLatentBy(Node):
     """Resizes latents by a factor (each side rounded to whole latent pixels)."""
 
     category = "latent"
-    display_name = "Upscale Latent By"
+    display_name = "ScaleLatentBy"
     aliases = ("LatentUpscaleBy",)
     alias_display_names = {"LatentUpscaleBy": "Upscale Latent By"}
     inputs = {
@@ -90,7 +90,7 @@ class LatentFromBatch(Node):
     whole batch (``batch_index`` is recorded)."""
 
     category = "latent/batch"
-    display_name = "Latent From Batch"
+    display_name = "Get Latent From Batch"
     inputs = {
         "samples": Socket("LATENT"),
         "batch_index": Int(default=0, min=-16384, max=16384),

@@ -72,6 +72,7 @@ class SaveLatent(Node):
     workflow in the file's metadata."""
 
     category = "_for_testing"
+    display_name = "Save Latent"
     inputs = {"samples": Socket("LATENT"), "filename_prefix": String(default="latents/ComfyUI")}
     hidden = {"prompt": Hidden("PROMPT"), "extra_pnginfo": Hidden("EXTRA_PNGINFO")}
     outputs = []
@@ -126,6 +127,7 @@ class LoadLatent(Node):
     format, without the version marker, are divided by 0.18215)."""
 
     category = "_for_testing"
+    display_name = "Load Latent"
     inputs = {"latent": LatentFile(choices=_latent_choices, tooltip="a .latent file in the input folder")}
     outputs = [Output("LATENT")]
 

@@ -130,7 +130,7 @@ class LoadModel(Node):
     detecting its family from the weights."""
 
     category = "loaders"
-    display_name = "Load Checkpoint"
+    display_name = "LoadModel"
     aliases = ("CheckpointLoaderSimple",)
     alias_display_names = {"CheckpointLoaderSimple": "Load Checkpoint"}
     model_inputs = {"ckpt_name": "checkpoints"}
@@ -182,7 +182,7 @@ class LoadModelWithConfig(LoadModel):
     or any config whose ``parameterization`` is "v", forces v-prediction; others force ε).
     ``config_name`` is a .yaml file in models/configs or one of ComfyUI's config names."""
 
-    display_name = "Load Checkpoint With Config (deprecated)"
+    display_name = "LoadModelWithConfig (deprecated)"
     aliases = ("CheckpointLoader",)
     alias_display_names = {"CheckpointLoader": "Load Checkpoint With Config (DEPRECATED)"}
     deprecated = True
@@ -208,6 +208,7 @@ class DiffusersLoader(Node):
     ``text_encoder/``…) from models/diffusers. LoadModel lists these folders too."""
 
     category = "advanced/loaders/deprecated"
+    display_name = "Load Diffusers Model (DEPRECATED)"
     model_inputs = {"model_path": "diffusers"}
     inputs = {"model_path": Combo(choices=diffusers_folders, tooltip="a diffusers folder in models/diffusers")}
     outputs = [Output("MODEL"), Output("CLIP"), Output("VAE")]
@@ -233,7 +234,7 @@ class LoadVAE(Node):
     """Loads a standalone VAE from models/vae."""
 
     category = "loaders"
-    display_name = "Load VAE"
+    display_name = "LoadVAE"
     aliases = ("VAELoader",)
     alias_display_names = {"VAELoader": "Load VAE"}
     model_inputs = {"vae_name": "vae"}
@@ -255,9 +256,9 @@ class LoadLora(Node):
     each with its own strength. The loaded handles are not changed: patched copies are returned."""
 
     category = "loaders"
-    display_name = "Load LoRA"
+    display_name = "LoadLora"
     aliases = ("LoraLoader",)
-    alias_display_names = {"LoraLoader": "Load LoRA"}
+    alias_display_names = {"LoraLoader": "Load LoRA (Model and CLIP)"}
     model_inputs = {"lora_name": "loras"}
     inputs = {
         "model": Socket("MODEL"),
@@ -285,8 +286,9 @@ class LoadLoraModelOnly(Node):
     """Applies a LoRA to the diffusion model only."""
 
     category = "loaders"
-    display_name = "Load LoRA (model only)"
+    display_name = "LoadLoraModelOnly"
     aliases = ("LoraLoaderModelOnly",)
+    alias_display_names = {"LoraLoaderModelOnly": "Load LoRA"}
     model_inputs = {"lora_name": "loras"}
     inputs = {
         "model": Socket("MODEL"),

@@ -26,7 +26,7 @@ class EmptyLatent(Node):
     columns)."""
 
     category = "latent"
-    display_name = "Empty Latent Image"
+    display_name = "EmptyLatent"
     aliases = ("EmptyLatentImage",)
     alias_display_names = {"EmptyLatentImage": "Empty Latent Image"}
     inputs = {
@@ -69,7 +69,7 @@ class Sample(_Sampling, Node):
     (classifier-free guidance). ``denoise`` < 1 keeps part of the input (img2img)."""
 
     category = "sampling"
-    display_name = "KSampler"
+    display_name = "Sample"
     aliases = ("KSampler",)
     alias_display_names = {"KSampler": "KSampler"}
     inputs = {
@@ -102,7 +102,7 @@ class SampleAdvanced(_Sampling, Node):
     (for two-stage workflows such as SDXL base + refiner)."""
 
     category = "sampling"
-    display_name = "KSampler (Advanced)"
+    display_name = "SampleAdvanced"
     aliases = ("KSamplerAdvanced",)
     alias_display_names = {"KSamplerAdvanced": "KSampler (Advanced)"}
     inputs = {

@@ -17,7 +17,7 @@ class LoadUpscaleModel(Node):
     or Real-ESRGAN's compact SRVGGNetCompact. The architecture and the scale are read from the weights."""
 
     category = "loaders"
-    display_name = "Load Upscale Model"
+    display_name = "LoadUpscaleModel"
     aliases = ("UpscaleModelLoader",)
     alias_display_names = {"UpscaleModelLoader": "Load Upscale Model"}
     model_inputs = {"model_name": KIND}
@@ -46,7 +46,7 @@ class UpscaleImageWithModel(Node):
     each image of the batch on its own; reports progress per tile."""
 
     category = "image/upscaling"
-    display_name = "Upscale Image (using Model)"
+    display_name = "UpscaleImageWithModel"
     aliases = ("ImageUpscaleWithModel",)
     alias_display_names = {"ImageUpscaleWithModel": "Upscale Image (using Model)"}
     inputs = {"upscale_model": Socket("UPSCALE_MODEL"), "image": Socket("IMAGE")}

@@ -10,8 +10,10 @@ models were used least recently (so what gets evicted is what was wanted least).
 order is kept: routing picks the worker, never the prompt.
 
 Each prompt then runs in a thread of its own: events go out as they come (``emit(event, data,
-client_id)``), the history entry is written, and only then the closing ``executing`` with
-``node: None`` is sent (clients read the history the moment they see it). A worker that dies
+client_id)``), with ComfyUI's ``progress_state`` derived from them here, so that a remote
+worker's prompt gets them too; the history entry is written, the queue's new length announced
+(``on_change``), and only then the closing ``executing`` with ``node: None`` is sent (clients
+read the history the moment they see it). A worker that dies
 under its prompt (``WorkerLost``) sends the prompt back to the queue, at its place, to run on
 another worker, up to ``max_tries`` runs; then it fails naming the worker. A write the
 database refuses (disk full) is tried again every second until it goes through: nothing
@@ -63,10 +65,11 @@ class Dispatcher:
     """Runs the queue's prompts on a backend's workers, several at a time (one per worker).
 
     ``emit(event, data, client_id)`` receives every event about a prompt (called from the
-    prompt's thread; it must not block for long). ``on_change()`` is called when the queue's
-    length changed (a prompt finished or went back to the queue). ``registry``, when given,
-    tells which model files a prompt names (for routing); without it prompts go to the
-    least recently used idle worker.
+    prompt's thread; it must not block for long); an ``emit`` with a ``listening(client_id)``
+    method is asked first whether anyone listens before ``progress_state`` is built.
+    ``on_change()`` is called when the queue's length changed (a prompt finished or went back
+    to the queue). ``registry``, when given, tells which model files a prompt names (for
+    routing); without it prompts go to the least recently used idle worker.
     """
 
     def __init__(self, queue: PromptQueue, backend: Backend, emit: Emit | None = None,
@@ -279,6 +282,9 @@ class Dispatcher:
             except Exception:  # a lost event must not fail the prompt
                 log.exception("could not deliver %s for prompt %s", event, pid)
 
+        progress = events.ProgressState(pid)
+        listening = getattr(self._emit, "listening", None)
+
         def observer(event: str, data: dict) -> None:
             if event in events.STATUS_EVENTS:
                 messages.append([event, data])
@@ -286,7 +292,14 @@ class Dispatcher:
                 run.node = data.get("node")
             elif event == "execution_start" and run.cancel:
                 worker.interrupt(pid)  # asked before the executor was listening
+            changed, before = progress.update(event, data)
+            # The message lists every node that started: build it only for someone listening.
+            changed = changed and (listening is None or listening(client))
+            if changed and before:
+                send("progress_state", progress.message())
             send(event, data)
+            if changed and not before:
+                send("progress_state", progress.message())
 
         try:
             if run.cancel:
@@ -346,8 +359,8 @@ class Dispatcher:
             return
         except QueueError:  # closed under us: the next start's recover() decides
             return
+        self._changed()  # ComfyUI's order: the queue's new length, then the closing message
         send("executing", closing)
-        self._changed()
 
     def _changed(self) -> None:
         try:
@@ -360,9 +373,9 @@ class Dispatcher:
     def _defer(self, what: str, write: Callable[[], None], then: Callable[[], None] | None) -> None:
         def attempt() -> None:
             write()
+            self._changed()
             if then is not None:
                 then()
-            self._changed()
 
         with self._cond:
             self._deferred.append((what, attempt))

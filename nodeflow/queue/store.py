@@ -160,7 +160,8 @@ _WORKER_COLUMNS = (("worker", "TEXT"), ("tries", "INTEGER NOT NULL DEFAULT 0"))
 _JOB_COLUMNS = (
     ("create_time", "INTEGER"),              # extra_data.create_time (ms), as the submitter set it
     ("workflow_id", "TEXT"),                 # extra_data.extra_pnginfo.workflow.id
-    ("status_str", "TEXT"),                  # 'success' | 'error' once done
+    ("status_str", "TEXT"),                  # 'success' | 'error' | 'interrupted' once done (the JSON
+                                             # status keeps ComfyUI's 'success' | 'error')
     ("exec_start", "INTEGER"),               # timestamps (ms) of execution_start and of the end event
     ("exec_end", "INTEGER"),
 )
@@ -331,6 +332,18 @@ class PromptQueue:
             if last:
                 log.info("added the jobs columns to %s", self.path)
         self._db.execute(_JOB_INDEX)
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < 1:
+            self._mark_interrupted()
+            self._db.execute("PRAGMA user_version = 1")
+
+    def _mark_interrupted(self) -> None:
+        """Databases of earlier versions stored interrupted prompts as 'error' in the jobs
+        columns: tell them apart (the jobs view's 'cancelled')."""
+        rows = self._db.execute("SELECT seq, status FROM prompts WHERE state = 'done' AND status_str = 'error'"
+                                ).fetchall()
+        seqs = [(seq,) for seq, status in rows if _was_interrupted(status)]
+        if seqs:
+            self._db.executemany("UPDATE prompts SET status_str = 'interrupted' WHERE seq = ?", seqs)
 
     def _repair_numbers(self) -> None:
         """Bring stored numbers out of range (infinities from an older server) back within
@@ -470,7 +483,7 @@ class PromptQueue:
                 cur = self._db.execute(
                     "UPDATE prompts SET state = 'done', finished = ?, finished_seq = ?, status = ?, result = ?, "
                     "meta = ?, status_str = ?, exec_start = ?, exec_end = ?, worker = NULL WHERE prompt_id = ?",
-                    (time.time(), self._finished_seq + 1, status_text, result_text, meta_text, outcome.status_str,
+                    (time.time(), self._finished_seq + 1, status_text, result_text, meta_text, _outcome(outcome),
                      start, end, item.prompt_id))
             except sqlite3.Error as exc:
                 raise StorageError(f"record the history of prompt {item.prompt_id!r}", exc) from exc
@@ -652,17 +665,27 @@ class PromptQueue:
     def history_count(self) -> int:
         return self._done
 
-    def history_jobs(self, *, failed: bool | None = None, workflow: str | None = None, by_duration: bool = False,
-                     descending: bool = True, limit: int | None = None) -> tuple[int, list[tuple]]:
+    def history_jobs(self, *, outcomes: Iterable[str] | None = None, workflow: str | None = None,
+                     by_duration: bool = False, descending: bool = True,
+                     limit: int | None = None) -> tuple[int, list[tuple]]:
         """The history as the jobs view sorts it, without decoding any entry: ``(total,
         keys)``, ``keys`` being at most ``limit`` tuples ``(sort key, prompt_id)`` in order.
-        ``failed``: only the failed (True) or the successful (False) ones; ``workflow``:
+        ``outcomes``: only those that ended so ("success", "error", "interrupted"); ``workflow``:
         only those of that editor workflow id. The sort key is ``(create_time, number,
         prompt_id)``, or with ``by_duration`` ``(run time in ms, create_time, number,
         prompt_id)``; the jobs still queued sort by the same keys."""
         where, params = "state = 'done'", []
-        if failed is not None:
-            where += " AND status_str = 'error'" if failed else " AND COALESCE(status_str, '') != 'error'"
+        if outcomes is not None:
+            wanted = set(outcomes)
+            if not wanted <= {"success", "error", "interrupted"}:
+                raise ValueError(f"unknown outcome(s): {', '.join(sorted(wanted))}")
+            # An entry whose outcome was never recorded counts as a success, as in ComfyUI.
+            clauses = ["COALESCE(status_str, '') NOT IN ('error', 'interrupted')"] if "success" in wanted else []
+            others = sorted(wanted - {"success"})
+            if others:
+                clauses.append(f"status_str IN ({', '.join('?' * len(others))})")
+                params += others
+            where += f" AND ({' OR '.join(clauses)})" if clauses else " AND 0"
         if workflow is not None:
             where += " AND workflow_id = ?"
             params.append(workflow)
@@ -833,7 +856,25 @@ def _job_columns(extra_text: str, status_text: str | None) -> tuple:
     status = status if isinstance(status, dict) else None
     start, end = _run_times(status.get("messages") if status else ())
     status_str = status.get("status_str") if status else None
+    if status_str == "error" and _was_interrupted(status_text):
+        status_str = "interrupted"
     return _create_time(extra), workflow_id(extra), status_str if isinstance(status_str, str) else None, start, end
+
+
+def _outcome(outcome: Outcome) -> str:
+    """The jobs columns' ``status_str``: how the prompt ended."""
+    return outcome.status if outcome.status in ("success", "interrupted") else "error"
+
+
+def _was_interrupted(status_text: str | None) -> bool:
+    """Whether a stored history status says the prompt was interrupted."""
+    try:
+        status = json.loads(status_text) if status_text else None
+    except ValueError:
+        return False
+    messages = status.get("messages") if isinstance(status, dict) else None
+    return isinstance(messages, list) and any(
+        isinstance(m, list) and m[:1] == ["execution_interrupted"] for m in messages)
 
 
 _HISTORY_SELECT = ("SELECT number, prompt_id, prompt, extra_data, outputs, status, result, meta FROM prompts "

@@ -4,11 +4,13 @@
     app = create_app(ServerConfig(base_dir="..."), registry)   # an aiohttp Application
 
 Modules: ``app`` (factory, the queue and its workers for the app's lifetime, command line),
-``routes_prompt`` (prompts, queue, history, jobs, workers), ``routes_files`` (/view,
-uploads), ``routes_user`` (the frontend's user files), ``routes_info`` (schemas, models,
-system, frontend settings), ``ws`` (the WebSocket and event routing), ``security`` (auth,
-origin and host checks, the access log), ``schemas`` (pydantic bodies, /openapi.json). The
-prompts themselves run in ``nodeflow.queue``'s workers.
+``routes_prompt`` (prompts, queue, history, workers), ``routes_jobs`` (the jobs view),
+``routes_files`` (/view), ``routes_uploads`` (uploads), ``routes_user`` (the frontend's user
+files), ``routes_info`` (schemas, models, system, frontend settings), ``routes_templates`` (the
+editor's templates), ``routes_internal`` (ComfyUI's /internal routes: logs, folders),
+``frontend`` (the graph editor at /), ``ws`` (the WebSocket and event routing), ``security``
+(auth, origin and host checks, the access log), ``schemas`` (pydantic bodies) and ``openapi``
+(/openapi.json). The prompts themselves run in ``nodeflow.queue``'s workers.
 """
 
 from nodeflow.registry import build_registry

@@ -7,9 +7,9 @@
 also under ``/api``), the security middlewares, and a ``cleanup_ctx`` that opens the
 persistent queue, recovers from a crash, empties temp/ (as ComfyUI does), applies
 ``--device``/``--precision``, and runs the worker thread for the app's lifetime (all of the
-start-up work off the event loop). Handlers are plain functions in ``routes_prompt``,
-``routes_files``, ``routes_user``, ``routes_info`` and ``ws``; they find what they need in
-the typed app state (``common``).
+start-up work off the event loop). Handlers are plain functions in the ``routes_*`` modules and
+``ws``; they find what they need in the typed app state (``common``). ``frontend`` adds the graph
+editor at / after them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,18 @@ from nodeflow.queue import (
     default_db_path,
 )
 from nodeflow.registry import Registry, build_registry
-from nodeflow.server import routes_files, routes_info, routes_prompt, routes_user, ws
+from nodeflow.server import (
+    frontend,
+    routes_files,
+    routes_info,
+    routes_internal,
+    routes_jobs,
+    routes_prompt,
+    routes_templates,
+    routes_uploads,
+    routes_user,
+    ws,
+)
 from nodeflow.server.common import (
     API_ROUTES,
     CONFIG,
@@ -63,8 +74,9 @@ log = logging.getLogger("nodeflow.server")
 
 BackendFactory = Callable[[Registry, ServerConfig], Backend]
 
-ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_user.ROUTES, *routes_info.ROUTES,
-                       *ws.ROUTES]
+ROUTES: list[Route] = [*routes_prompt.ROUTES, *routes_jobs.ROUTES, *routes_files.ROUTES, *routes_uploads.ROUTES,
+                       *routes_user.ROUTES, *routes_info.ROUTES,
+                       *routes_templates.ROUTES, *routes_internal.ROUTES, *ws.ROUTES]
 
 
 class StartupError(Exception):
@@ -87,7 +99,7 @@ def create_app(config: ServerConfig | None = None, registry: Registry | None = N
     app[CONFIG] = config
     app[REGISTRY] = registry if registry is not None else build_registry(config.extra_nodes, config.builtin_nodes)
     app[FOLDERS] = folders
-    app[LIMITS] = ResourceLimits(config.max_pixels, config.max_steps)
+    app[LIMITS] = ResourceLimits(config.max_pixels, config.max_steps, config.max_literal)
     app[API_ROUTES] = ROUTES
     for route in ROUTES:
         for prefix in ("", "/api"):
@@ -95,8 +107,10 @@ def create_app(config: ServerConfig | None = None, registry: Registry | None = N
                 app.router.add_get(prefix + route.path, route.handler)  # HEAD too
             else:
                 app.router.add_route(route.method, prefix + route.path, route.handler)
-    if config.web_root:
-        _serve_frontend(app, Path(config.web_root))
+    app[frontend.EDITOR] = frontend.find_frontend(config.web_root)
+    frontend.serve(app, app[frontend.EDITOR])
+    app[routes_internal.LOGS] = routes_internal.LogBuffer()
+    app.cleanup_ctx.append(routes_internal.capture_logs)
     app.cleanup_ctx.append(_worker(backend))
     app.on_shutdown.append(_close_websockets)
     return app
@@ -208,16 +222,6 @@ async def json_errors(request: web.Request, handler):
 _ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-def _serve_frontend(app: web.Application, root: Path) -> None:
-    index = root / "index.html"
-
-    async def home(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
-
-    app.router.add_get("/", home)
-    app.router.add_static("/", root, follow_symlinks=False)
-
-
 # -- command line -------------------------------------------------------------------------------------
 
 
@@ -256,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
                      "(default 4096×4096; 0: none)")
     sec.add_argument("--max-steps", type=int, default=1000, metavar="N",
                      help="limit on 'steps' inputs, literal or linked (default 1000; 0: none)")
+    sec.add_argument("--max-literal-size", type=int, default=1_000_000, metavar="N",
+                     help="characters in one literal input of a prompt: a text, or a list as JSON "
+                     "(default 1,000,000; 0: none)")
     run = p.add_argument_group("nodes and events")
     run.add_argument("--extra-nodes", action="append", default=[], metavar="MODULE|FILE.py",
                      help="register the nodes of a module or file (repeatable; also $NODEFLOW_EXTRA_NODES, "
@@ -281,7 +288,8 @@ def parser() -> argparse.ArgumentParser:
                          help="runs a prompt may lose with a worker that dies before it fails (default 3)")
     run.add_argument("--preview", action="store_true", help="send live previews as binary WebSocket frames")
     run.add_argument("--preview-size", type=int, default=512, metavar="PX")
-    run.add_argument("--web-root", metavar="DIR", help="serve a web frontend's files at /")
+    run.add_argument("--web-root", metavar="DIR", help="serve this web frontend build at / (default: the graph editor "
+                     "of pip install \"nodeflow[web]\", ComfyUI's frontend package, when installed)")
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -322,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         requeue_interrupted=args.requeue_interrupted, max_history=args.max_history, auth_token=args.auth_token or None,
         allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,
+        max_literal=args.max_literal_size,
         previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root,
         device=args.device, precision=args.precision, backend=args.backend, workers=args.workers,
         ray_address=args.ray_address, worker_threads=args.worker_threads, max_tries=args.max_tries,
@@ -354,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     urls = ", ".join(f"http://{'[' + h + ']' if ':' in h else h}:{config.port}" for h in config.hosts)
+    editor = app[frontend.EDITOR]
+    urls += f" (graph editor: {editor.source})" if editor else " (no graph editor: pip install \"nodeflow[web]\")"
     try:
         web.run_app(app, host=config.hosts, port=config.port, print=lambda _: log.info("serving on %s", urls),
                     access_log=logging.getLogger("nodeflow.access") if args.access_log else None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import ValidationError
 
 from nodeflow.events import dumps
 
@@ -50,6 +50,8 @@ class ServerConfig:
     max_pixels: int = 4096 * 4096
     #: Limit on ``steps`` inputs, literal or linked (0: none).
     max_steps: int = 1000
+    #: Characters in one literal input of a prompt: a string, or a list as JSON (0: none).
+    max_literal: int = 1_000_000
     #: Send live previews as binary WebSocket frames (off by default, as several clients
     #: take them for results or crash on them).
     previews: bool = False
@@ -100,31 +102,62 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
+class Param:
+    """A query (or path) parameter, documented in /openapi.json with its JSON schema."""
+
+    name: str
+    description: str = ""
+    schema: dict[str, Any] = field(default_factory=lambda: {"type": "string"})
+    required: bool = False
+
+
+STRING: dict[str, Any] = {"type": "string"}
+BOOLEAN_FLAG: dict[str, Any] = {"type": "string", "description": "true, 1 or yes for on"}
+
+
+@dataclass(frozen=True)
 class Route:
-    """One route: served at ``path`` and at ``/api`` + ``path``, documented in /openapi.json."""
+    """One route: served at ``path`` and at ``/api`` + ``path``, documented in /openapi.json
+    with every status it answers."""
 
     method: str
     path: str
     handler: Handler
     summary: str
-    body: type[BaseModel] | None = None
+    #: The request body: a pydantic model, a JSON schema, or None.
+    body: Any = None
+    #: The 200 body: a pydantic model, a JSON schema, or None (any JSON).
     response: Any = None
     tag: str = ""
-    query: tuple[tuple[str, str], ...] = ()
+    query: tuple[Param | tuple[str, str], ...] = ()
     #: The body is multipart form data (documented by ``body``'s fields).
     multipart: bool = False
+    #: The body's media type when not JSON (e.g. ``*/*`` for a file's bytes).
+    body_media: str = "application/json"
+    body_required: bool = True
+    #: The success status, and its media types (none: an empty body).
+    status: int = 200
+    media: tuple[str, ...] = ("application/json",)
+    #: Error statuses of this route, besides those every route may give (401 without the
+    #: token, 403 for a foreign origin or host; 400 and 413 for a route with a body).
+    errors: tuple[int, ...] = ()
+    #: JSON schemas of path parameters (default: a string).
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # -- responses ------------------------------------------------------------------------------------
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(text=dumps(data), status=status, content_type="application/json", headers=headers)
+    return raw_json(dumps(data), status, headers)
 
 
-def raw_json(text: str, status: int = 200) -> web.Response:
-    """A response from JSON text already made (e.g. the history, assembled from storage)."""
-    return web.Response(text=text, status=status, content_type="application/json")
+def raw_json(text: str, status: int = 200, headers: dict | None = None) -> web.Response:
+    """A response from JSON text already made (e.g. the history, assembled from storage).
+    A lone surrogate (a request's undecodable bytes, echoed back) goes out as its JSON escape
+    ``\\udcff``, never as a failure to encode."""
+    return web.Response(body=text.encode("utf-8", "backslashreplace"), status=status, headers=headers,
+                        content_type="application/json", charset="utf-8")
 
 
 def error_body(type_: str, message: str, details: str = "", extra: dict | None = None) -> dict:
@@ -138,6 +171,18 @@ def error_response(status: int, type_: str, message: str, details: str = "", *, 
     if node_errors:
         body["node_errors"] = {}
     return json_response(body, status, headers)
+
+
+def bad_request(exc: ValidationError) -> web.Response:
+    """400 for a request body its model refused, in ComfyUI's error shape."""
+    errors = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        first = errors[0]
+        body = error_body("invalid_json", "The request body is not valid JSON", str(first.get("msg", "")))
+    else:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
+        body = error_body("invalid_request", "Invalid request body", details)
+    return json_response({"error": body, "node_errors": {}}, 400)
 
 
 def storage_unavailable(exc: Exception) -> web.Response:

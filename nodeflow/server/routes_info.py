@@ -29,7 +29,8 @@ from nodeflow.server.common import (
     error_response,
     json_response,
 )
-from nodeflow.server.schemas import Features, SystemStats, openapi
+from nodeflow.server.openapi import openapi
+from nodeflow.server.schemas import Features, ObjectInfo, SystemStats, Users
 from nodeflow.server.ws import server_features
 
 
@@ -230,25 +231,34 @@ async def openapi_json(request: web.Request) -> web.Response:
     return json_response(openapi(request.app[API_ROUTES], __version__))
 
 
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_OBJECT = {"type": "object"}
+
 ROUTES = [
-    Route("GET", "/object_info", object_info, "Every node type's schema", tag="info"),
-    Route("GET", "/object_info/{node_class}", object_info_one, "One node type's schema ({} if unknown)", tag="info"),
-    Route("GET", "/models", models, "Model folder names", tag="info"),
-    Route("GET", "/models/{folder}", models_of, "The model files of a folder", tag="info"),
-    Route("GET", "/embeddings", embeddings, "Embedding names", tag="info"),
+    Route("GET", "/object_info", object_info, "Every node type's schema", response=ObjectInfo, tag="info"),
+    Route("GET", "/object_info/{node_class}", object_info_one, "One node type's schema ({} if unknown)",
+          response=ObjectInfo, tag="info"),
+    Route("GET", "/models", models, "Model folder names", response=_STRINGS, tag="info"),
+    Route("GET", "/models/{folder}", models_of, "The model files of a folder", response=_STRINGS, tag="info",
+          errors=(404,)),
+    Route("GET", "/embeddings", embeddings, "Embedding names", response=_STRINGS, tag="info"),
     Route("GET", "/system_stats", system_stats, "Python, torch, RAM and devices", response=SystemStats, tag="info"),
-    Route("GET", "/extensions", extensions, "Web extensions (none)", tag="info"),
+    Route("GET", "/extensions", extensions, "Web extensions (none)", response=_STRINGS, tag="info"),
     Route("GET", "/features", features, "Server feature flags", response=Features, tag="info"),
-    Route("GET", "/users", users, "Single-user mode", tag="frontend"),
-    Route("GET", "/settings", get_settings, "The frontend's settings", tag="frontend"),
-    Route("POST", "/settings", post_settings, "Store frontend settings", tag="frontend"),
+    Route("GET", "/users", users, "Single-user mode", response=Users, tag="frontend"),
+    Route("GET", "/settings", get_settings, "The frontend's settings", response=_OBJECT, tag="frontend"),
+    Route("POST", "/settings", post_settings, "Store frontend settings", _OBJECT, _OBJECT, "frontend",
+          errors=(503,)),
     Route("GET", "/settings/{setting_id}", get_setting, "One setting (null if unset)", tag="frontend"),
-    Route("POST", "/settings/{setting_id}", post_setting, "Store one setting", tag="frontend"),
-    Route("GET", "/experiment/models", experiment_models, "Model folders and where they are", tag="info"),
+    Route("POST", "/settings/{setting_id}", post_setting, "Store one setting (the body: its JSON value)", {},
+          _OBJECT, "frontend", errors=(503,)),
+    Route("GET", "/experiment/models", experiment_models, "Model folders and where they are",
+          response={"type": "array", "items": {"$ref": "#/components/schemas/ModelFolder"}}, tag="info"),
     Route("GET", "/experiment/models/{folder}", experiment_models_of, "The model files of a folder, with their "
-          "folder's index", tag="info"),
-    Route("GET", "/global_subgraphs", empty_object, "Subgraph blueprints (none)", tag="frontend"),
-    Route("GET", "/node_replacements", empty_object, "Node replacements (none)", tag="frontend"),
-    Route("GET", "/i18n", i18n, "Translations of node packages (none)", tag="frontend"),
-    Route("GET", "/openapi.json", openapi_json, "This document", tag="info"),
+          "folder's index", response={"type": "array", "items": {"$ref": "#/components/schemas/ModelFile"}},
+          tag="info", errors=(404,)),
+    Route("GET", "/global_subgraphs", empty_object, "Subgraph blueprints (none)", response=_OBJECT, tag="frontend"),
+    Route("GET", "/node_replacements", empty_object, "Node replacements (none)", response=_OBJECT, tag="frontend"),
+    Route("GET", "/i18n", i18n, "Translations of node packages (none)", response=_OBJECT, tag="frontend"),
+    Route("GET", "/openapi.json", openapi_json, "This document", response=_OBJECT, tag="info"),
 ]

@@ -28,8 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from nodeflow.folders import InvalidFileName, UnsafePath, confined_path, safe_relative
-from nodeflow.server.common import FOLDERS, Route, error_response, json_response
+from nodeflow.folders import InvalidFileName, UnsafePath, check_file_name, confined_path, safe_relative
+from nodeflow.server.common import BOOLEAN_FLAG, FOLDERS, Param, Route, error_response, json_response
 from nodeflow.server.routes_files import FILE_MODE, SAFE_TYPES
 
 USER = "default"
@@ -79,10 +79,17 @@ async def list_userdata(request: web.Request) -> web.Response:
     root = user_root(request.app)
     try:
         rel = safe_relative(folder)
+        for part in rel.parts:
+            check_file_name(part)  # each a plain name the file system can hold
+    except InvalidFileName as exc:
+        return error_response(400, "invalid_filename", str(exc))
     except UnsafePath as exc:
         return error_response(403, "forbidden_path", str(exc))
     recurse, full_info, split = (_flag(request, k, False) for k in ("recurse", "full_info", "split"))
-    found = await asyncio.to_thread(_list, root, rel, recurse)
+    try:
+        found = await asyncio.to_thread(_list, root, rel, recurse)
+    except OSError as exc:  # e.g. a folder name longer than the file system allows: 400
+        return _os_error(exc)
     if found is None:
         return error_response(403, "forbidden_path", f"{folder!r} leaves the user folder")
     base = (root / rel).resolve()
@@ -218,18 +225,34 @@ def _os_error(exc: OSError) -> web.Response:
         return error_response(400, "invalid_filename", "The name is too long")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return error_response(507, "insufficient_storage", "No space left")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return error_response(403, "forbidden_path", "The server may not write there")
     return error_response(500, "server_error", "Cannot store the user data file", exc.strerror or type(exc).__name__)
 
 
+#: A path parameter of any characters (a file name may hold a newline).
+_ANY = r"[\s\S]+"
+_SAVED = {"anyOf": [{"type": "string", "description": "the file's path in the user folder"},
+                   {"$ref": "#/components/schemas/FileInfo"}]}
+_LISTED = {"type": "array", "items": {"anyOf": [{"type": "string"}, {"$ref": "#/components/schemas/FileInfo"},
+                                                {"type": "array", "items": {"type": "string"}}]}}
+_FLAGS = (Param("overwrite", "false: 409 if the destination exists", BOOLEAN_FLAG),
+          Param("full_info", "true: answer {path, size, modified}", BOOLEAN_FLAG))
+
 ROUTES = [
-    Route("GET", "/userdata", list_userdata, "The user's files in a folder", tag="frontend",
-          query=(("dir", "the folder, e.g. workflows"), ("recurse", "true: subfolders too"),
-                 ("full_info", "true: {path, size, modified} each"), ("split", "true: [path, *parts] each"))),
+    Route("GET", "/userdata", list_userdata, "The user's files in a folder", tag="frontend", response=_LISTED,
+          query=(Param("dir", "the folder, e.g. workflows", required=True),
+                 Param("recurse", "true: subfolders too", BOOLEAN_FLAG),
+                 Param("full_info", "true: {path, size, modified} each", BOOLEAN_FLAG),
+                 Param("split", "true: [path, *parts] each", BOOLEAN_FLAG)), errors=(400,)),
     # Before the plain {file} routes, which would match it too.
-    Route("POST", "/userdata/{file:.+}/move/{dest:.+}", move_userdata, "Rename a user file", tag="frontend",
-          query=(("overwrite", "false: 409 if the destination exists"), ("full_info", ""))),
-    Route("GET", "/userdata/{file:.+}", get_userdata, "A user file", tag="frontend"),
-    Route("POST", "/userdata/{file:.+}", post_userdata, "Store a user file (the body)", tag="frontend",
-          query=(("overwrite", "false: 409 if it exists"), ("full_info", "true: answer {path, size, modified}"))),
-    Route("DELETE", "/userdata/{file:.+}", delete_userdata, "Delete a user file", tag="frontend"),
+    Route("POST", f"/userdata/{{file:{_ANY}}}/move/{{dest:{_ANY}}}", move_userdata, "Rename a user file",
+          tag="frontend", response=_SAVED, query=_FLAGS, errors=(400, 404, 409, 507)),
+    Route("GET", f"/userdata/{{file:{_ANY}}}", get_userdata, "A user file", tag="frontend", media=("*/*",),
+          errors=(400, 404)),
+    Route("POST", f"/userdata/{{file:{_ANY}}}", post_userdata, "Store a user file (the body)", tag="frontend",
+          body={"type": "string", "format": "binary"}, body_media="*/*", body_required=False, response=_SAVED,
+          query=_FLAGS, errors=(409, 507)),
+    Route("DELETE", f"/userdata/{{file:{_ANY}}}", delete_userdata, "Delete a user file", tag="frontend", status=204,
+          media=(), errors=(400, 404, 507)),
 ]

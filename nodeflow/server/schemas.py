@@ -1,5 +1,5 @@
-"""The HTTP API's request and response bodies as pydantic models, and /openapi.json built
-from them and the route table.
+"""The HTTP API's request and response bodies as pydantic models (``openapi`` builds
+/openapi.json from them and the route table).
 
 Request bodies are parsed with these models (a malformed body gets a clear 400); responses
 are built as plain dicts on the hot paths and documented by the models here.
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from nodeflow.queue import MAX_NUMBER
-from nodeflow.server.common import Route
 
 # -- requests ---------------------------------------------------------------------------------------
 
@@ -158,10 +156,8 @@ class HistoryEntry(BaseModel):
     meta: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
-class History(BaseModel):
-    """``{prompt_id: HistoryEntry}``, oldest first."""
-
-    model_config = ConfigDict(extra="allow")
+class History(RootModel[dict[str, HistoryEntry]]):
+    """``{prompt_id: HistoryEntry}``, oldest first (``{}`` for an unknown id)."""
 
 
 class UploadResponse(BaseModel):
@@ -172,7 +168,7 @@ class UploadResponse(BaseModel):
 
 class Job(BaseModel):
     id: str
-    status: Literal["pending", "in_progress", "completed", "failed"]
+    status: Literal["pending", "in_progress", "completed", "failed", "cancelled"]
     priority: float
     create_time: int | None = None
     execution_start_time: int | None = None
@@ -181,6 +177,14 @@ class Job(BaseModel):
     outputs_count: int = 0
     preview_output: dict[str, Any] | None = None
     workflow_id: str | None = None
+
+
+class JobDetail(Job):
+    """One job; a finished one also with its outputs, execution status and workflow."""
+
+    outputs: dict[str, Any] | None = None
+    execution_status: dict[str, Any] | None = None
+    workflow: dict[str, Any] | None = Field(None, description='{"prompt", "extra_data"}')
 
 
 class Pagination(BaseModel):
@@ -226,69 +230,56 @@ class Features(BaseModel):
     max_upload_size: int
 
 
-# -- /openapi.json -------------------------------------------------------------------------------------
+class Deleted(BaseModel):
+    deleted: int = Field(description="how many entries were deleted")
 
 
-def openapi(routes: list[Route], version: str) -> dict[str, Any]:
-    """An OpenAPI 3.1 document of the routes (each also served under /api)."""
-    models: list[type[BaseModel]] = []
-    for r in routes:
-        for m in (r.body, r.response):
-            if isinstance(m, type) and issubclass(m, BaseModel) and m not in models:
-                models.append(m)
-    for m in (ErrorResponse, ImageRef):
-        if m not in models:
-            models.append(m)
-    _, schema = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
-    components = schema.get("$defs", {})
-
-    def ref(model: Any) -> dict[str, Any]:
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            return {"$ref": f"#/components/schemas/{model.__name__}"}
-        return model if isinstance(model, dict) else {}
-
-    paths: dict[str, dict[str, Any]] = {}
-    for r in routes:
-        op: dict[str, Any] = {"summary": r.summary, "operationId": f"{r.method.lower()}{_op_name(r.path)}"}
-        if r.tag:
-            op["tags"] = [r.tag]
-        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in _path_params(r.path)]
-        params += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
-                    "description": text} for name, text in r.query]
-        if params:
-            op["parameters"] = params
-        if r.body is not None:
-            media = "multipart/form-data" if r.multipart else "application/json"
-            op["requestBody"] = {"required": r.method == "POST" and r.body is not InterruptRequest,
-                                 "content": {media: {"schema": ref(r.body)}}}
-        responses: dict[str, Any] = {"200": {"description": "OK"}}
-        if r.response is not None:
-            responses["200"]["content"] = {"application/json": {"schema": ref(r.response)}}
-        responses["400"] = {"description": "Bad request",
-                            "content": {"application/json": {"schema": ref(ErrorResponse)}}}
-        responses["401"] = {"description": "Authentication required (when the server has a token)"}
-        op["responses"] = responses
-        paths.setdefault(_openapi_path(r.path), {})[r.method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "nodeflow", "version": version,
-                 "description": "ComfyUI's HTTP API, served by nodeflow. Every path is also served under /api."},
-        "paths": paths,
-        "components": {"schemas": components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{}, {"bearer": []}],
-    }
+class Freed(BaseModel):
+    freed: bool
 
 
-def _path_params(path: str) -> list[str]:
-    return [p[1:-1].split(":")[0] for p in path.split("/") if p.startswith("{")]
+class Users(BaseModel):
+    """Single-user mode (no ``users`` key: no login screen)."""
+
+    storage: str
+    migrated: bool
 
 
-def _openapi_path(path: str) -> str:
-    return "/".join("{" + p[1:-1].split(":")[0] + "}" if p.startswith("{") else p for p in path.split("/"))
+class FileInfo(BaseModel):
+    path: str
+    size: int
+    modified: float
 
 
-def _op_name(path: str) -> str:
-    parts = [p.strip("{}").split(":")[0] for p in path.split("/") if p]
-    return "".join(p[:1].upper() + p[1:] for p in parts) or "Root"
+class ModelFolder(BaseModel):
+    name: str
+    folders: list[str]
+
+
+class ModelFile(BaseModel):
+    name: str
+    pathIndex: int
+    modified: float | None = None
+    size: int | None = None
+
+
+class NodeInfo(BaseModel):
+    """One node type's schema in ComfyUI's /object_info shape."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: dict[str, Any]
+    input_order: dict[str, list[str]]
+    output: list[Any]
+    output_is_list: list[bool]
+    output_name: list[str]
+    name: str
+    display_name: str
+    description: str
+    python_module: str
+    category: str
+    output_node: bool
+
+
+class ObjectInfo(RootModel[dict[str, NodeInfo]]):
+    """``{class name: NodeInfo}`` (``{}`` for an unknown one)."""

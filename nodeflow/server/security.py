@@ -18,7 +18,7 @@
 - **Logs**: ``AccessLogger`` writes the access log (``--access-log``) with ``token``
   query parameters redacted, in the URL and in the Referer.
 - Upload size (``--max-upload-size``) and file-name confinement are enforced where files
-  are read and written (``routes_files``, ``nodeflow.folders``).
+  are read and written (``routes_files``, ``routes_uploads``, ``nodeflow.folders``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def auth_middleware(token: str):
         if request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
             return await handler(request)  # CORS preflights carry no credentials
         given, from_query = _request_token(request)
-        if given is None or not hmac.compare_digest(given.encode(), expected):
+        # Bytes that are not UTF-8 arrive as surrogates: compared as they came, never a failure.
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected):
             return error_response(401, "unauthorized",
                                   "Missing or wrong token" if given else "Authentication required",
                                   "send 'Authorization: Bearer <token>' (or ?token=<token>)",

@@ -135,6 +135,11 @@ class Hub:
         if self.clients:
             self.send(self.status_message(remaining=self._status_value))
 
+    def send_status(self) -> None:
+        """Broadcast ``status`` now (in order with the messages sent around it)."""
+        if self.clients:
+            self.send(self.status_message())
+
     async def close_all(self) -> None:
         for group in list(self.clients.values()):
             for conn in list(group):
@@ -169,6 +174,11 @@ class ThreadEmitter:
             message = dumps({"type": event, "data": data})
         self._post(message, client_id)
 
+    def listening(self, client_id: str | None) -> bool:
+        """Whether a message for ``client_id`` (None: everyone) would reach anyone."""
+        clients = self.hub.clients
+        return bool(clients) and (client_id is None or client_id in clients)
+
     def queue_changed(self) -> None:
         self._post(None, None)
 
@@ -182,11 +192,14 @@ class ThreadEmitter:
     def _flush(self) -> None:
         with self._lock:
             batch, self._batch = self._batch, []
+        previous: str | bytes | None = b""
         for message, client_id in batch:
             if message is None:
-                self.hub.queue_changed()
+                if previous is not None:  # one status for changes in a row
+                    self.hub.send_status()
             else:
                 self.hub.send(message, client_id)
+            previous = message
 
 
 def encode_preview(image: Any, max_size: int = 512, fmt: str = "JPEG") -> bytes | None:
@@ -263,6 +276,7 @@ def server_features(app: web.Application) -> dict[str, Any]:
 
 
 ROUTES = [
-    Route("GET", "/ws", websocket, "WebSocket of ComfyUI's events (?clientId=...)", tag="events",
-          query=(("clientId", "the client id given with POST /prompt"),)),
+    Route("GET", "/ws", websocket, "WebSocket of ComfyUI's events (?clientId=...); 400 for a request that is not a "
+          "WebSocket handshake", tag="events", query=(("clientId", "the client id given with POST /prompt"),),
+          status=101, media=(), errors=(400,)),
 ]

@@ -188,7 +188,7 @@ def test_partly_valid_workflow_runs_valid_outputs(registry):
 def test_comfy_error_shape_when_nothing_runs(registry):
     report = check(registry, {**GOOD, "1": {"class_type": "Const", "inputs": {"value": 9999}}})
     body = report.to_comfy()
-    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["error"]["type"] == "prompt_outputs_failed_validation" and body["error"]["details"] == ""
     err = body["node_errors"]["1"]["errors"][0]
     assert set(err) == {"type", "message", "details", "extra_info"}
     assert err["extra_info"]["received_value"] == 9999
@@ -206,11 +206,34 @@ def test_documents_that_are_not_workflows(doc, fragment):
         parse(doc)
 
 
-def test_malformed_node_is_reported_with_others(registry):
+def test_malformed_node_is_reported_with_others_and_refuses_the_prompt(registry):
     report = check(registry, {**GOOD, "7": "not a node", "8": {"class_type": 5, "inputs": {}}})
     ids = {e.node_id for e in report.errors if e.type == "invalid_prompt"}
     assert ids == {"7", "8"}
-    assert report.outputs == ["3"]  # unrelated to the valid output
+    # As ComfyUI: a node without a class_type stops the whole prompt, valid outputs too.
+    assert report.outputs == [] and not report.ok
+    assert report.to_comfy() == {"error": {
+        "type": "invalid_prompt", "message": "Cannot execute because a node is missing the class_type property.",
+        "details": "Node ID '#7'", "extra_info": {}}, "node_errors": {}}
+
+
+def test_a_node_without_class_type_refuses_the_prompt_as_comfyui(registry):
+    # What the editor sends for a node type the server does not know: no class_type at all.
+    report = check(registry, {**GOOD, "8": {"inputs": {"x": ["1", 0]}, "_meta": {"title": "Mystery"}}})
+    assert not report.ok
+    assert report.to_comfy()["error"]["message"] == "Cannot execute because a node is missing the class_type property."
+    assert report.to_comfy()["error"]["details"] == "Node ID '#8'"
+    assert parse({"8": {"inputs": {}}}).parse_errors[0].prompt_error  # a lone such node is a prompt too
+
+
+def test_an_unknown_node_type_refuses_the_prompt_as_comfyui(registry):
+    report = check(registry, {**GOOD, "8": {"class_type": "Colect", "inputs": {}}})
+    assert not report.ok and report.outputs == []
+    assert report.to_comfy() == {"error": {
+        "type": "invalid_prompt", "message": "Cannot execute because node Colect does not exist.",
+        "details": "Node ID '#8'", "extra_info": {}}, "node_errors": {}}
+    (err,) = report.errors
+    assert "did you mean 'Collect'" in str(err)  # the CLI still says more
 
 
 def test_long_chain_validates_without_recursion_limit(registry):

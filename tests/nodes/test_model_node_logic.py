@@ -181,15 +181,26 @@ def test_comfyui_class_names_have_comfyuis_display_names():
     from nodeflow import default_registry
 
     reg = default_registry()
+    # ComfyUI's NODE_DISPLAY_NAME_MAPPINGS (Comfy-Org/ComfyUI nodes.py, commit 02217e36a45b).
     expected = {"CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
                 "KSampler": "KSampler", "KSamplerAdvanced": "KSampler (Advanced)",
                 "EmptyLatentImage": "Empty Latent Image", "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode",
-                "SaveImage": "Save Image", "LoadImage": "Load Image", "LoraLoader": "Load LoRA",
+                "SaveImage": "Save Image", "LoadImage": "Load Image", "LoraLoader": "Load LoRA (Model and CLIP)",
+                "LoraLoaderModelOnly": "Load LoRA",
                 "VAELoader": "Load VAE", "CLIPSetLastLayer": "CLIP Set Last Layer",
                 "ConditioningCombine": "Conditioning (Combine)", "LatentUpscale": "Upscale Latent",
                 "ImageScale": "Upscale Image", "ImagePadForOutpaint": "Pad Image for Outpainting",
                 "CheckpointLoader": "Load Checkpoint With Config (DEPRECATED)",
-                "LoadImageOutput": "Load Image (from Outputs)"}
+                "LoadImageOutput": "Load Image (from Outputs)", "ConditioningAverage": "Conditioning (Average)",
+                "ConditioningZeroOut": "Conditioning Zero Out",
+                "ConditioningSetAreaStrength": "Conditioning (Set Area Strength)",
+                "ImageBatch": "Batch Images (DEPRECATED)",
+                "ImageInvert": "Invert Image Colors", "ImageCrop": "Crop Image", "EmptyImage": "Empty Image",
+                "LatentFromBatch": "Get Latent From Batch", "ImageBlend": "Blend Images", "ImageBlur": "Blur Image",
+                "ImageQuantize": "Quantize Image", "ImageSharpen": "Sharpen Image", "LoadLatent": "Load Latent",
+                "SaveLatent": "Save Latent", "DiffusersLoader": "Load Diffusers Model (DEPRECATED)",
+                "ImageScaleToTotalPixels": "Scale Image to Total Pixels", "LatentUpscaleBy": "Upscale Latent By",
+                "ImageScaleBy": "Upscale Image By", "UpscaleModelLoader": "Load Upscale Model"}
     for name, display in expected.items():
         cls = reg.get(name)
         shown = cls.display_name if name == cls.type_name else cls.alias_display_names[name]
@@ -197,3 +208,14 @@ def test_comfyui_class_names_have_comfyuis_display_names():
     for cls in reg.classes():      # every alias-specific display name belongs to an alias of the class
         assert set(getattr(cls, "alias_display_names", {})) <= set(cls.aliases), cls
 
+
+def test_no_two_node_library_entries_look_the_same():
+    """A native class and its ComfyUI twin are two entries of the editor's node library: the
+    twin keeps ComfyUI's display name, so the native class shows its own name."""
+    from nodeflow import default_registry
+
+    seen: dict[str, str] = {}
+    for name, info in default_registry().object_info().items():
+        shown = info["display_name"].casefold()
+        assert shown not in seen, f"{name} and {seen[shown]} both show as {info['display_name']!r}"
+        seen[shown] = name

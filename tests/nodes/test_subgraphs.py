@@ -128,7 +128,7 @@ def scaled(image, width, title="Upscale Image"):
 
 
 def inverted(image):
-    return {"inputs": {"image": image}, "class_type": "ImageInvert", "_meta": {"title": "Invert Image"}}
+    return {"inputs": {"image": image}, "class_type": "ImageInvert", "_meta": {"title": "Invert Image Colors"}}
 
 
 def saved(image, prefix):

@@ -71,6 +71,8 @@ SMALL = {"5__width": 64, "5__height": 64, "3__steps": 2}
 CASES = {
     # workflow: (overrides, expected (W, H) of the saved image)
     "txt2img.json": ({"4__ckpt_name": "tiny_sd1.safetensors", **SMALL}, (64, 64)),
+    "txt2img_demo.json": ({"4__ckpt_name": "tiny_sd1.safetensors", "5__batch_size": 1, "3__seed": 42,
+                           "3__steps": 2}, (64, 64)),
     "img2img.json": ({"4__ckpt_name": "tiny_sd1.safetensors", "3__steps": 2}, (64, 48)),
     "inpaint.json": ({"4__ckpt_name": "tiny_inpaint.safetensors", "3__steps": 2}, (64, 48)),
     "outpaint.json": ({"4__ckpt_name": "tiny_inpaint.safetensors", "3__steps": 2, "12__right": 32,

@@ -294,3 +294,45 @@ async def test_temp_is_emptied_at_start_without_following_symlinks(tmp_path, mon
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(shared))
     async with serve(tmp_path / "base", temp_dir=str(shared)):
         assert (shared / "someone-elses.txt").is_file()
+
+
+MALFORMED_FORMS = [
+    # A NUL byte in the file name: not an HTTP header at all.
+    b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a\x00b.png"\r\nContent-Type: image/png\r\n\r\n'
+    b"abc\r\n--XX--\r\n",
+    b'--XX\r\nContent-Disposition: form-data; name="image"; filename="ab.png"\r\nBad Header\x01: x\r\n\r\nabc\r\n'
+    b"--XX--\r\n",
+    b'--XX\r\nContent-Disposition: form-data; name="image"; filename="ab.png"\r\n\r\nabc\r\n--YY--\r\n',  # cut short
+    b"no boundary at all",
+]
+
+
+@async_test
+async def test_malformed_multipart_forms_are_the_clients_error(tmp_path):
+    async with serve(tmp_path) as client:
+        for route in ("/upload/image", "/upload/mask"):
+            for body in MALFORMED_FORMS:
+                resp = await client.post(route, data=body, headers={"Content-Type": "multipart/form-data; boundary=XX"})
+                answer = await resp.json()
+                assert resp.status == 400 and answer["error"]["type"] == "invalid_request", (route, body, answer)
+            resp = await client.post(route, data=b"x", headers={"Content-Type": 'multipart/form-data; boundary=""'})
+            assert resp.status == 400
+        assert not (tmp_path / "input").exists() or not any((tmp_path / "input").iterdir())
+
+
+@async_test
+async def test_images_over_max_pixels_are_not_decoded_by_view_or_mask_uploads(tmp_path):
+    (tmp_path / "output").mkdir()
+    Image.new("L", (3000, 3000)).save(tmp_path / "output" / "big.png")
+    async with serve(tmp_path, max_pixels=2000 * 2000) as client:
+        assert (await client.get("/view?filename=big.png")).status == 200  # the file itself, as it is
+        resp = await client.get("/view?filename=big.png&preview=webp;50")
+        answer = await resp.json()
+        assert resp.status == 400 and answer["error"]["type"] == "too_large"
+        assert "9,000,000" in answer["error"]["message"]
+        form = aiohttp.FormData()
+        form.add_field("image", png(), filename="mask.png", content_type="image/png")
+        form.add_field("original_ref", json.dumps({"filename": "big.png", "type": "output"}))
+        resp = await client.post("/upload/mask", data=form)
+        assert resp.status == 400 and (await resp.json())["error"]["type"] == "too_large"
+        assert not (tmp_path / "input" / "mask.png").exists()

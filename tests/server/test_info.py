@@ -111,6 +111,30 @@ async def test_openapi_document(tmp_path):
         upload = paths["/upload/image"]["post"]["requestBody"]["content"]
         assert "multipart/form-data" in upload
         assert paths["/history/{prompt_id}"]["get"]["parameters"][0]["name"] == "prompt_id"
+        # Every status a route answers is listed; every error is ComfyUI's error object.
+        for path, methods in paths.items():
+            for method, op in methods.items():
+                assert {"401", "403"} <= set(op["responses"]), (method, path)
+                if "requestBody" in op:
+                    assert {"400", "413"} <= set(op["responses"]), (method, path)
+                for status, answer in op["responses"].items():
+                    if status >= "400":
+                        assert answer["content"]["application/json"]["schema"] == {
+                            "$ref": "#/components/schemas/ErrorResponse"}
+        assert set(paths["/jobs/{job_id}"]["get"]["responses"]) == {"200", "401", "403", "404"}
+        assert set(paths["/userdata/{file}"]["delete"]["responses"]) == {"204", "400", "401", "403", "404", "507"}
+        assert "content" not in paths["/interrupt"]["post"]["responses"]["200"]  # empty, as ComfyUI's
+        assert "101" in paths["/ws"]["get"]["responses"]
+        # The history of one prompt is a map of id -> entry, like the whole history.
+        one = paths["/history/{prompt_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert one == {"$ref": "#/components/schemas/History"}
+        assert schemas["History"]["additionalProperties"] == {"$ref": "#/components/schemas/HistoryEntry"}
+        # Constraints of query parameters.
+        jobs = {p["name"]: p["schema"] for p in paths["/jobs"]["get"]["parameters"]}
+        assert jobs["limit"] == {"type": "integer", "minimum": 1, "maximum": 2 ** 53}
+        assert jobs["sort_order"]["enum"] == ["asc", "desc"]
+        view = {p["name"]: p for p in paths["/view"]["get"]["parameters"]}
+        assert view["filename"]["required"] is True
 
 
 @async_test
@@ -245,3 +269,15 @@ async def test_device_and_precision_applied_when_the_worker_starts(tmp_path):
         with pytest.raises(StartupError, match="--device cuda:0"):
             async with serve(tmp_path, device="cuda:0"):
                 pass
+
+
+@async_test
+async def test_user_folder_names_too_long_for_the_file_system_are_the_clients_error(tmp_path):
+    """Found by fuzzing: a 300-byte folder name made os.stat fail (500)."""
+    async with serve(tmp_path) as client:
+        assert (await client.post("/userdata/a.json", data=b"{}")).status == 200
+        for folder in ("x" * 300, "workflows/" + "y" * 300):
+            resp = await client.get("/userdata", params={"dir": folder})
+            assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_filename"
+        resp = await client.post("/userdata/" + "z" * 300, data=b"{}")
+        assert resp.status == 400

@@ -108,3 +108,71 @@ async def test_guard_keeps_the_cache(tmp_path):
         assert Hold.RUNS == 1
         info = await (await client.get("/object_info/Hold")).json()
         assert info["Hold"]["name"] == "Hold" and info["Hold"]["python_module"] == "server_nodes"
+
+
+@async_test
+async def test_load_image_is_measured_by_its_header_before_it_decodes(tmp_path, monkeypatch):
+    """A 9000 × 9000 PNG is a few kB: LoadImage must not decode it whole when the server
+    refuses that many pixels."""
+    import io as _io
+
+    from PIL import Image
+    from server_helpers import make_registry
+
+    from nodes.io import LoadImage, LoadImageMask
+
+    (tmp_path / "input").mkdir()
+    buffer = _io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 200_000
+    (tmp_path / "input" / "huge.png").write_bytes(buffer.getvalue())
+    Image.new("RGB", (64, 32)).save(tmp_path / "input" / "small.png")
+    decoded = []
+    monkeypatch.setattr(LoadImage, "run", lambda self, image: decoded.append(image) or (None, None))
+    registry = make_registry()
+    registry.register(LoadImage)
+    registry.register(LoadImageMask)
+    async with serve(tmp_path, registry=registry) as client:  # the default --max-pixels: 4096 × 4096
+        for node in ({"class_type": "LoadImage", "inputs": {"image": "huge.png"}},
+                     {"class_type": "LoadImageMask", "inputs": {"image": "huge.png", "channel": "red"}}):
+            err = await run_failing(client, {"1": node, "2": {"class_type": "ShowSize", "inputs": {"value": ["1", 0]}}})
+            message = err["exception_message"]
+            assert err["node_id"] == "1" and "1 × 9,000 × 9,000" in message and "--max-pixels" in message
+        assert decoded == []
+        data = await submit(client, {"1": {"class_type": "LoadImageMask", "inputs": {"image": "small.png",
+                                                                                      "channel": "red"}},
+                                     "2": {"class_type": "ShowSize", "inputs": {"value": ["1", 0]}}})
+        entry = await wait_history(client, data["prompt_id"])
+        assert entry["outputs"]["2"]["text"] == ["[1, 32, 64]"]
+
+
+@async_test
+async def test_literal_sizes_are_bounded(tmp_path):
+    async with serve(tmp_path) as client:  # the default --max-literal-size: 1,000,000 characters
+        text = "x" * 1_000_001
+        prompt = {"1": {"class_type": "FakeLoad", "inputs": {"ckpt_name": text}},
+                  "2": {"class_type": "UseModel", "inputs": {"model": ["1", 0], "seed": 0}}}
+        data = await submit(client, prompt, expect=400)
+        (err,) = data["node_errors"]["1"]["errors"]
+        assert err["type"] == "value_bigger_than_max" and err["extra_info"]["input_name"] == "ckpt_name"
+        assert "1,000,001" in err["extra_info"]["received_value"] and len(str(data)) < 5000  # not echoed back
+        prompt["1"]["inputs"]["extra"] = {"__value__": ["y" * 1000] * 1001}  # a list literal, as JSON
+        prompt["1"]["inputs"]["ckpt_name"] = "a.safetensors"
+        data = await submit(client, prompt, expect=400)
+        assert data["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
+        del prompt["1"]["inputs"]["extra"]
+        # Nothing was stored.
+        assert await (await client.get("/history")).json() == {}
+        assert (await (await client.get("/queue")).json())["queue_pending"] == []
+        # Within the limit: fine.
+        prompt["1"]["inputs"]["ckpt_name"] = "x" * 1_000_000
+        pid = (await submit(client, prompt))["prompt_id"]
+        assert (await wait_history(client, pid))["status"]["completed"]
+        # A body over 32 MiB is refused before it is parsed.
+        resp = await client.post("/prompt", data=b'{"prompt": "' + b"z" * (33 << 20) + b'"}',
+                                 headers={"Content-Type": "application/json"})
+        assert resp.status == 413 and (await resp.json())["error"]["type"] == "too_large"
+    async with serve(tmp_path, max_literal=0, db_path=":memory:") as client:  # 0: no limit
+        prompt["1"]["inputs"]["ckpt_name"] = "x" * 1_000_001
+        pid = (await submit(client, prompt))["prompt_id"]
+        assert (await wait_history(client, pid))["status"]["completed"]

@@ -280,15 +280,40 @@ def test_databases_from_before_the_jobs_columns_are_migrated(tmp_path):
             '{"create_time": 1700, "extra_pnginfo": {"workflow": {"id": "wf"}}}', '[]', 0, 0, 0, 1,
             '{"status_str": "error", "completed": false, "messages": [["execution_start", {"timestamp": 5}],
               ["execution_error", {"timestamp": 9, "node_id": "2"}]]}', '{}', '{}');
+        INSERT INTO prompts VALUES (2, 'stopped', 0, 'done', '{}', '{"create_time": 1800}', '[]', 0, 0, 0, 2,
+            '{"status_str": "error", "completed": false, "messages": [["execution_start", {"timestamp": 5}],
+              ["execution_interrupted", {"timestamp": 7, "node_id": "2"}]]}', '{}', '{}');
     """)
     db.commit()
     db.close()
     q = PromptQueue(path)
-    total, keys = q.history_jobs(failed=True, workflow="wf")
+    total, keys = q.history_jobs(outcomes=["error"], workflow="wf")
     assert total == 1 and keys == [((1700, 0, "old"), "old")]
     row = q.history_summaries(["old"])["old"]
     assert (row["create_time"], row["workflow_id"], row["exec_start"], row["exec_end"]) == (1700, "wf", 5, 9)
-    assert q.history_jobs(failed=False) == (0, [])
+    assert q.history_jobs(outcomes=["success"]) == (0, [])
+    assert q.history_jobs(outcomes=["interrupted"])[1] == [((1800, 0, "stopped"), "stopped")]
+    assert q.history_jobs(outcomes=[])[0] == 0 and q.history_jobs()[0] == 2
+
+
+def test_interrupted_prompts_of_databases_with_the_jobs_columns_are_told_apart(tmp_path):
+    """A database of the version before ``cancelled`` jobs: interrupted prompts stored as 'error'."""
+    path = tmp_path / "q.db"
+    q = PromptQueue(path)
+    for pid, outcome in (("a", Outcome("success")), ("b", Outcome("error")), ("c", Outcome("interrupted"))):
+        put(q, pid)
+        messages = [["execution_interrupted", {"timestamp": 1}]] if outcome.status == "interrupted" else []
+        q.finish(q.claim("w", 0), Outcome(outcome.status, messages=messages))
+    assert q.history_jobs(outcomes=["interrupted"])[1][0][1] == "c"
+    q._db.execute("UPDATE prompts SET status_str = 'error' WHERE prompt_id = 'c'")
+    q._db.execute("PRAGMA user_version = 0")
+    q.close()
+    q = PromptQueue(path)
+    assert [k[1] for k in q.history_jobs(outcomes=["interrupted"])[1]] == ["c"]
+    assert [k[1] for k in q.history_jobs(outcomes=["error"])[1]] == ["b"]
+    assert [k[1] for k in q.history_jobs(outcomes=["success", "error"], descending=False)[1]] == ["a", "b"]
+    with pytest.raises(ValueError):
+        q.history_jobs(outcomes=["cancelled"])
 
 
 def test_clearing_lets_go_of_the_lock_between_batches(tmp_path, monkeypatch):

@@ -195,3 +195,24 @@ def test_redact_token():
 
     assert redact_token("/a?token=abc&tokens=1#frag") == "/a?token=[redacted]&tokens=1#frag"
     assert redact_token("/a") == "/a" and redact_token("/a?x=1") == "/a?x=1"
+
+
+@async_test
+async def test_undecodable_bearer_token_is_refused_not_a_failure(tmp_path):
+    async with serve(tmp_path, auth_token=TOKEN) as client:
+        def send(header: bytes) -> bytes:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", client.port)) as s:
+                s.sendall(b"GET /prompt HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + header +
+                          b"\r\nConnection: close\r\n\r\n")
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            return out
+
+        for header in (b"Bearer \xff\xfe\x80", b"Bearer " + TOKEN.encode() + b"\xc3", b"\xff\xfe"):
+            answer = await asyncio.to_thread(send, header)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        ok = await asyncio.to_thread(send, b"Bearer " + TOKEN.encode())
+        assert ok.startswith(b"HTTP/1.1 200")

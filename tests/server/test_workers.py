@@ -52,6 +52,16 @@ def cached_nodes(entry):
 # -- several prompts at once ------------------------------------------------------------------------
 
 
+async def wait_idle(client):
+    """The workers, once none is busy (a worker is let go just after its prompt's history is written)."""
+    for _ in range(500):
+        workers = (await (await client.get("/api/workers")).json())["workers"]
+        if all(w["state"] == "idle" and w["prompt_id"] is None for w in workers):
+            return workers
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"workers still busy: {workers}")
+
+
 @async_test
 async def test_two_local_workers_run_two_prompts_at_once(tmp_path):
     async with serve(tmp_path, workers=2) as client:
@@ -61,11 +71,7 @@ async def test_two_local_workers_run_two_prompts_at_once(tmp_path):
         for pid in (a["prompt_id"], b["prompt_id"]):
             entry = await wait_history(client, pid)
             assert entry["status"]["status_str"] == "success", entry
-        for _ in range(200):  # (a worker is idle once its prompt's closing message is sent)
-            workers = (await (await client.get("/api/workers")).json())["workers"]
-            if all(w["state"] == "idle" for w in workers):
-                break
-            await asyncio.sleep(0.01)
+        workers = await wait_idle(client)
         assert [w["id"] for w in workers] == ["local-1", "local-2"]
         assert sorted(w["prompts_done"] for w in workers) == [1, 1]
         assert all(w["state"] == "idle" and w["prompt_id"] is None for w in workers)
@@ -117,6 +123,7 @@ async def test_affinity_routing_loads_each_model_once(tmp_path):
             entry = await wait_history(client, pid)
             assert entry["status"]["status_str"] == "success", entry
             ran.append((entry["outputs"]["2"]["text"][2], "1" in cached_nodes(entry)))
+            await wait_idle(client)
         assert ran == [("local-1", False), ("local-1", True), ("local-2", False), ("local-2", True)]
         workers = {w["id"]: w for w in (await (await client.get("/api/workers")).json())["workers"]}
         assert workers["local-1"]["models"] == ["checkpoints/a.safetensors"]

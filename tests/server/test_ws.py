@@ -11,7 +11,13 @@ from server_nodes import Hold
 
 
 def kinds(messages):
-    return [t for t, _ in messages]
+    """The message types, less ``progress_state`` (``test_progress_state_*`` follow those)."""
+    return [t for t, _ in messages if t != "progress_state"]
+
+
+def states(message):
+    """A ``progress_state`` message as ``{node: (state, value, max)}``."""
+    return {n: (s["state"], s["value"], s["max"]) for n, s in message["nodes"].items()}
 
 
 @async_test
@@ -49,7 +55,7 @@ async def test_run_sequence_history_first_then_cached_rerun(tmp_path):
         assert [d["node"] for t, d in messages if t == "executing"] == ["1", "2", "3", None]
         assert [(d["value"], d["max"], d["node"]) for t, d in messages if t == "progress"] == \
             [(1, 3, "2"), (2, 3, "2"), (3, 3, "2")]
-        executed = messages[8][1]
+        executed = next(d for t, d in messages if t == "executed")
         assert executed["node"] == "3" and executed["output"]["images"][0]["type"] == "output"
         # The history entry exists the moment executing/None arrives.
         entry = (await (await client.get(f"/history/{pid}")).json())[pid]
@@ -62,7 +68,7 @@ async def test_run_sequence_history_first_then_cached_rerun(tmp_path):
         assert kinds(messages) == ["execution_start", "execution_cached", "executed", "execution_success",
                                    "executing"]
         assert messages[1][1]["nodes"] == ["1", "2", "3"]  # every node that came from the cache, as ComfyUI
-        assert messages[2][1]["output"] == executed["output"]
+        assert next(d for t, d in messages if t == "executed")["output"] == executed["output"]
         assert sorted(p.name for p in (tmp_path / "output").iterdir()) == saved
         entry2 = (await (await client.get(f"/history/{pid2}")).json())[pid2]
         assert entry2["outputs"] == entry["outputs"] and entry2["status"]["completed"]
@@ -72,6 +78,62 @@ async def test_run_sequence_history_first_then_cached_rerun(tmp_path):
         pid3 = (await submit(client, prompt, client_id="me"))["prompt_id"]
         await ws.until_done(pid3)
         assert len(list((tmp_path / "output").iterdir())) == 2
+
+
+@async_test
+async def test_progress_state_follows_each_node_as_comfyui_sends_it(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        prompt = {"1": {"class_type": "Const", "inputs": {"value": 2}},
+                  "2": {"class_type": "Hold", "inputs": {"x": ["1", 0], "steps": 3}},
+                  "3": {"class_type": "SaveValue", "inputs": {"value": ["2", 0]}}}
+        pid = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        await ws.until_done(pid)
+        seen = [(t, d) for t, d in ws.messages if t != "status" or d["status"]["exec_info"]["queue_remaining"] == 0]
+        start = next(i for i, (t, _) in enumerate(seen) if t == "execution_start")
+        run = seen[start:]
+        order = [(t, states(d) if t == "progress_state" else d.get("node", d.get("value"))) for t, d in run
+                 if t in ("progress_state", "executing", "progress", "executed")]
+        assert order == [
+            ("progress_state", {"1": ("running", 0.0, 1.0)}), ("executing", "1"),
+            ("progress_state", {"1": ("finished", 1.0, 1.0), "2": ("running", 0.0, 1.0)}), ("executing", "2"),
+            ("progress_state", {"1": ("finished", 1.0, 1.0), "2": ("running", 1.0, 3.0)}), ("progress", "2"),
+            ("progress_state", {"1": ("finished", 1.0, 1.0), "2": ("running", 2.0, 3.0)}), ("progress", "2"),
+            ("progress_state", {"1": ("finished", 1.0, 1.0), "2": ("running", 3.0, 3.0)}), ("progress", "2"),
+            ("progress_state", {"1": ("finished", 1.0, 1.0), "2": ("finished", 3.0, 3.0),
+                                "3": ("running", 0.0, 1.0)}), ("executing", "3"),
+            ("executed", "3"),
+            ("progress_state", {"1": ("finished", 1.0, 1.0), "2": ("finished", 3.0, 3.0),
+                                "3": ("finished", 1.0, 1.0)}),
+            ("executing", None)]
+        message = next(d for t, d in run if t == "progress_state")
+        assert message == {"prompt_id": pid, "nodes": {"1": {
+            "value": 0.0, "max": 1.0, "state": "running", "node_id": "1", "prompt_id": pid, "display_node_id": "1",
+            "parent_node_id": None, "real_node_id": "1"}}}
+        # ComfyUI's end: execution_success, the queue's new length, then executing with node None.
+        assert [t for t, _ in run[-3:]] == ["execution_success", "status", "executing"]
+
+        # Cached: every node finished at once, after execution_cached.
+        ws.messages.clear()
+        pid2 = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid2)
+        assert [t for t, _ in messages] == ["execution_start", "execution_cached", "progress_state", "executed",
+                                            "execution_success", "executing"]
+        assert states(messages[2][1]) == {n: ("finished", 1.0, 1.0) for n in "123"}
+
+
+@async_test
+async def test_progress_state_marks_the_failing_node(tmp_path):
+    async with serve(tmp_path) as client:
+        ws = WsReader(await client.ws_connect("/ws?clientId=me"))
+        await ws.next()
+        prompt = chain()
+        prompt["2"] = {"class_type": "Fail", "inputs": {"x": ["1", 0]}}
+        pid = (await submit(client, prompt, client_id="me"))["prompt_id"]
+        messages = await ws.until_done(pid)
+        assert [t for t, _ in messages][-3:] == ["progress_state", "execution_error", "executing"]
+        assert states(messages[-3][1]) == {"1": ("finished", 1.0, 1.0), "2": ("error", 0.0, 1.0)}
 
 
 @async_test
