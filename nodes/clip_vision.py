@@ -13,7 +13,7 @@ class LoadClipVision(Node):
     from models/clip_vision."""
 
     category = "loaders"
-    display_name = "Load CLIP Vision"
+    display_name = "LoadClipVision"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("CLIPVisionLoader",)
     alias_display_names = {"CLIPVisionLoader": "Load CLIP Vision"}
     model_inputs = {"clip_name": "clip_vision"}

@@ -20,7 +20,7 @@ class LoadControlNet(Node):
     (full, light, SDXL) from models/controlnet or models/t2i_adapter."""
 
     category = "loaders"
-    display_name = "Load ControlNet Model"
+    display_name = "LoadControlNet"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("ControlNetLoader",)
     alias_display_names = {"ControlNetLoader": "Load ControlNet Model"}
     model_inputs = {"control_net_name": "controlnet"}
@@ -39,7 +39,7 @@ class LoadDiffControlNet(LoadControlNet):
     """Loads a "diff" ControlNet, stored as differences from the weights of ``model``'s UNet
     (which are added at load); an ordinary ControlNet file loads as with LoadControlNet."""
 
-    display_name = "Load ControlNet Model (diff)"
+    display_name = "LoadDiffControlNet"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("DiffControlNetLoader",)
     alias_display_names = {"DiffControlNetLoader": "Load ControlNet Model (diff)"}
     inputs = {"model": Socket("MODEL"), "control_net_name": LoadControlNet.inputs["control_net_name"]}
@@ -87,7 +87,7 @@ class ApplyControlNet(Node):
     The hint is centre-cropped to the latent's aspect ratio and resized (nearest) to 8× its size."""
 
     category = "conditioning/controlnet"
-    display_name = "Apply ControlNet"
+    display_name = "ApplyControlNet"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("ControlNetApplyAdvanced",)
     alias_display_names = {"ControlNetApplyAdvanced": "Apply ControlNet"}
     inputs = {

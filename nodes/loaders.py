@@ -366,7 +366,7 @@ class LoadDiffusionModel(Node):
     weights to fp8 as ComfyUI stores them, keeping them in the compute precision."""
 
     category = "advanced/loaders"
-    display_name = "Load Diffusion Model"
+    display_name = "LoadDiffusionModel"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("UNETLoader",)
     alias_display_names = {"UNETLoader": "Load Diffusion Model"}
     model_inputs = {"unet_name": "diffusion_models"}
@@ -400,7 +400,7 @@ class LoadTextEncoder(Node):
     nodeflow runs "stable_diffusion"."""
 
     category = "advanced/loaders"
-    display_name = "Load CLIP"
+    display_name = "LoadTextEncoder"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("CLIPLoader",)
     alias_display_names = {"CLIPLoader": "Load CLIP"}
     model_inputs = {"clip_name": "text_encoders"}
@@ -424,7 +424,7 @@ class LoadDualTextEncoder(Node):
     models/text_encoders or models/clip. ``type`` is ComfyUI's; nodeflow runs "sdxl"."""
 
     category = "advanced/loaders"
-    display_name = "DualCLIPLoader"
+    display_name = "LoadDualTextEncoder"  # its ComfyUI twin keeps ComfyUI's title
     aliases = ("DualCLIPLoader",)
     model_inputs = {"clip_name1": "text_encoders", "clip_name2": "text_encoders"}
     inputs = {"clip_name1": Combo(choices=choices_of(*TEXT_ENCODER_KINDS)),
