@@ -52,22 +52,18 @@ from nodeflow.models import cuda_graphs, devices
 
 log = logging.getLogger(__name__)
 
-#: channels-last on the CPU too: measured on full-size SD 1.5 at 256² (bench/gpu_speed.py --device cpu)
-CPU_CHANNELS_LAST = True
-
-
 @dataclass(frozen=True)
 class CompileOptions:
     backend: str | Callable | None = "inductor"   # torch.compile backend; None: eager (CUDA graphs alone)
     mode: str | None = None                       # torch.compile mode ("max-autotune", ...; inductor only)
     cuda_graphs: bool = False                     # replay UNet steps of fixed shapes as CUDA graphs
-    channels_last: bool | None = None             # None: on CUDA, and on the CPU when CPU_CHANNELS_LAST
+    channels_last: bool | None = None             # None: on CUDA; on the CPU where measured faster (see runners)
     max_graphs: int = 4                           # CUDA graphs kept per model (each holds its activations)
 
-    def channels_last_on(self, device: torch.device) -> bool:
+    def channels_last_on(self, device: torch.device, on_cpu: bool) -> bool:
         if self.channels_last is not None:
             return self.channels_last
-        return device.type == "cuda" or (device.type == "cpu" and CPU_CHANNELS_LAST)
+        return device.type == "cuda" or (device.type == "cpu" and on_cpu)
 
 
 def options_for(handle) -> CompileOptions | None:
@@ -239,17 +235,22 @@ class CompiledUNet(_Regions):
     """One UNet's fast path: compiled regions per key and, with ``cuda_graphs``, captured steps
     for plain calls (no ControlNet, no patches, no DeepCache) from a key's second call on."""
 
+    #: Full-size SD 1.5 at 256² on a 2-core EPYC, fp32 (bench/gpu_speed.py --device cpu): the UNet
+    #: in channels-last is 4 % slower with 1 thread and level with 2, so on the CPU it stays contiguous.
+    CPU_CHANNELS_LAST = False
+
     def __init__(self, module: nn.Module, options: CompileOptions, owner: CompileCache):
         super().__init__(module, options, owner)
         self._graphs: dict[tuple, cuda_graphs.CapturedStep] = {}
         self._calls: Counter[tuple] = Counter()
         self._not_capturable: set[tuple] = set()
         self._pool = None
+        self._weights: list[Tensor] | None = None    # the UNet's weights, collected on first use
 
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                  control: dict | None = None, patches=None, info: dict | None = None, deep=None) -> Tensor:
         unet = self._module()
-        if self.options.channels_last_on(x.device):
+        if self.options.channels_last_on(x.device, self.CPU_CHANNELS_LAST):
             self.owner.channels_last(unet)
             x = x.contiguous(memory_format=torch.channels_last)
         args = (unet, x, timesteps, context, y, control, patches, info, deep)
@@ -268,7 +269,9 @@ class CompiledUNet(_Regions):
 
     def _replay(self, unet: nn.Module, key: tuple, inputs: tuple) -> Tensor | None:
         """The step replayed from its graph (captured on the key's second call), or None."""
-        weights = cuda_graphs.addresses(unet)
+        if self._weights is None:
+            self._weights = cuda_graphs.weights(unet)
+        weights = cuda_graphs.addresses(self._weights)
         step = self._graphs.get(key)
         if step is not None and not step.matches(weights):      # the model moved: capture again
             del self._graphs[key]
@@ -305,9 +308,12 @@ class CompiledUNet(_Regions):
 class CompiledDecoder(_Regions):
     """One VAE decoder's fast path: a compiled region per latent shape and dtype."""
 
+    #: The same measurement: the decoder in channels-last is 6 % (1 thread) to 10 % (2) faster.
+    CPU_CHANNELS_LAST = True
+
     def __call__(self, z: Tensor) -> Tensor:
         model = self._module()
-        if self.options.channels_last_on(z.device):
+        if self.options.channels_last_on(z.device, self.CPU_CHANNELS_LAST):
             self.owner.channels_last(model)
             z = z.contiguous(memory_format=torch.channels_last)
         if devices.model_manager().is_streamed(model):

@@ -60,9 +60,16 @@ class CudaGraphs:
         return graph, output
 
 
-def addresses(module: nn.Module) -> tuple[int, ...]:
-    """Where the weights of ``module`` live (what a captured graph reads)."""
-    return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+def weights(module: nn.Module) -> list[Tensor]:
+    """The parameters and buffers of ``module``: what a captured graph reads besides its inputs.
+    Collected once per module (walking SD 1.5's 686 parameters costs ~1.5 ms, a tenth of a step);
+    moving a module keeps these objects and changes their storage, which ``addresses`` sees."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def addresses(tensors: list[Tensor]) -> tuple[int, ...]:
+    """Where ``tensors`` live now (tens of µs for a UNet's weights)."""
+    return tuple(t.data_ptr() for t in tensors)
 
 
 class CapturedStep:

@@ -272,6 +272,9 @@ class VAE:
         def run_tile(part):
             return fn(part.to(self.device, self.dtype))
 
+        # The module decides: another handle on it (CompileVAE's copy) may have switched it to fp32.
+        self.dtype = next(self.model.parameters()).dtype
+
         for attempt in range(2):
             devices.model_manager().load(self.model, self.device)
             with torch.no_grad():

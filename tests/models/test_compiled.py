@@ -82,18 +82,27 @@ def txt2img(ckpt, model, *, text="a red circle", seed=1, cfg=5.0, steps=3, sampl
 def test_unet_and_vae_decode_match_eager(ckpt):
     """aot_eager: the graph inductor would compile (functionalised, decomposed), in channels-last."""
     unet = micro_unet(adm=64)                             # with a label embedding: SDXL's y is an input too
-    runner = compiled.CompiledUNet(unet, compiled.CompileOptions(backend="aot_eager"), compiled.CompileCache())
+    options = compiled.CompileOptions(backend="aot_eager", channels_last=True)     # as on CUDA
+    runner = compiled.CompiledUNet(unet, options, compiled.CompileCache())
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300.0, 300.0])
     ctx, y = torch.randn(2, 77, 32, generator=g), torch.randn(2, 64, generator=g)
     with torch.no_grad():
         eager = unet(x, t, ctx, y)
         assert close(runner(x, t, ctx, y), eager)
+        # ControlNet residuals are inputs too (their shapes join the key)
+        skips, h, emb = [], x, unet.embed(t, y, x.dtype)
+        for block in unet.input_blocks:
+            h = block(h, emb, ctx)
+            skips.append(torch.randn(h.shape, generator=g))
+        control = {"input": skips[::-1], "middle": [torch.randn(h.shape, generator=g)], "output": skips}
+        assert close(runner(x, t, ctx, y, control=control), unet(x, t, ctx, y, control=control))
+        assert not close(unet(x, t, ctx, y, control=control), eager, rtol=1e-3)
     assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
 
     z = torch.randn(1, 4, 8, 8, generator=g)
     eager_image = ckpt.vae.decode(z)
-    ckpt.vae.compile_options = compiled.CompileOptions(backend="aot_eager")
+    ckpt.vae.compile_options = options
     try:
         assert close(ckpt.vae.decode(z), eager_image)
     finally:
@@ -102,7 +111,7 @@ def test_unet_and_vae_decode_match_eager(ckpt):
 
 def test_txt2img_compiles_once_and_never_again_for_a_new_prompt_seed_cfg_steps_or_lora(ckpt, tmp_path):
     backend = Counting()
-    options = compiled.CompileOptions(backend=backend)
+    options = compiled.CompileOptions(backend=backend, channels_last=True)
     fast = compiled.compile_model(ckpt.model, options)
     ckpt.vae.compile_options = options
     try:
