@@ -44,20 +44,26 @@ class CudaGraphs:
             return torch.cuda.graph_pool_handle()
 
     def warm_up(self, fn: Callable, inputs: Sequence, device: torch.device) -> None:
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                fn(*inputs)
-        current.wait_stream(side)
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    fn(*inputs)
+            current.wait_stream(side)
 
     def capture(self, fn: Callable, inputs: Sequence, device: torch.device, pool) -> tuple[object, Tensor]:
-        """(graph, its output tensor): ``fn(*inputs)`` recorded (not run: replay it for values)."""
+        """(graph, its output tensor): ``fn(*inputs)`` recorded (not run: replay it for values).
+        "thread_local": other workers' threads may use CUDA meanwhile (their own GPUs)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             output = fn(*inputs)
         return graph, output
+
+    def replay(self, graph, device: torch.device) -> None:
+        with torch.cuda.device(device):                  # a replay launches on the current device's stream
+            graph.replay()
 
 
 def weights(module: nn.Module) -> list[Tensor]:
@@ -85,6 +91,7 @@ class CapturedStep:
                 buffer.copy_(t)
         api.warm_up(fn, self.inputs, device)
         self.graph, self.output = api.capture(fn, self.inputs, device, pool)
+        self.device, self.api = device, api
 
     def matches(self, weights: tuple[int, ...]) -> bool:
         return weights == self.weights
@@ -93,5 +100,5 @@ class CapturedStep:
         for buffer, t in zip(self.inputs, inputs):
             if buffer is not None:
                 buffer.copy_(t)
-        self.graph.replay()
+        self.api.replay(self.graph, self.device)
         return self.output.clone()

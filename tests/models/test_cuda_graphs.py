@@ -24,7 +24,7 @@ class FakeGraph:
 
 class FakeCuda(cuda_graphs.CudaGraphs):
     def __init__(self, fail: bool = False):
-        self.captures = self.warm_ups = 0
+        self.captures = self.warm_ups = self.replays = 0
         self.fail = fail
 
     def supports(self, device):
@@ -43,6 +43,10 @@ class FakeCuda(cuda_graphs.CudaGraphs):
         self.captures += 1
         output = fn(*inputs)
         return FakeGraph(fn, inputs, output), output
+
+    def replay(self, graph, device):
+        self.replays += 1
+        graph.replay()
 
 
 def runner_for(unet, fake, backend=None, max_graphs=4):
@@ -65,7 +69,7 @@ def test_steps_are_captured_from_their_second_call_and_replayed_with_new_inputs(
     first = runner(*inputs(1))
     assert fake.captures == 0                              # the first call compiles or warms up, no more
     results = [runner(*inputs(seed)) for seed in (2, 3, 4)]
-    assert (fake.warm_ups, fake.captures) == (1, 1)
+    assert (fake.warm_ups, fake.captures, fake.replays) == (1, 1, 3)
     for seed, out in zip((2, 3, 4), results):
         assert torch.allclose(out, unet(*inputs(seed)), atol=1e-5)   # each replay saw its own inputs
     assert not torch.equal(results[0], results[1])         # and returned its own copy, not the graph's output
