@@ -3,6 +3,7 @@
     python bench/demo_quality.py                 # measure the shipped (or installed) demo checkpoint
     python bench/demo_quality.py --train         # train from scratch first, timing it
     python bench/demo_quality.py --grid docs/demo.png
+    python bench/demo_quality.py --deepcache 3,1       # the same through DeepCache (interval 3, depth 1)
 
 Prints: training time (with --train), seconds per generated image, prompt adherence over
 100 images (10 classes × 10, the classifier fitted on real images) against the
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--grid", type=Path, help="save the generated images as one PNG")
+    ap.add_argument("--deepcache", metavar="INTERVAL[,DEPTH]",
+                    help="sample through the DeepCache node (e.g. 3,1): its speed and quality cost on this model")
     args = ap.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     ckpt = args.checkpoint or assets.SHIPPED
@@ -47,7 +50,13 @@ def main() -> None:
         print(f"training from scratch: {(time.perf_counter() - t0) / 60:.1f} min (target < 10)")
     if not Path(ckpt).is_file():
         sys.exit(f"no checkpoint at {ckpt}: pass --checkpoint or --train")
-    r = evaluate(ckpt, per_class=args.per_class, steps=args.steps, cfg=args.cfg)
+    model_node = None
+    if args.deepcache:
+        interval, _, depth = args.deepcache.partition(",")
+        model_node = ("DeepCache", {"cache_interval": int(interval), "cache_depth": int(depth or 3),
+                                    "start_step": 0, "end_step": 1000})
+        print(f"DeepCache: interval {interval}, depth {depth or 3}")
+    r = evaluate(ckpt, per_class=args.per_class, steps=args.steps, cfg=args.cfg, model_node=model_node)
     n = args.per_class * 10
     print(f"sampling: {r.seconds_per_image:.2f} s per image ({args.steps} steps, 64x64, batch {args.per_class})"
           " (target < 5)")

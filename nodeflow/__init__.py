@@ -13,6 +13,7 @@ import torch; the nodes and ``nodeflow.models`` / ``nodeflow.sampling`` do.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -131,20 +132,24 @@ def shared_executor(registry: Registry) -> Executor:
     return context.current().executor(registry)
 
 
-def configure_devices(device: str | None = None, precision: str | None = None, *,
-                      run_context: RunContext | None = None) -> None:
-    """Choose where models run (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``) and in which
-    precision (``"fp32"``, ``"fp16"``, ``"bf16"``) — what ``--device``/``--precision`` do — for
-    ``run_context`` (default: the process's default context). Imports the model stack (torch)
-    only when something is given; raises ``ValueError`` naming the option when the device is
-    not there or the stack cannot load."""
+def configure_devices(device: str | None = None, precision: str | None = None, *, compile: str | None = None,
+                      cuda_graphs: bool = False, run_context: RunContext | None = None) -> None:
+    """Choose where models run (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``), in which
+    precision (``"fp32"``, ``"fp16"``, ``"bf16"``) and whether through the fast path (``compile``:
+    a torch.compile backend such as ``"inductor"``; ``cuda_graphs``) — what ``--device``,
+    ``--precision``, ``--compile`` and ``--cuda-graphs`` do — for ``run_context`` (default: the
+    process's default context). Imports the model stack (torch) only when something is given;
+    raises ``ValueError`` naming the option when the device is not there, the fast path cannot
+    work here, or the stack cannot load."""
     target = run_context or context.default()
-    if device is None and precision is None:
+    if device is None and precision is None and not compile and not cuda_graphs:
         return
     try:
         from nodeflow.models import devices
     except ImportError as exc:
-        raise ValueError(f"--device/--precision need the model stack (torch): {exc}") from None
+        options = ", ".join(name for name, given in (("--device", device), ("--precision", precision),
+                                                     ("--compile", compile), ("--cuda-graphs", cuda_graphs)) if given)
+        raise ValueError(f"{options} need the model stack (torch): {exc}") from None
     try:
         if device:
             target.device = devices.check_device(device)
@@ -152,3 +157,17 @@ def configure_devices(device: str | None = None, precision: str | None = None, *
             target.precision = devices.check_precision(precision)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"--device {device}: {exc}" if device else f"--precision {precision}: {exc}") from None
+    if compile or cuda_graphs:
+        from nodeflow.models import compiled
+
+        with context.activate(target):
+            where = devices.get_device()
+        if compile:
+            compiled.check_compile(compile, where)
+            if where.type == "cpu":
+                logging.getLogger("nodeflow.models.compiled").warning(
+                    "--compile on the CPU: measured no faster than eager for SD 1.5 in fp32 on a small CPU "
+                    "(README, Speed); it pays on GPUs")
+        if cuda_graphs:
+            compiled.check_cuda_graphs(where)
+        target.compile, target.cuda_graphs = compile or None, bool(cuda_graphs)

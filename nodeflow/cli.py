@@ -99,6 +99,17 @@ def _discard_stdout() -> None:
         pass
 
 
+def speed_options(parser: argparse.ArgumentParser) -> None:
+    """``--compile``, ``--compile-backend`` and ``--cuda-graphs`` (``nodeflow run`` and the server)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the UNet and the VAE decoder with torch.compile (channels-last; graphs cached "
+                             "per size, batch and precision: a new prompt, seed, cfg or LoRA does not compile again)")
+    parser.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                        help="the torch.compile backend for --compile (default inductor; aot_eager or eager to debug)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay UNet steps of fixed shapes as CUDA graphs (CUDA only; with or without --compile)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodeflow", description="Run Stable Diffusion node graphs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -115,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output-dir", metavar="DIR", help="where SaveImage writes (default: BASE/output)")
     r.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     r.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="model precision (default: per device)")
+    speed_options(r)
     r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     r.add_argument("--json", action="store_true", help="print the outputs as JSON")
     common(r)
@@ -159,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     folders = folders_mod.configure(_dir(args.base_dir), output_dir=_dir(args.output_dir))
-    _configure_devices(args.device, args.precision)
+    _configure_devices(args.device, args.precision, args.compile_backend if args.compile else None, args.cuda_graphs)
     from nodeflow.loader import editor_workflow
 
     ui = editor_workflow(args.workflow)
@@ -341,9 +353,10 @@ def _registry() -> Registry:
     return default_registry()
 
 
-def _configure_devices(device: str | None, precision: str | None) -> None:
+def _configure_devices(device: str | None, precision: str | None, compile: str | None = None,
+                       cuda_graphs: bool = False) -> None:
     try:
-        configure_devices(device, precision)
+        configure_devices(device, precision, compile=compile, cuda_graphs=cuda_graphs)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -5,6 +5,9 @@ in-process workers (one per GPU), or a Ray actor on another machine — runs nod
 
 - ``folders``: where models are found and images are read and written;
 - ``device`` and ``precision``: ``"cuda:1"``, ``"fp16"``, … (None: chosen automatically);
+- ``compile`` and ``cuda_graphs``: the fast model path (``--compile``: the torch.compile backend
+  the UNet and the VAE decoder are compiled with, None: off; ``--cuda-graphs``: UNet steps of
+  fixed shapes replayed as CUDA graphs); the compiled graphs themselves are per-worker state;
 - per-worker state that the model stack keeps (``state(key, make)``: e.g. the manager that
   knows which models sit on this worker's GPU), and the executors made for it (each with its
   own output cache).
@@ -39,16 +42,20 @@ class RunContext:
     """Where one worker runs nodes. Contexts share nothing mutable with each other."""
 
     def __init__(self, folders: Folders | None = None, *, device: str | None = None, precision: str | None = None,
-                 name: str = "local") -> None:
+                 compile: str | None = None, cuda_graphs: bool = False, name: str = "local") -> None:
         self._folders = folders          # None: made from the environment on first use
         self.device = device             # "cuda", "cuda:1", "mps", "cpu"; None: the best available
         self.precision = precision       # "fp32", "fp16", "bf16"; None: fp16 on GPUs, fp32 on the CPU
+        self.compile = compile           # torch.compile backend of the model path ("inductor"); None: eager
+        self.cuda_graphs = cuda_graphs   # replay UNet steps of fixed shapes as CUDA graphs
         self.name = name                 # the worker's id, for logs and errors
         self._state: dict[str, Any] = {}
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
-        return f"RunContext({self.name!r}, device={self.device!r}, precision={self.precision!r})"
+        speed = f", compile={self.compile!r}" if self.compile else ""
+        speed += ", cuda_graphs=True" if self.cuda_graphs else ""
+        return f"RunContext({self.name!r}, device={self.device!r}, precision={self.precision!r}{speed})"
 
     @property
     def folders(self) -> Folders:

@@ -7,17 +7,23 @@ Each worker has its own device, precision and manager: they live in its run cont
   the CLI's ``--device``).
 - The precision of the UNet and the text encoders is fp16 on GPUs and fp32 on the CPU
   unless the context says otherwise (``set_precision("fp32" | "fp16" | "bf16")``, ``--precision``).
-  The VAE runs in bf16 where the GPU has it, else fp16; a VAE that overflows in half precision
-  (SDXL's, in fp16) gives NaNs, which ``vae.VAE`` detects, redoing the work in fp32.
+  The VAE runs in bf16 where the GPU computes it natively (compute capability 8.0 and up), else
+  fp16; a VAE that overflows in half precision (SDXL's, in fp16) gives NaNs, which ``vae.VAE``
+  detects, redoing the work in fp32.
 - Models wait in CPU memory. ``model_manager().load(module, device)`` moves one to the GPU when
   a node runs it; when the GPU is short of memory, the least recently used models go back to
   the CPU first. A model too large for the GPU even alone runs layer by layer from CPU
   memory (each layer visits the GPU for its forward). On the CPU all of this is a no-op.
+- Models sent back to CPU memory, and those streamed from it, wait in *pinned* (page-locked)
+  memory where CUDA is there and the budget allows (``ModelManager.pin_limit``): copies from
+  pinned memory to the GPU are asynchronous, so the host goes on queueing work while they run,
+  and run at the bus's full speed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import torch
@@ -102,9 +108,26 @@ def vae_dtype(device: torch.device | None = None) -> torch.dtype:
         return torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if precision == "bf16" else torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if native_bf16(device):
         return torch.bfloat16
     return torch.float16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively. On CUDA that is compute capability 8.0 and up
+    (Ampere on), asked of ``device`` itself: ``torch.cuda.is_bf16_supported()`` asks the current
+    device, and by default also counts the slow emulation of older GPUs. ROCm GPUs have it."""
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:
+        return True
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def has_tf32(device: torch.device) -> bool:
+    """Whether ``device`` has TF32 tensor cores (NVIDIA compute capability 8.0 and up)."""
+    return device.type == "cuda" and not torch.version.hip and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -131,10 +154,14 @@ class ModelManager:
     the GPU just for its own forward (slow, but it runs). ``offload_all()`` empties the GPU.
     """
 
-    def __init__(self, reserve: int = 1 << 30):
+    def __init__(self, reserve: int = 1 << 30, pin_limit: int | None = None):
         self.reserve = reserve                                   # bytes kept free for activations
         self.loaded: OrderedDict[int, tuple[nn.Module, torch.device]] = OrderedDict()  # id -> module
         self.streamed: dict[int, list] = {}                      # id -> hook handles of a streamed module
+        # Page-locked host memory cannot be swapped out: at most this much of it holds models
+        # (default: a quarter of the machine's memory); a model beyond it waits in pageable memory.
+        self.pin_limit = _physical_memory() // 4 if pin_limit is None else pin_limit
+        self.pinned: dict[int, int] = {}                         # id -> bytes of a module in pinned memory
 
     def load(self, module: nn.Module, device: torch.device) -> nn.Module:
         if device.type == "cpu":
@@ -158,16 +185,23 @@ class ModelManager:
                         "other model offloaded: running it layer by layer from CPU memory (slow)",
                         type(module).__name__, size / 2**20, self.reserve / 2**20, device, free_memory(device) / 2**20)
             self.loaded.pop(key, None)
-            module.to("cpu")
+            self._to_host(module)
             self.streamed[key] = _stream(module, device)
             self.loaded[key] = (module, device)
             return module
         for handle in self.streamed.pop(key, []):                # it fits now: stop streaming
             handle.remove()
-        module.to(device)
+        # From pinned memory the copies are asynchronous: kernels queued after them wait for them
+        # on the GPU, and the caching host allocator keeps the pinned source until they are done.
+        module.to(device, non_blocking=True)
+        self.pinned.pop(key, None)
         self.loaded[key] = (module, device)
         self.loaded.move_to_end(key)
         return module
+
+    def is_streamed(self, module: nn.Module) -> bool:
+        """Whether ``module`` runs layer by layer from CPU memory (too large for its GPU)."""
+        return id(module) in self.streamed
 
     def offload(self, module: nn.Module) -> None:
         """Move ``module`` back to the CPU (and stop streaming it)."""
@@ -175,13 +209,59 @@ class ModelManager:
             handle.remove()
         if self.loaded.pop(id(module), None) is not None:
             log.info("offloading %s (%.0f MiB) to the CPU", type(module).__name__, module_bytes(module) / 2**20)
-            module.to("cpu")
+            self._to_host(module)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _to_host(self, module: nn.Module) -> None:
+        """Move ``module`` to CPU memory: pinned while the budget allows (and CUDA is there to
+        pin for), else pageable."""
+        key, size = id(module), module_bytes(module)
+        if key in self.pinned or not can_pin() or sum(self.pinned.values()) + size > self.pin_limit:
+            module.to("cpu")
+            return
+        try:
+            _move_to_pinned(module)
+        except RuntimeError as exc:                              # e.g. the OS refuses to lock more pages
+            log.warning("could not pin %.0f MiB of host memory for %s (%s): it waits in pageable memory",
+                        size / 2**20, type(module).__name__, exc)
+            module.to("cpu")
+            return
+        self.pinned[key] = size
 
     def offload_all(self) -> None:
         for module, _ in list(self.loaded.values()):
             self.offload(module)
+
+
+def can_pin() -> bool:
+    """Whether host memory can be pinned here (it is pinned for CUDA devices)."""
+    return torch.cuda.is_available()
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):               # not a POSIX system: assume 16 GiB
+        return 16 << 30
+
+
+def _pinned_empty(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised CPU tensor in pinned memory, shaped, typed and laid out like ``t``."""
+    return torch.empty_like(t, device="cpu", pin_memory=True)
+
+
+@torch.no_grad()
+def _move_to_pinned(module: nn.Module) -> None:
+    """Every parameter and buffer of ``module`` into pinned CPU memory (one copy each, in place
+    of ``module.to("cpu")``; the memory layout, channels-last included, is kept)."""
+    for sub in module.modules():
+        for p in sub.parameters(recurse=False):
+            if p.device.type != "cpu" or not p.is_pinned():
+                p.data = _pinned_empty(p.data).copy_(p.data)
+        for name, b in sub.named_buffers(recurse=False):
+            if b is not None and (b.device.type != "cpu" or not b.is_pinned()):
+                sub._buffers[name] = _pinned_empty(b).copy_(b)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

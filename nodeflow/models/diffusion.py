@@ -4,7 +4,9 @@ LATENT values between nodes are raw VAE latents; ``process_latent_in`` scales th
 space the UNet was trained on (× 0.18215 for SD 1/2, × 0.13025 for SDXL) and
 ``process_latent_out`` scales back. ``apply_model`` runs one network evaluation: it moves the
 UNet to the compute device through the model manager, casts the inputs, and returns the raw
-output (ε or v, per ``prediction_type``) as float32 on the input's device.
+output (ε or v, per ``prediction_type``) as float32 on the input's device. With
+``compile_options`` (the CompileModel node) or ``--compile``/``--cuda-graphs`` it runs the UNet
+through ``nodeflow.models.compiled``'s fast path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import copy
 
 import torch
 
-from nodeflow.models import devices, patching
+from nodeflow.models import compiled, devices, patching
 from nodeflow.models.model_patches import ModelPatches
 from nodeflow.models.unet import UNet, timestep_embedding
 
@@ -51,6 +53,7 @@ class DiffusionModel:
         self.latent_scale_factor = LATENT_SCALE[base_family(family)]
         self.patches: patching.Patches = {}                     # weight patches (LoRA): {param: [(strength, patch)]}
         self.model_patches = ModelPatches()                     # sampling and forward patches (FreeU, PAG, ...)
+        self.compile_options: compiled.CompileOptions | None = None   # the fast path (CompileModel)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,8 +98,13 @@ class DiffusionModel:
             options["control"] = {k: [None if r is None else r.to(dev, dtype) for r in v] for k, v in control.items()}
         if patches.touches_unet:
             options["patches"], options["info"] = patches, dict(info or {})
-        out = self.unet(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),
-                        None if y is None else y.to(dev, dtype), **options)
+        if patches.step_cache is not None:
+            deep = patches.step_cache.plan(x, t, info, patches.touches_attention)
+            if deep is not None:
+                options["deep"] = deep
+        forward = compiled.unet_forward(self)
+        out = forward(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),
+                      None if y is None else y.to(dev, dtype), **options)
         return out.to(out_device, torch.float32)
 
     def condition_kwargs(self, meta: dict, batch: int, width: int, height: int) -> dict:

@@ -51,4 +51,5 @@ def freeu_patch(model_channels: int, b1: float, b2: float, s1: float, s2: float,
             return h, fourier_filter(skip.cpu(), 1, s).to(skip.device)
         return h, fourier_filter(skip, 1, s)
 
+    patch.compile_key = ("freeu", version, model_channels, b1, b2, s1, s2)    # pure tensor maths: compilable
     return patch

@@ -32,6 +32,13 @@ the patches of one forward: "block" (("input" | "middle" | "output"), index),
     v, info) -> out}`` replaces the attention of the projected q, k, v (B, T, heads·dim).
     ``transformer_middle``: ``fn(x, info) -> x`` between self- and cross-attention (GLIGEN;
     ComfyUI's "middle_patch").
+    ``step_cache``: a ``nodeflow.models.step_cache.DeepCache`` (the DeepCache node), which plans
+    each forward: full, or only the shallow blocks with the deep features of an earlier step.
+
+Under ``--compile`` (``nodeflow.models.compiled``) a UNet patch function is compiled into the
+graph when it has a ``compile_key`` attribute: a hashable that names what it computes (the
+function and every setting it closes over), so that two patches with equal keys may share a
+graph; a patch without one makes that call run eagerly.
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 BLOCK_PATCHES = ("input_block", "input_block_after_skip", "middle_block", "output_block")
 ATTENTION_PATCHES = ("attn1", "attn2", "attn1_output", "attn2_output", "transformer_middle")
 REPLACEABLE = ("attn1", "attn2")
+UNET_PATCHES = (*BLOCK_PATCHES, *ATTENTION_PATCHES, "attn1_replace", "attn2_replace")
 
 
 @dataclass
@@ -61,6 +70,7 @@ class ModelPatches:
     transformer_middle: list[Callable] = field(default_factory=list)
     attn1_replace: dict[tuple, Callable] = field(default_factory=dict)
     attn2_replace: dict[tuple, Callable] = field(default_factory=dict)
+    step_cache: Any = None
 
     def copy(self) -> ModelPatches:
         """A copy whose lists and dicts are its own (the functions are shared)."""
@@ -81,13 +91,26 @@ class ModelPatches:
             elif isinstance(value, dict):
                 getattr(out, name).update(value)
         out.cfg_function = other.cfg_function or self.cfg_function
+        out.step_cache = other.step_cache or self.step_cache
         out.disable_cfg1_optimization = self.disable_cfg1_optimization or other.disable_cfg1_optimization
         return out
 
     @property
     def touches_unet(self) -> bool:
         """Whether any patch acts inside the UNet's forward."""
-        return any(getattr(self, n) for n in (*BLOCK_PATCHES, *ATTENTION_PATCHES, "attn1_replace", "attn2_replace"))
+        return self.step_cache is not None or any(getattr(self, n) for n in UNET_PATCHES)
+
+    def unet_functions(self) -> list[tuple[str, Callable]]:
+        """(where, fn) of every function called inside the UNet's forward: block, attention and
+        replacing patches, in a fixed order."""
+        found: list[tuple[str, Callable]] = []
+        for name in UNET_PATCHES:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                found.extend((f"{name}{key}", fn) for key, fn in value.items())
+            else:
+                found.extend((name, fn) for fn in value)
+        return found
 
     @property
     def touches_attention(self) -> bool:

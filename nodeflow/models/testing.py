@@ -58,6 +58,19 @@ def tiny_unet_config(family: str = "sd1", inpaint: bool = False) -> UNetConfig:
     raise ValueError(f"unknown family {family!r}")
 
 
+def micro_unet(levels: int = 2, adm: int = 0, seed: int = 0) -> UNet:
+    """A random UNet smaller still than the tiny families' (one ResBlock per level, attention on
+    the first, context width 32; a label embedding of width ``adm`` when given): Dynamo traces it
+    in a second or two, for tests that compile."""
+    depth = (1,) + (0,) * (levels - 1)
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2)[:levels], num_res_blocks=(1,) * levels,
+                     transformer_depth=depth, transformer_depth_middle=0,
+                     transformer_depth_output=tuple(d for d in depth[::-1] for _ in range(2)),
+                     context_dim=32, num_heads=2, adm_in_channels=adm)
+    torch.manual_seed(seed)
+    return UNet(cfg).eval().requires_grad_(False)
+
+
 def random_tensors(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic random tensors: matrices/kernels ~ N(0, 1/fan_in), 1-D weights ~ 1 + N(0, 0.01),
     biases and scalars ~ N(0, 0.01)."""

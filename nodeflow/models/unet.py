@@ -7,8 +7,9 @@ depths, context width, input channels, label embedding); only the attention head
 which the weights cannot show, comes from the caller (the family's known config).
 
 ``forward`` also takes ControlNet / T2I-Adapter residuals (``control``: lists under "input",
-"middle", "output", consumed from the end as ComfyUI's ``apply_control`` does) and model
-patches (``nodeflow.models.model_patches``); without them it is the plain network.
+"middle", "output", consumed from the end as ComfyUI's ``apply_control`` does), model
+patches (``nodeflow.models.model_patches``) and DeepCache's plan for the step
+(``nodeflow.models.step_cache``); without them it is the plain network.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nodeflow.models.model_patches import ModelPatches, replacement
+
+if TYPE_CHECKING:
+    from nodeflow.models.step_cache import DeepStep
 
 
 @dataclass
@@ -295,6 +300,12 @@ def _add_control(h: torch.Tensor, control: dict | None, where: str) -> torch.Ten
     return h + residual.to(h.dtype)
 
 
+def _drop_control(control: dict | None, where: str) -> None:
+    """Consume the next residual of ``control[where]`` unused (its block does not run)."""
+    if control is not None and control.get(where):
+        control[where].pop()
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -322,10 +333,14 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None, control: dict | None = None,
-                patches: ModelPatches | None = None, info: dict | None = None) -> torch.Tensor:
+                patches: ModelPatches | None = None, info: dict | None = None,
+                deep: DeepStep | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w), timesteps (B,) float, context (B, T, context_dim), y (B, adm).
         ``control``: {"input" | "middle" | "output": [residual or None, ...]}; ``patches`` and
-        ``info``: see ``nodeflow.models.model_patches``."""
+        ``info``: see ``nodeflow.models.model_patches``. ``deep`` (DeepCache): input blocks
+        0 … depth and the last depth + 1 output blocks are the shallow part; a full step keeps
+        the features entering that part in ``deep.features``, a ``deep.reuse`` step computes
+        only the shallow part and takes the rest from there."""
         emb = self.embed(timesteps, y, x.dtype)
         if control is not None:
             control = {k: list(v) for k, v in control.items()}
@@ -334,8 +349,10 @@ class UNet(nn.Module):
         if patches is not None:
             info = {**(info or {}), "original_shape": list(x.shape), "transformer_index": 0}
         inner = patches if patches is not None and patches.touches_attention else None
+        reuse = deep is not None and deep.reuse
+        depth = len(self.input_blocks) - 1 if deep is None else min(deep.depth, len(self.input_blocks) - 1)
         skips, h = [], x
-        for i, block in enumerate(self.input_blocks):
+        for i, block in enumerate(self.input_blocks[:depth + 1] if reuse else self.input_blocks):
             if patches is not None:
                 info["block"] = ("input", i)
             h = _add_control(block(h, emb, context, patches=inner, info=info), control, "input")
@@ -344,12 +361,22 @@ class UNet(nn.Module):
             skips.append(h)
             for p in patches.input_block_after_skip if patches is not None else ():
                 h = p(h, info)
-        if patches is not None:
-            info["block"] = ("middle", 0)
-        h = _add_control(self.middle_block(h, emb, context, patches=inner, info=info), control, "middle")
-        for p in patches.middle_block if patches is not None else ():
-            h = p(h, info)
+        if not reuse:
+            if patches is not None:
+                info["block"] = ("middle", 0)
+            h = _add_control(self.middle_block(h, emb, context, patches=inner, info=info), control, "middle")
+            for p in patches.middle_block if patches is not None else ():
+                h = p(h, info)
+        shallow = len(self.output_blocks) - 1 - depth              # the first output block of the shallow part
         for i, block in enumerate(self.output_blocks):
+            if reuse and i < shallow:                              # deep: its features come from the cache
+                _drop_control(control, "output")
+                continue
+            if deep is not None and i == shallow:
+                if reuse:
+                    h = deep.features
+                else:
+                    deep.features = h
             skip = _add_control(skips.pop(), control, "output")
             if patches is not None:
                 info["block"] = ("output", i)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nodeflow.models import devices
+from nodeflow.models import compiled, devices
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,8 @@ class VAE:
     the CPU. The module waits in CPU memory and moves to the compute device per call. A
     decode that gives NaN/inf in half precision (SDXL's VAE in fp16) is redone in fp32, and
     the handle stays in fp32 from then on. ``tile_size`` (in latent pixels) works tile by
-    tile to save memory; running out of GPU memory falls back to tiles of 64 by itself.
+    tile to save memory; running out of GPU memory falls back to tiles of 64 by itself. With
+    ``compile_options`` (or ``--compile``) the decoder runs compiled (``nodeflow.models.compiled``).
     """
 
     def __init__(self, model: AutoencoderKL, *, scale_factor: float = 0.18215, device: torch.device | None = None,
@@ -264,11 +265,15 @@ class VAE:
         self.dtype = dtype or next(model.parameters()).dtype
         self.downscale = model.downscale
         self.latent_channels = model.config.embed_dim
+        self.compile_options = None                       # the decoder's fast path (compiled.CompileOptions)
 
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_size: int | None,
              tile: int, overlap: int, scale: float, out_channels: int) -> torch.Tensor:
         def run_tile(part):
             return fn(part.to(self.device, self.dtype))
+
+        # The module decides: another handle on it (CompileVAE's copy) may have switched it to fp32.
+        self.dtype = next(self.model.parameters()).dtype
 
         for attempt in range(2):
             devices.model_manager().load(self.model, self.device)
@@ -313,5 +318,6 @@ class VAE:
             raise ValueError(f"VAE.decode expects a latent (B, {self.latent_channels}, h, w), "
                              f"got shape {tuple(latent.shape)}")
         tile = tile_size or 64
-        out = self._run(self.model.decode, latent.float(), tile_size, tile, tile // 8, self.downscale, 3)
+        decode = compiled.vae_decode(self)
+        out = self._run(decode, latent.float(), tile_size, tile, tile // 8, self.downscale, 3)
         return ((out + 1) / 2).clamp(0, 1).movedim(1, -1)                          # (B, H, W, 3)

@@ -314,10 +314,10 @@ class LocalBackend(WorkerSet):
     """``workers`` in-process workers (one by default, in the process's default run context).
 
     With more than one, each has its own run context on ``devices[i]`` (default: the CUDA
-    devices in turn, else the default context's device), with the default context's folders
-    and precision, and its own output cache of ``cache_size`` entries. In-process workers
-    share the GIL: they suit GPUs, where the work is on the device; Ray workers are
-    separate processes."""
+    devices in turn, else the default context's device), with the default context's folders,
+    precision and fast-path settings (``--compile``, ``--cuda-graphs``), and its own output
+    cache of ``cache_size`` entries. In-process workers share the GIL: they suit GPUs, where
+    the work is on the device; Ray workers are separate processes."""
 
     def __init__(self, registry: Any, *, workers: int = 1, cache_size: int | None = None,
                  devices: list[str] | None = None, before_node: Any = None) -> None:
@@ -335,7 +335,8 @@ class LocalBackend(WorkerSet):
                 continue
             base = context.default()
             device = devices[i % len(devices)] if devices else _nth_device(i, base.device)
-            ctx = context.RunContext(base.folders, device=device, precision=base.precision, name=f"local-{i + 1}")
+            ctx = context.RunContext(base.folders, device=device, precision=base.precision, compile=base.compile,
+                                     cuda_graphs=base.cuda_graphs, name=f"local-{i + 1}")
             made.append(LocalWorker(registry, worker_id=f"local-{i + 1}", run_context=ctx, cache=cache,
                                     before_node=before_node))
         super().__init__(made)

@@ -48,6 +48,9 @@ class WorkerSpec:
     base_dir: str | None = None
     device: str | None = None            # None: its GPU (Ray gives each actor its own), else the CPU
     precision: str | None = None
+    #: The fast model path (``--compile``: a torch.compile backend, None: eager; ``--cuda-graphs``).
+    compile: str | None = None
+    cuda_graphs: bool = False
     #: torch threads in the worker's process (None: torch's default).
     threads: int | None = None
     extra_nodes: list[str] = field(default_factory=list)
@@ -87,6 +90,10 @@ class WorkerRuntime:
         for kind in ("input", "output", "temp"):
             folders.io_dir(kind).mkdir(parents=True, exist_ok=True)
         self.context = RunContext(folders, device=spec.device, precision=spec.precision, name=spec.worker_id)
+        if spec.compile or spec.cuda_graphs:      # checked here, on the worker's own machine and device
+            from nodeflow import configure_devices
+
+            configure_devices(compile=spec.compile, cuda_graphs=spec.cuda_graphs, run_context=self.context)
         self.collector = OutputCollector(folders)
         self._sink: queue.SimpleQueue | None = None
         limits = ResourceLimits(spec.max_pixels, spec.max_steps)

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from nodeflow import configure_devices
 from nodeflow import folders as folders_mod
+from nodeflow.cli import speed_options
 from nodeflow.limits import ResourceLimits
 from nodeflow.queue import (
     Backend,
@@ -124,7 +125,8 @@ def _worker(make_backend: BackendFactory | None):
         queue = await asyncio.to_thread(_open_queue, path, config, app[FOLDERS])
         try:
             if config.backend == "local":  # remote workers apply them in their own processes
-                await asyncio.to_thread(configure_devices, config.device, config.precision)
+                await asyncio.to_thread(configure_devices, config.device, config.precision,
+                                        compile=config.compile, cuda_graphs=config.cuda_graphs)
             backend = (make_backend or default_backend)(app[REGISTRY], config)
         except (ValueError, BackendError) as exc:
             queue.close()
@@ -183,6 +185,7 @@ def default_backend(registry: Registry, config: ServerConfig) -> Backend:
     import_ray()  # a clear message now when Ray is missing
     folders = folders_mod.folders()
     spec = WorkerSpec("", base_dir=str(folders.base), device=config.device, precision=config.precision,
+                      compile=config.compile, cuda_graphs=config.cuda_graphs,
                       extra_nodes=list(config.extra_nodes), builtin_nodes=config.builtin_nodes,
                       cache_size=config.cache_size, max_pixels=config.max_pixels, max_steps=config.max_steps,
                       previews=config.previews)
@@ -273,6 +276,7 @@ def parser() -> argparse.ArgumentParser:
                      help="cuda, cuda:1, mps or cpu for the models (default: the best available)")
     run.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                      help="model precision (default: fp16 on GPUs, fp32 on the CPU)")
+    speed_options(run)
     workers = p.add_argument_group("workers")
     workers.add_argument("--backend", choices=["local", "ray"], default="local",
                          help="where prompts run: local (in this process; default) or ray (Ray actors, one per GPU, "
@@ -332,7 +336,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,
         max_literal=args.max_literal_size,
         previews=args.preview, preview_size=args.preview_size, cache_size=args.cache_size, web_root=args.web_root,
-        device=args.device, precision=args.precision, backend=args.backend, workers=args.workers,
+        device=args.device, precision=args.precision, compile=args.compile_backend if args.compile else None,
+        cuda_graphs=args.cuda_graphs, backend=args.backend, workers=args.workers,
         ray_address=args.ray_address, worker_threads=args.worker_threads, max_tries=args.max_tries,
         extra_nodes=_split(args.extra_nodes) + _split([os.environ.get("NODEFLOW_EXTRA_NODES", "")]),
         builtin_nodes=not args.no_builtin_nodes)

@@ -64,6 +64,10 @@ class ServerConfig:
     #: "fp16", "bf16"); None: automatic. Applied when the worker starts.
     device: str | None = None
     precision: str | None = None
+    #: The fast model path: the torch.compile backend of ``--compile`` ("inductor"; None: eager)
+    #: and ``--cuda-graphs``. Applied to every worker, as the device is.
+    compile: str | None = None
+    cuda_graphs: bool = False
     #: Where prompts run: "local" (workers in this process) or "ray" (Ray actors).
     backend: str = "local"
     #: Workers: None means one (local), or one per GPU in the Ray cluster (ray).

@@ -40,8 +40,10 @@ class Report:
 
 
 def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int = 0, steps: int = 20,
-             cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", size: int = 64) -> np.ndarray:
-    """Images [len(prompts) * per_prompt, H, W, 3] uint8 for each prompt, through the node graph."""
+             cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", size: int = 64,
+             model_node: tuple[str, dict] | None = None) -> np.ndarray:
+    """Images [len(prompts) * per_prompt, H, W, 3] uint8 for each prompt, through the node graph;
+    ``model_node`` (class, inputs) patches the MODEL on its way to the sampler (e.g. DeepCache)."""
     checkpoint = Path(checkpoint).resolve()
     scratch = tempfile.TemporaryDirectory(prefix="nodeflow-eval-")  # previews land here, not beside the checkpoint
     folders = Folders.from_base(scratch.name, extra_models={"checkpoints": [str(checkpoint.parent)]})
@@ -51,10 +53,11 @@ def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int
         for i, prompt in enumerate(prompts):
             wf = Workflow()
             ckpt = wf.add("LoadModel", ckpt_name=checkpoint.name)
+            model = ckpt[0] if model_node is None else wf.add(model_node[0], model=ckpt[0], **model_node[1])[0]
             pos = wf.add("EncodeText", text=prompt, clip=ckpt[1])
             neg = wf.add("EncodeText", text="", clip=ckpt[1])
             latent = wf.add("EmptyLatent", width=size, height=size, batch_size=per_prompt)
-            sample = wf.add("Sample", model=ckpt[0], seed=seed + i, steps=steps, cfg=cfg, sampler_name=sampler,
+            sample = wf.add("Sample", model=model, seed=seed + i, steps=steps, cfg=cfg, sampler_name=sampler,
                             scheduler=scheduler, positive=pos[0], negative=neg[0], latent_image=latent[0], denoise=1.0)
             image = wf.add("VAEDecode", samples=sample[0], vae=ckpt[2])
             wf.add("PreviewImage", images=image[0])
@@ -68,17 +71,18 @@ def generate(checkpoint: Path, prompts: list[str], *, per_prompt: int, seed: int
 
 
 def evaluate(checkpoint: Path, *, per_class: int = 10, seed: int = 0, steps: int = 20, cfg: float = 5.0,
-             real_images: int = 1000) -> Report:
+             real_images: int = 1000, model_node: tuple[str, dict] | None = None) -> Report:
     real = dataset(real_images, seed=1234)
     classifier = ShapeClassifier().fit(real)
     prompts = [prompt_for(c, s) for c, s in CLASSES]
     t0 = time.perf_counter()
-    images = generate(checkpoint, prompts, per_prompt=per_class, seed=seed, steps=steps, cfg=cfg)
+    images = generate(checkpoint, prompts, per_prompt=per_class, seed=seed, steps=steps, cfg=cfg, model_node=model_node)
     seconds = (time.perf_counter() - t0) / len(images)
     asked = np.repeat(np.arange(len(CLASSES)), per_class)
     predicted = classifier.predict(list(images))
     hits = predicted == asked
-    uncond = generate(checkpoint, [""], per_prompt=len(images), seed=seed + 1000, steps=steps, cfg=1.0)
+    uncond = generate(checkpoint, [""], per_prompt=len(images), seed=seed + 1000, steps=steps, cfg=1.0,
+                      model_node=model_node)
     uncond_hits = classifier.predict(list(uncond)) == asked
     # The Fréchet reference is what the prompts describe: real drawings of the same classes on
     # the same (white) background, as many per class as were generated, twice over for the floor.

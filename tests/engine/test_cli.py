@@ -276,3 +276,21 @@ def test_relative_output_dir_is_taken_from_the_current_directory(tmp_path, monke
         assert folders_mod.folders().output == tmp_path / "out"
     finally:
         run_context.default()._folders = saved
+
+
+def test_run_fast_path_options(tmp_path, capsys, monkeypatch):
+    """--compile / --cuda-graphs: checked before anything runs, errors naming the option."""
+    torch = pytest.importorskip("torch")
+    from nodeflow import context
+
+    for name, value in (("compile", None), ("cuda_graphs", False), ("device", None)):
+        monkeypatch.setattr(context.default(), name, value)
+    assert cli.main(["run", write(tmp_path, GOOD), "--compile", "--compile-backend", "bogus"]) == 2
+    assert "error: --compile: 'bogus' is not a torch.compile backend" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["run", write(tmp_path, GOOD), "--cuda-graphs"]) == 2
+        err = capsys.readouterr().err
+        assert "error: --cuda-graphs needs a CUDA device, and the models run on cpu" in err
+        assert "Traceback" not in err
+    assert cli.main(["run", write(tmp_path, GOOD), "--compile", "--compile-backend", "eager"]) == 0
+    assert (context.default().compile, context.default().cuda_graphs) == ("eager", False)

@@ -136,3 +136,67 @@ def test_streaming_reaches_every_weight_of_the_real_models(sdxl, monkeypatch):
             expected = run(module.double())
         module.float()
         assert torch.allclose(streamed, expected)
+
+
+def test_vae_dtype_asks_the_models_own_gpu_for_native_bf16(monkeypatch):
+    """bf16 only where computed natively (compute capability 8.0 on), read from the model's own
+    device: a Turing card beside an Ampere one gets fp16, whichever is current."""
+    capability = {0: (8, 6), 1: (7, 5)}
+    asked = []
+
+    def get_capability(device):
+        asked.append(torch.device(device).index)
+        return capability[torch.device(device).index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)    # counts emulation: not asked
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(run_context.default(), "precision", None)
+    assert devices.vae_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert devices.vae_dtype(torch.device("cuda", 1)) == torch.float16
+    assert asked == [0, 1]
+    assert devices.vae_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.version, "hip", "6.2")                              # ROCm GPUs have bf16
+    assert devices.vae_dtype(torch.device("cuda", 1)) == torch.bfloat16
+
+
+class Movable(nn.Linear):
+    """Records how it was moved; its tensors stay on the CPU."""
+    def __init__(self):
+        super().__init__(256, 256)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append((args, kwargs))
+        return self
+
+
+def test_offloaded_models_wait_in_pinned_memory_within_the_budget(monkeypatch):
+    pinned = []
+
+    def pinned_empty(t):                                     # a stand-in for pinned host memory
+        out = torch.empty_like(t)
+        pinned.append(out)
+        return out
+
+    monkeypatch.setattr(devices, "can_pin", lambda: True)
+    monkeypatch.setattr(devices, "_pinned_empty", pinned_empty)
+    monkeypatch.setattr(devices, "free_memory", lambda device: 1 << 40)
+    gpu = torch.device("cuda", 0)
+    size = devices.module_bytes(Movable())
+    manager = devices.ModelManager(reserve=0, pin_limit=size)
+    a, b = Movable(), Movable()
+    weight = a.weight.detach().clone()
+    manager.load(a, gpu)
+    assert a.moves[-1] == ((gpu,), {"non_blocking": True})  # from pinned memory the copy need not wait
+    manager.offload(a)
+    assert manager.pinned == {id(a): size} and a.weight.data_ptr() == pinned[0].data_ptr()
+    assert torch.equal(a.weight, weight) and len(a.moves) == 1             # copied once, not moved with .to
+    manager.load(b, gpu)
+    manager.offload(b)                                       # over the budget: pageable memory
+    assert b.moves[-1] == (("cpu",), {}) and id(b) not in manager.pinned
+    manager.load(a, gpu)                                     # back on the GPU: its pinned copy is released
+    assert not manager.pinned
+    monkeypatch.setattr(devices, "_pinned_empty", lambda t: (_ for _ in ()).throw(RuntimeError("mlock failed")))
+    manager.offload(a)                                       # pinning refused: pageable, no error
+    assert a.moves[-1] == (("cpu",), {}) and not manager.pinned

@@ -249,6 +249,28 @@ def test_device_and_precision_options():
     for bad in (["--device", "tpu"], ["--device", "mps:1"], ["--precision", "fp8"]):
         with pytest.raises(SystemExit):
             parser().parse_args(bad)
+    assert (config.compile, config.cuda_graphs) == (None, False)
+    config = config_from_args(parser().parse_args(["--compile", "--cuda-graphs"]))
+    assert (config.compile, config.cuda_graphs) == ("inductor", True)
+    config = config_from_args(parser().parse_args(["--compile", "--compile-backend", "aot_eager"]))
+    assert config.compile == "aot_eager"
+
+
+@async_test
+async def test_fast_path_options_checked_when_the_worker_starts(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from nodeflow import context as run_context
+    from nodeflow.server.app import StartupError
+
+    for name, value in (("compile", None), ("cuda_graphs", False), ("device", None)):
+        monkeypatch.setattr(run_context.default(), name, value)
+    async with serve(tmp_path, device="cpu", compile="eager") as client:
+        assert (await client.get("/prompt")).status == 200
+        assert run_context.default().compile == "eager"
+    if not torch.cuda.is_available():
+        with pytest.raises(StartupError, match="--cuda-graphs needs a CUDA device"):
+            async with serve(tmp_path, device="cpu", cuda_graphs=True):
+                pass
 
 
 @async_test

@@ -326,6 +326,25 @@ def test_local_backend_makes_a_context_per_worker(tmp_path):
     assert single.workers()[0].run_context is run_context.default()
 
 
+def test_workers_take_the_fast_path_settings(tmp_path, monkeypatch):
+    """--compile and --cuda-graphs reach every in-process worker's context, and a remote
+    worker's through its WorkerSpec (checked there, on its own device)."""
+    pytest.importorskip("torch")
+    from nodeflow.queue.remote import WorkerRuntime, WorkerSpec
+
+    monkeypatch.setattr(run_context.default(), "compile", "eager")
+    backend = LocalBackend(make_registry(), workers=2, devices=["cpu", "cpu"])
+    assert [(w.run_context.compile, w.run_context.cuda_graphs) for w in backend.workers()] == [("eager", False)] * 2
+    runtime = WorkerRuntime(WorkerSpec("w1", base_dir=str(tmp_path), device="cpu", compile="aot_eager",
+                                       builtin_nodes=False))
+    try:
+        assert (runtime.context.compile, runtime.context.cuda_graphs) == ("aot_eager", False)
+    finally:
+        runtime.close()
+    with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
+        WorkerRuntime(WorkerSpec("w2", base_dir=str(tmp_path), device="cpu", cuda_graphs=True, builtin_nodes=False))
+
+
 def test_dispatcher_survives_a_backend_whose_workers_are_all_dead(tmp_path, caplog):
     registry = make_registry()
     worker = LocalWorker(registry)

@@ -1,0 +1,146 @@
+"""CUDA graphs for UNet steps, on the CPU: the CUDA calls (warm-up, capture, replay) are played
+by a stand-in that behaves as a graph does — a replay computes from the *static* input
+buffers into the *same* output tensor — so what the bookkeeping must get right shows: inputs
+copied in, outputs copied out, one capture per shape from its second call, a new capture when
+the weights moved, no graph for ControlNet or patched calls, a fallback past ``max_graphs``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from nodeflow.models import compiled, cuda_graphs
+from nodeflow.models.testing import micro_unet
+
+
+class FakeGraph:
+    def __init__(self, fn, inputs, output):
+        self.fn, self.inputs, self.output = fn, inputs, output
+
+    def replay(self):
+        self.output.copy_(self.fn(*self.inputs))       # reads the buffers, writes the captured output
+
+
+class FakeCuda(cuda_graphs.CudaGraphs):
+    def __init__(self, fail: bool = False):
+        self.captures = self.warm_ups = self.replays = 0
+        self.fail = fail
+
+    def supports(self, device):
+        return True
+
+    def pool(self, device):
+        return "pool"
+
+    def warm_up(self, fn, inputs, device):
+        self.warm_ups += 1
+        fn(*inputs)
+
+    def capture(self, fn, inputs, device, pool):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        output = fn(*inputs)
+        return FakeGraph(fn, inputs, output), output
+
+    def replay(self, graph, device):
+        self.replays += 1
+        graph.replay()
+
+
+def runner_for(unet, fake, backend=None, max_graphs=4):
+    owner = compiled.CompileCache()
+    owner.graphs = fake
+    return compiled.CompiledUNet(unet, compiled.CompileOptions(backend=backend, cuda_graphs=True,
+                                                              max_graphs=max_graphs), owner)
+
+
+def inputs(seed: int, size: int = 8, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.full((batch,), 100.0 * seed),
+            torch.randn(batch, 77, 32, generator=g))
+
+
+@torch.no_grad()
+def test_steps_are_captured_from_their_second_call_and_replayed_with_new_inputs():
+    unet, fake = micro_unet(), FakeCuda()
+    runner = runner_for(unet, fake)
+    first = runner(*inputs(1))
+    assert fake.captures == 0                              # the first call compiles or warms up, no more
+    results = [runner(*inputs(seed)) for seed in (2, 3, 4)]
+    assert (fake.warm_ups, fake.captures, fake.replays) == (1, 1, 3)
+    for seed, out in zip((2, 3, 4), results):
+        assert torch.allclose(out, unet(*inputs(seed)), atol=1e-5)   # each replay saw its own inputs
+    assert not torch.equal(results[0], results[1])         # and returned its own copy, not the graph's output
+    assert torch.allclose(first, unet(*inputs(1)), atol=1e-5)
+
+
+@torch.no_grad()
+def test_other_shapes_run_without_a_graph_once_the_graphs_are_full():
+    unet, fake = micro_unet(), FakeCuda()
+    runner = runner_for(unet, fake, max_graphs=1)
+    for seed in (1, 2):
+        runner(*inputs(seed))
+    for seed in (3, 4, 5):
+        out = runner(*inputs(seed, size=16))
+        assert torch.allclose(out, unet(*inputs(seed, size=16)), atol=1e-5)
+    assert fake.captures == 1
+
+
+@torch.no_grad()
+def test_weights_that_moved_are_captured_again():
+    unet, fake = micro_unet(), FakeCuda()
+    runner = runner_for(unet, fake)
+    for seed in (1, 2, 3):
+        runner(*inputs(seed))
+    assert fake.captures == 1
+    for p in unet.parameters():                            # as after an offload to the CPU and back
+        p.data = p.data.clone()
+    runner(*inputs(4))
+    assert fake.captures == 2
+    with torch.no_grad():                                  # a LoRA writes in place: the same graph
+        unet.out[2].weight.add_(0.1)
+    out = runner(*inputs(5))
+    assert fake.captures == 2 and torch.allclose(out, unet(*inputs(5)), atol=1e-5)
+
+
+@torch.no_grad()
+def test_controlnet_and_patched_calls_never_replay():
+    from nodeflow.models.model_patches import ModelPatches
+
+    unet, fake = micro_unet(), FakeCuda()
+    runner = runner_for(unet, fake)
+    control = {"output": [None] * len(unet.output_blocks)}
+    patches = ModelPatches(middle_block=[lambda h, info: h])
+    for seed in (1, 2, 3):
+        runner(*inputs(seed), control=control)
+        runner(*inputs(seed), patches=patches, info={})
+    assert fake.captures == 0
+
+
+@torch.no_grad()
+def test_a_step_that_cannot_be_captured_runs_without_a_graph(caplog):
+    unet, fake = micro_unet(), FakeCuda(fail=True)
+    runner = runner_for(unet, fake)
+    with caplog.at_level(logging.WARNING):
+        outs = [runner(*inputs(seed)) for seed in (1, 2, 3)]
+    assert torch.allclose(outs[2], unet(*inputs(3)), atol=1e-5)
+    assert fake.warm_ups == 1 and "runs without one" in caplog.text     # tried once, not at every step
+
+
+@torch.no_grad()
+def test_the_graph_replays_the_compiled_step():
+    class Counting:
+        graphs = 0
+
+        def __call__(self, gm, example_inputs):
+            Counting.graphs += 1
+            return gm.forward
+
+    unet, fake = micro_unet(), FakeCuda()
+    runner = runner_for(unet, fake, backend=Counting())
+    for seed in (1, 2, 3):
+        out = runner(*inputs(seed))
+    assert (Counting.graphs, fake.captures) == (1, 1)
+    assert torch.allclose(out, unet(*inputs(3)), atol=1e-5)
