@@ -143,7 +143,7 @@ class MaskPreview(Node):
     output_node = True
 
     def run(self, mask, prompt=None, extra_pnginfo=None):
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         masks = mask_batch(mask)
         images = masks.reshape(-1, 1, *masks.shape[-2:]).movedim(1, -1).expand(-1, -1, -1, 3)

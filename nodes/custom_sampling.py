@@ -5,7 +5,7 @@ SamplerCustomAdvanced. SDXL-Turbo's workflow, for one, is SamplerCustom + SDTurb
 KSamplerSelect.
 
 SIGMAS values are float32 CPU tensors σ₀ > … > σ_N, usually ending in 0. The value types of
-the other sockets live in ``nodes._custom_sampling``.
+the other sockets live in ``nodeflow.sampling.custom``.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class KSamplerSelect(Node):
     outputs = [Output("SAMPLER")]
 
     def run(self, sampler_name):
-        from nodes._custom_sampling import SamplerChoice
+        from nodeflow.sampling.custom import SamplerChoice
 
         return (SamplerChoice(sampler_name),)
 
@@ -212,7 +212,7 @@ class SamplerEulerAncestral(Node):
     outputs = [Output("SAMPLER")]
 
     def run(self, eta, s_noise):
-        from nodes._custom_sampling import SamplerChoice
+        from nodeflow.sampling.custom import SamplerChoice
 
         return (SamplerChoice("euler_ancestral", {"eta": eta, "s_noise": s_noise}),)
 
@@ -230,7 +230,7 @@ class SamplerDPMPP_2M_SDE(Node):
     outputs = [Output("SAMPLER")]
 
     def run(self, solver_type, eta, s_noise, noise_device):
-        from nodes._custom_sampling import SamplerChoice
+        from nodeflow.sampling.custom import SamplerChoice
 
         name = "dpmpp_2m_sde" if noise_device == "cpu" else "dpmpp_2m_sde_gpu"
         return (SamplerChoice(name, {"eta": eta, "s_noise": s_noise, "solver_type": solver_type}),)
@@ -248,7 +248,7 @@ class SamplerDPMPP_SDE(Node):
     outputs = [Output("SAMPLER")]
 
     def run(self, eta, s_noise, r, noise_device):
-        from nodes._custom_sampling import SamplerChoice
+        from nodeflow.sampling.custom import SamplerChoice
 
         name = "dpmpp_sde" if noise_device == "cpu" else "dpmpp_sde_gpu"
         return (SamplerChoice(name, {"eta": eta, "s_noise": s_noise, "r": r}),)
@@ -265,7 +265,7 @@ class RandomNoise(Node):
     outputs = [Output("NOISE")]
 
     def run(self, noise_seed):
-        from nodes._custom_sampling import RandomNoise as Noise
+        from nodeflow.sampling.custom import RandomNoise as Noise
 
         return (Noise(noise_seed),)
 
@@ -278,7 +278,7 @@ class DisableNoise(Node):
     outputs = [Output("NOISE")]
 
     def run(self):
-        from nodes._custom_sampling import NoNoise
+        from nodeflow.sampling.custom import NoNoise
 
         return (NoNoise(),)
 
@@ -299,7 +299,7 @@ class CFGGuider(Node):
     outputs = [Output("GUIDER")]
 
     def run(self, model, positive, negative, cfg):
-        from nodes._custom_sampling import Guider
+        from nodeflow.sampling.custom import Guider
 
         return (Guider(model, "cfg", (positive, negative), cfg),)
 
@@ -321,7 +321,7 @@ class PerpNegGuider(Node):
 
     def run(self, model, positive, negative, empty_conditioning, cfg, neg_scale):
         from nodeflow.sampling.cfg_patches import perp_neg_cfg
-        from nodes._custom_sampling import Guider
+        from nodeflow.sampling.custom import Guider
         from nodes.model_patches import copy_model
 
         patched = copy_model(model)
@@ -337,7 +337,7 @@ class BasicGuider(Node):
     outputs = [Output("GUIDER")]
 
     def run(self, model, conditioning):
-        from nodes._custom_sampling import Guider
+        from nodeflow.sampling.custom import Guider
 
         return (Guider(model, "basic", (conditioning,)),)
 
@@ -360,7 +360,7 @@ class DualCFGGuider(Node):
     outputs = [Output("GUIDER")]
 
     def run(self, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style):
-        from nodes._custom_sampling import Guider
+        from nodeflow.sampling.custom import Guider
 
         if style != "regular":
             raise ValueError(f"DualCFGGuider: style {style!r} is not supported by nodeflow yet; use 'regular'")
@@ -391,8 +391,8 @@ class SamplerCustom(_Sampling, Node):
     outputs = [Output("LATENT", "output"), Output("LATENT", "denoised_output")]
 
     def run(self, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
-        from nodes._custom_sampling import Guider, NoNoise, sample_custom
-        from nodes._custom_sampling import RandomNoise as Noise
+        from nodeflow.sampling.custom import Guider, NoNoise, sample_custom
+        from nodeflow.sampling.custom import RandomNoise as Noise
 
         noise = Noise(noise_seed) if add_noise else NoNoise(noise_seed)
         return sample_custom(Guider(model, "cfg", (positive, negative), cfg), sampler, sigmas, latent_image, noise,
@@ -415,6 +415,6 @@ class SamplerCustomAdvanced(_Sampling, Node):
     outputs = [Output("LATENT", "output"), Output("LATENT", "denoised_output")]
 
     def run(self, noise, guider, sampler, sigmas, latent_image):
-        from nodes._custom_sampling import sample_custom
+        from nodeflow.sampling.custom import sample_custom
 
         return sample_custom(guider, sampler, sigmas, latent_image, noise, callback=self._callback(guider.model))

@@ -11,7 +11,7 @@ from nodeflow import Bool, Combo, Float, Hidden, Int, Node, Output, Socket
 
 MAX_RESOLUTION = 16384
 
-#: Kept in step with ``nodes._imaging`` (which imports torch, so it is not imported here).
+#: Kept in step with ``nodeflow.imaging`` (which imports torch, so it is not imported here).
 IMAGE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 CROP_METHODS = ["disabled", "center"]
 
@@ -35,7 +35,7 @@ class ScaleImage(Node):
     outputs = [Output("IMAGE")]
 
     def run(self, image, upscale_method, width, height, crop):
-        from nodes._imaging import keep_aspect, resize_image
+        from nodeflow.imaging import keep_aspect, resize_image
 
         if width == 0 and height == 0:
             return (image,)
@@ -58,7 +58,7 @@ class ScaleImageBy(Node):
     outputs = [Output("IMAGE")]
 
     def run(self, image, upscale_method, scale_by):
-        from nodes._imaging import resize_image
+        from nodeflow.imaging import resize_image
 
         width = max(1, round(image.shape[2] * scale_by))
         height = max(1, round(image.shape[1] * scale_by))
@@ -85,7 +85,7 @@ class ScaleImageToTotalPixels(Node):
     def run(self, image, upscale_method, megapixels, resolution_steps):
         import math
 
-        from nodes._imaging import resize_image
+        from nodeflow.imaging import resize_image
 
         scale = math.sqrt(megapixels * 1024 * 1024 / (image.shape[1] * image.shape[2]))
         width = max(resolution_steps, round(image.shape[2] * scale / resolution_steps) * resolution_steps)
@@ -159,7 +159,7 @@ class ImageBatch(Node):
     def run(self, image1, image2):
         import torch
 
-        from nodes._imaging import resize_image
+        from nodeflow.imaging import resize_image
 
         image1, image2 = _match_channels(image1, image2)
         if image1.shape[1:] != image2.shape[1:]:
@@ -345,7 +345,7 @@ class ImageCompositeMasked(Node):
     outputs = [Output("IMAGE")]
 
     def run(self, destination, source, x, y, resize_source, mask=None):
-        from nodes._imaging import composite
+        from nodeflow.imaging import composite
 
         destination, source = _match_alpha(destination, source)
         out = composite(destination.movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
@@ -377,7 +377,7 @@ class JoinImageWithAlpha(Node):
         import torch
         import torch.nn.functional as F
 
-        from nodes._imaging import mask_batch, repeat_to_batch
+        from nodeflow.imaging import mask_batch, repeat_to_batch
 
         m = mask_batch(alpha).unsqueeze(1).float()
         if m.shape[-2:] != image.shape[1:3]:
@@ -419,7 +419,7 @@ class ImageBlend(Node):
     def run(self, image1, image2, blend_factor, blend_mode):
         import torch
 
-        from nodes._imaging import resize_image
+        from nodeflow.imaging import resize_image
 
         if image1.shape != image2.shape:
             image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bicubic", "center")
@@ -605,7 +605,7 @@ class PorterDuffImageComposite(Node):
     outputs = [Output("IMAGE"), Output("MASK")]
 
     def run(self, source, source_alpha, destination, destination_alpha, mode):
-        from nodes._imaging import mask_batch, resize_image
+        from nodeflow.imaging import mask_batch, resize_image
 
         source_alpha, destination_alpha = mask_batch(source_alpha), mask_batch(destination_alpha)
         n = min(len(source), len(source_alpha), len(destination), len(destination_alpha))

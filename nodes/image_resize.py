@@ -107,7 +107,7 @@ def resize_by_rule(pixels, rule: str, settings: dict, method: str):
 
 
 def _resize(pixels, width: int, height: int, method: str, crop: str = "disabled"):
-    from nodes._imaging import resize
+    from nodeflow.imaging import resize
 
     if width < 1 or height < 1:
         raise ValueError(f"the resized picture would be {width} × {height} pixels")

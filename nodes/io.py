@@ -344,7 +344,7 @@ def save_images(images, filename_prefix: str, kind: str, compress_level: int, pr
     temp) and return ComfyUI's image entries ``{"filename", "subfolder", "type"}``."""
     from PIL.PngImagePlugin import PngInfo
 
-    from nodes._imaging import to_pil
+    from nodeflow.imaging import to_pil
 
     if images.ndim == 3:
         images = images.unsqueeze(0)

@@ -35,7 +35,7 @@ class ScaleLatent(Node):
     outputs = [Output("LATENT")]
 
     def run(self, samples, upscale_method, width, height, crop):
-        from nodes._imaging import resize
+        from nodeflow.imaging import resize
 
         if width == 0 and height == 0:
             return (samples,)
@@ -68,7 +68,7 @@ class ScaleLatentBy(Node):
     outputs = [Output("LATENT")]
 
     def run(self, samples, upscale_method, scale_by):
-        from nodes._imaging import resize
+        from nodeflow.imaging import resize
 
         x = samples["samples"]
         width, height = max(1, round(x.shape[3] * scale_by)), max(1, round(x.shape[2] * scale_by))
@@ -79,7 +79,7 @@ class ScaleLatentBy(Node):
 
 def _noise_mask_batch(mask, size: int):
     """A noise mask ``[b, 1, H, W]`` cyclically repeated to ``size`` entries."""
-    from nodes._imaging import repeat_to_batch
+    from nodeflow.imaging import repeat_to_batch
 
     return repeat_to_batch(mask, size) if mask.shape[0] > 1 else mask
 
@@ -153,7 +153,7 @@ class LatentBatch(Node):
     def run(self, samples1, samples2):
         import torch
 
-        from nodes._imaging import resize
+        from nodeflow.imaging import resize
 
         s1, s2 = samples1["samples"], samples2["samples"]
         if s1.shape[1:] != s2.shape[1:]:
@@ -225,7 +225,7 @@ class LatentCompositeMasked(Node):
     outputs = [Output("LATENT")]
 
     def run(self, destination, source, x, y, resize_source, mask=None):
-        from nodes._imaging import composite
+        from nodeflow.imaging import composite
 
         out = dict(destination)
         out["samples"] = composite(destination["samples"], source["samples"], x, y, mask, 8, resize_source)
@@ -246,7 +246,7 @@ class LatentBlend(Node):
     outputs = [Output("LATENT")]
 
     def run(self, samples1, samples2, blend_factor):
-        from nodes._imaging import resize
+        from nodeflow.imaging import resize
 
         s1, s2 = samples1["samples"], samples2["samples"]
         if s1.shape != s2.shape:
@@ -325,7 +325,7 @@ class SetLatentNoiseMask(Node):
     outputs = [Output("LATENT")]
 
     def run(self, samples, mask):
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         out = dict(samples)
         out["noise_mask"] = mask_batch(mask).unsqueeze(1).float()
@@ -334,7 +334,7 @@ class SetLatentNoiseMask(Node):
 
 def _match(s1, s2):
     """``s2`` resized (bilinear, centre crop) and batch-repeated to ``s1``'s shape."""
-    from nodes._imaging import repeat_to_batch, resize
+    from nodeflow.imaging import repeat_to_batch, resize
 
     if s1.shape[1:] != s2.shape[1:]:
         s2 = resize(s2, s1.shape[3], s1.shape[2], "bilinear", "center")

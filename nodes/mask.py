@@ -36,7 +36,7 @@ class InvertMask(Node):
     outputs = [Output("MASK")]
 
     def run(self, mask):
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         return (1.0 - mask_batch(mask),)
 
@@ -55,7 +55,7 @@ class CropMask(Node):
     outputs = [Output("MASK")]
 
     def run(self, mask, x, y, width, height):
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         return (mask_batch(mask)[:, y:y + height, x:x + width],)
 
@@ -78,7 +78,7 @@ class MaskComposite(Node):
     def run(self, destination, source, x, y, operation):
         import torch
 
-        from nodes._imaging import mask_batch, repeat_to_batch
+        from nodeflow.imaging import mask_batch, repeat_to_batch
 
         out = mask_batch(destination).clone().float()
         src = mask_batch(source).float()
@@ -127,7 +127,7 @@ class FeatherMask(Node):
     def run(self, mask, left, top, right, bottom):
         import torch
 
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         out = mask_batch(mask).clone().float()
         _, h, w = out.shape
@@ -158,7 +158,7 @@ class GrowMask(Node):
     def run(self, mask, expand, tapered_corners):
         import torch.nn.functional as F
 
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         x = mask_batch(mask).float().unsqueeze(1)  # (B, 1, H, W)
         sign = 1.0 if expand >= 0 else -1.0
@@ -181,7 +181,7 @@ class ThresholdMask(Node):
     outputs = [Output("MASK")]
 
     def run(self, mask, value):
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         return ((mask_batch(mask) > value).float(),)
 
@@ -225,6 +225,6 @@ class MaskToImage(Node):
     outputs = [Output("IMAGE")]
 
     def run(self, mask):
-        from nodes._imaging import mask_batch
+        from nodeflow.imaging import mask_batch
 
         return (mask_batch(mask).unsqueeze(-1).expand(-1, -1, -1, 3).clone(),)

@@ -45,8 +45,7 @@ class ModelSamplingDiscrete(Node):
     outputs = [Output("MODEL")]
 
     def run(self, model, sampling, zsnr):
-        from nodeflow.sampling.model_sampling import scaled_linear_alphas_cumprod
-        from nodes._schedules import make_schedule, zero_terminal_snr
+        from nodeflow.sampling.model_sampling import make_schedule, scaled_linear_alphas_cumprod, zero_terminal_snr
 
         if sampling == "img_to_img":  # offered for ComfyUI's widget contract; its model family is not loaded
             raise ValueError("ModelSamplingDiscrete: sampling 'img_to_img' is not supported by nodeflow yet; "

@@ -7,7 +7,7 @@ c_concat=None)`` (x already scaled by 1/√(σ²+1), t the float timestep, the r
 and optionally ``condition_kwargs(meta, batch, width, height)`` and ``device``.
 
 Modules, one job each:
-    model_sampling  σ ↔ t, ε/v parameterisations, noise scaling   (DiscreteSchedule)
+    model_sampling  σ ↔ t, ε/v/x0/LCM parameterisations, noise scaling, zero terminal SNR
     schedules       the schedulers and the KSampler's denoise tail (calculate_sigmas)
     noise           ComfyUI-identical seeded noise, Brownian trees (prepare_noise)
     steps           helpers shared by the samplers
@@ -19,6 +19,7 @@ Modules, one job each:
     registry        name → sampler function
     guidance        conditioning entries, areas, masks, batched CFG
     ksampler        sample() and ksampler(): the KSampler nodes' semantics
+    custom          the SamplerCustom sockets (SAMPLER, NOISE, GUIDER) and sample_custom()
     preview         latent → RGB preview
 """
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nodes._imaging import bislerp
+from nodeflow.imaging import bislerp
 from nodes.latent import (
     LatentAdd,
     LatentBatch,

@@ -138,7 +138,7 @@ def test_perp_neg_guider_is_the_perp_neg_patch(make_cond):
     from nodeflow.models import testing
     from nodeflow.models.diffusion import DiffusionModel
     from nodeflow.models.unet import UNet
-    from nodes._custom_sampling import Guider, RandomNoise, SamplerChoice, sample_custom
+    from nodeflow.sampling.custom import Guider, RandomNoise, SamplerChoice, sample_custom
     from nodes.custom_sampling import PerpNegGuider
     from nodes.model_patches import PerpNeg
 
