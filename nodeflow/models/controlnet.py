@@ -15,8 +15,8 @@ UNet): the original single-file layout (``control_model.*``, the ``control_v11*`
 same without prefix, diffusers' ``ControlNetModel`` layout (``controlnet_cond_embedding.*``,
 ``controlnet_down_blocks.*``, ``controlnet_mid_block.*``; SDXL ControlNets ship this way), and
 "diff" ControlNets (``control_model.*`` holding differences from a UNet, plus a ``difference``
-key: the UNet's weights are added at load). T2I-Adapters load through the same function
-(``nodeflow.models.t2i_adapter``).
+key: the given model's UNet weights, its LoRAs included as in ComfyUI, are added at load).
+T2I-Adapters load through the same function (``nodeflow.models.t2i_adapter``).
 
 A conditioning entry's ``"control"`` is a ``ControlHint``: a control model, a hint image, a
 strength, a range of the schedule (start/end percent, as σ), and the previous control in the
@@ -295,9 +295,10 @@ class ControlHint:
 # --- loading -------------------------------------------------------------------------------------
 
 def _unet_weights(model) -> dict[str, torch.Tensor]:
-    """The model's original UNet weights (no LoRA), for a diff ControlNet."""
+    """The model's UNet weights, for a diff ControlNet: with the model's own weight patches (its
+    LoRAs) applied, as ComfyUI reads them (it loads the patched model, then its state dict)."""
     unet = model.unet
-    patching.sync(unet, {})
+    patching.sync(unet, getattr(model, "patches", None) or {})
     return {k: v.detach().cpu() for k, v in unet.state_dict().items()}
 
 

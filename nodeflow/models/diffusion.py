@@ -119,7 +119,7 @@ class DiffusionModel:
         if base_family(self.family) == "sd2":          # SD 2.1 unCLIP: y is the noised image embedding
             from nodeflow.models.unclip import unclip_vector
 
-            y = unclip_vector(unclip, meta.get("seed", 0), 0.05) if unclip else torch.zeros(1, adm)
+            y = unclip_vector(unclip, meta.get("seed", 0), 0.05, self.device) if unclip else torch.zeros(1, adm)
             if y.shape[1] != adm:
                 raise ValueError(f"the unCLIP model takes image embeddings of width {adm // 2}, got "
                                  f"{y.shape[1] // 2}: use the CLIP vision model it was made for")
@@ -136,7 +136,7 @@ class DiffusionModel:
         if unclip:                                      # SDXL "revision": image embeddings as the pooled text
             from nodeflow.models.unclip import unclip_vector
 
-            pooled = unclip_vector(unclip, meta.get("seed", 0))[:, :width_pooled]
+            pooled = unclip_vector(unclip, meta.get("seed", 0), device=self.device)[:, :width_pooled]
         if pooled is None:
             pooled = torch.zeros(1, width_pooled)
         pooled = pooled.float().cpu().reshape(-1, pooled.shape[-1])

@@ -6,7 +6,11 @@ label embedding ``y = [z, emb(k)]·s``: the image embedding e noised to level k 
 times the strength s; k = round(999 · noise_augmentation). The noise n is drawn from a CPU
 generator seeded with the sampling seed − 10, as ComfyUI does. Several images (or several
 unCLIPConditioning nodes) are summed and, for SD 2.1 unCLIP, noised again at level
-round(999 · 0.05) (ComfyUI's ``unclip_noise_augment_merge``; SDXL: 0).
+round(999 · 0.05) (ComfyUI's ``unclip_noise_augment_merge``; SDXL: 0). ComfyUI draws that
+second noise without a seed, from torch's global generator of the model's device, which its
+seeded draws have just re-seeded with seed − 10 (``torch.manual_seed``): on the CPU it is the
+next draw after the last embedding's noise, on a GPU the first draw of that device's generator
+seeded with seed − 10. ``unclip_vector`` draws the same numbers from its own generators.
 """
 
 from __future__ import annotations
@@ -36,17 +40,34 @@ SQRT_ALPHAS = torch.tensor(np.sqrt(_ALPHAS), dtype=torch.float32)
 SQRT_ONE_MINUS = torch.tensor(np.sqrt(1.0 - _ALPHAS), dtype=torch.float32)
 
 
-def augment(embedding: torch.Tensor, level: int, seed: int | None) -> torch.Tensor:
-    """[z, emb(level)] (1, 2·D) for an embedding (D,) or (1, D)."""
-    x = embedding.reshape(1, -1).float()
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    noise = torch.randn(x.shape, generator=generator)
-    z = SQRT_ALPHAS[level] * x + SQRT_ONE_MINUS[level] * noise
+def augment(embedding: torch.Tensor, level: int, seed: int | None = None,
+            noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[z, emb(level)] (1, 2·D) for an embedding (D,) or (1, D), noised with ``noise`` or a draw
+    from a CPU generator seeded with ``seed``."""
+    x = embedding.reshape(1, -1).float().cpu()
+    if noise is None:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        noise = torch.randn(x.shape, generator=generator)
+    z = SQRT_ALPHAS[level] * x + SQRT_ONE_MINUS[level] * noise.reshape(x.shape).float().cpu()
     return torch.cat([z, timestep_embedding(torch.tensor([float(level)]), x.shape[1])], dim=1)
 
 
-def unclip_vector(unclip_conditioning: list[dict], seed: int, merge_level: float = 0.0) -> torch.Tensor:
-    """The y vector (1, 2·D) of an entry's ``unclip_conditioning`` list."""
+def merge_noise(shape: tuple, seed: int, device=None) -> torch.Tensor:
+    """The noise ComfyUI's unseeded re-noising of merged embeddings gets (see the module notes):
+    on the CPU the draw after one of ``shape`` from a generator seeded with ``seed``; on another
+    device the first draw of that device's generator seeded with ``seed``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        generator = torch.Generator().manual_seed(seed)
+        torch.randn(shape, generator=generator)                     # the last embedding's noise
+        return torch.randn(shape, generator=generator)
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device).cpu()
+
+
+def unclip_vector(unclip_conditioning: list[dict], seed: int, merge_level: float = 0.0, device=None) -> torch.Tensor:
+    """The y vector (1, 2·D) of an entry's ``unclip_conditioning`` list; ``device``: where the
+    model runs (it decides the noise of a merge, as in ComfyUI)."""
     parts = []
     for item in unclip_conditioning:
         level = round((MAX_NOISE_LEVEL - 1) * item["noise_augmentation"])
@@ -56,5 +77,6 @@ def unclip_vector(unclip_conditioning: list[dict], seed: int, merge_level: float
         return parts[0]
     total = torch.stack(parts).sum(0)
     dim = total.shape[1] // 2
-    # the merged vector is noised again (a fresh draw: ComfyUI passes no seed here)
-    return augment(total[:, :dim], round((MAX_NOISE_LEVEL - 1) * merge_level), None)
+    # the merged vector is noised again, with the noise ComfyUI's unseeded draw gets
+    noise = merge_noise((1, dim), seed - 10, device)
+    return augment(total[:, :dim], round((MAX_NOISE_LEVEL - 1) * merge_level), noise=noise)

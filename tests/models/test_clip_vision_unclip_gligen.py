@@ -107,6 +107,31 @@ def test_unclip_noise_augmentation():
         assert torch.allclose(y, torch.cat([z, emb[None]], 1) * strength, atol=1e-5)
 
 
+def test_unclip_merged_embeddings_renoised_as_comfyui():
+    """Two embeddings are summed and noised again at level round(999 · 0.05). ComfyUI draws that
+    noise unseeded from torch's global CPU generator, which its seeded draws (torch.manual_seed(seed
+    − 10)) have just reset: the noise is the second draw of a generator seeded with seed − 10,
+    whatever the global state was before."""
+    g = torch.Generator().manual_seed(3)
+    e1, e2 = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
+    items = [{"clip_vision_output": Embeds(e1), "strength": 1.0, "noise_augmentation": 0.1},
+             {"clip_vision_output": Embeds(e2), "strength": 0.5, "noise_augmentation": 0.3}]
+    torch.manual_seed(999)                                     # the global state must not matter
+    y = unclip_vector(items, seed=25, merge_level=0.05)
+    alphas = squaredcos_alphas()
+    seeded = torch.Generator().manual_seed(15)                 # seed − 10
+    first = torch.randn(1, 16, generator=seeded)               # each embedding's own (re-seeded) noise
+    second = torch.randn(1, 16, generator=seeded)              # the merge's
+    total = sum(strength * (math.sqrt(alphas[round(999 * aug)]) * e + math.sqrt(1 - alphas[round(999 * aug)]) * first)
+                for e, strength, aug in ((e1, 1.0, 0.1), (e2, 0.5, 0.3)))
+    z = math.sqrt(alphas[50]) * total + math.sqrt(1 - alphas[50]) * second
+    assert torch.allclose(y[:, :16], z, atol=1e-5)
+    # the first values ComfyUI 0.8.0 gave when run on these inputs (comfy.model_base.unclip_adm with a
+    # CLIPEmbeddingNoiseAugmentation(squaredcos_cap_v2, timestep_dim=16), merge 0.05, seed 15, on the CPU)
+    comfy = torch.tensor([-0.2944447, 0.8989596, -1.4736042, -0.8764875, 0.6069056, -0.4075880])
+    assert torch.allclose(y[0, :6], comfy, atol=1e-5)
+
+
 def test_gligen_pieces(tmp_path):
     boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
     f = fourier(boxes)

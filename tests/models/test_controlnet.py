@@ -209,3 +209,29 @@ def test_controlnet_changes_the_sample_unless_off(tmp_path, sd1):
     assert torch.allclose(sample(sd1.model, with_control(pos, off), with_control(neg, off)), plain, atol=1e-6)
     zero = ControlHint(control, hint, 0.0)
     assert torch.allclose(sample(sd1.model, with_control(pos, zero), with_control(neg, zero)), plain, atol=1e-6)
+
+
+def test_diff_controlnet_adds_the_models_lora_patched_weights(tmp_path, sd1):
+    """ComfyUI loads the (LoRA-patched) model before reading its state dict for a diff ControlNet,
+    so the ControlNet copies the patched UNet: diff + W + ΔW_LoRA, not diff + W."""
+    from nodeflow.models import patching
+    from nodeflow.models.lora import LoraWeights, apply_lora, unet_targets
+
+    base = {k: v.clone() for k, v in sd1.model.unet.state_dict().items()}
+    path = testing.write_tiny_controlnet(tmp_path / "diff.safetensors", "sd1", layout="diff", diff_of=base)
+    name = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    lora_key = next(k for k, v in unet_targets(sd1.model).items() if v == name)
+    out_f, in_f = base[name].shape
+    g = torch.Generator().manual_seed(4)
+    weights = LoraWeights(up=torch.randn(out_f, 2, generator=g), down=torch.randn(2, in_f, generator=g), alpha=1.0)
+    patched, _ = apply_lora({lora_key: weights}, sd1.model, None, 0.7, 0.0)
+    plain_net = load_control_model(path, sd1.model, device="cpu").net.state_dict()
+    try:
+        lora_net = load_control_model(path, patched, device="cpu").net.state_dict()
+    finally:
+        patching.sync(sd1.model.unet, sd1.model.patches)                    # the shared fixture's own weights
+    delta = 0.7 * (weights.up @ weights.down) * (1.0 / 2)                    # strength · up·down · α/rank
+    assert torch.allclose(lora_net[name], plain_net[name] + delta, atol=1e-5)
+    other = "input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+    assert torch.equal(lora_net[other], plain_net[other])
+    assert torch.allclose(plain_net[name], testing.tiny_controlnet_state_dict("sd1")[name], atol=1e-6)
