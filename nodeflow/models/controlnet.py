@@ -33,9 +33,9 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nodeflow import imaging
 from nodeflow.models import devices, patching
 from nodeflow.models.files import CheckpointError, assign_weights, read_all
 from nodeflow.models.unet import Block, UNetConfig, build_encoder, config_from_shapes, embed, label_embedding
@@ -141,15 +141,7 @@ def ldm_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit_hint(hint: torch.Tensor, height: int, width: int, method: str = "nearest-exact") -> torch.Tensor:
     """ComfyUI's ``common_upscale(..., crop="center")``: cut the hint (B, C, H, W) to the target's
     aspect ratio around its centre, then resize it to (height, width)."""
-    old_h, old_w = hint.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    hint = hint.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
-    return F.interpolate(hint, size=(height, width), mode=method)
+    return imaging.resize(hint, width, height, method, crop="center")
 
 
 def broadcast_hint(hint: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
