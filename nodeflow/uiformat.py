@@ -16,7 +16,8 @@ format of its own::
   then optional; inputs marked ``force_input`` are sockets, not widgets). After an INT
   input with ``control_after_generate`` (and, as the editor does, after any ``seed`` or
   ``noise_seed``) the editor stores an extra value (``"fixed"``, ``"randomize"``, ...; in
-  files from 2023 a boolean), which is skipped. Widgets the list does not reach (a shorter
+  files from 2023 a boolean): the value after such a widget is always skipped, as the
+  editor restores values by position. Widgets the list does not reach (a shorter
   list, or none at all) take their defaults, as the editor sends them. A dict
   ``widgets_values`` (some custom nodes) maps by name.
 - A widget converted to an input has an ``inputs`` entry with a ``widget`` key; when it is
@@ -35,10 +36,11 @@ format of its own::
   (one more segment per level of nesting), each instance with its own ids, so the events
   and the history name the nodes as the editor expects. Inside a definition, links from the
   input node (id -10) come from the instance's input of that name: its link in the outer
-  graph, else the instance's *promoted widget* value (``widgets_values_named`` by input
-  name, or ``widgets_values`` in the order of the definition's inputs that feed a widget),
-  else the inner node's own widget value. A link from an instance's output comes from
-  whatever feeds that output inside the definition (output node, id -20). Muted instances
+  graph, else the instance's *promoted widget* value (``widgets_values``, one value per
+  input of the definition that feeds a widget, in order, no control slots; as the editor,
+  ``widgets_values_named`` is not read), else the inner node's own widget value. A link
+  from an instance's output comes from whatever feeds that output inside the definition
+  (output node, id -20). Muted instances
   run nothing; bypassed ones pass their inputs through, as any node.
 - **Group nodes** (the older ``extra.groupNodes``; type ``workflow>NAME`` or
   ``workflow/NAME``): the inner node at index *i* runs as ``"<group node id>:<i>"``; the
@@ -352,30 +354,19 @@ class _Converter:
 
     def _promoted_value(self, scope: _Scope, slot: int) -> _Value | None:
         """The value an instance gives its definition's input ``slot`` through a promoted
-        widget, or ``None`` when it gives none (the inner widget's own value then stands)."""
-        instance = scope.instance or {}
-        name = scope.graph.inputs[slot].get("name") if 0 <= slot < len(scope.graph.inputs) else None
-        named = instance.get("widgets_values_named")
-        if isinstance(named, dict) and name in named:
-            return None if named[name] is None else _Value(named[name])
-        values = instance.get("widgets_values")
+        widget, or ``None`` when it gives none (the inner widget's own value then stands).
+
+        As the editor restores them (its default settings): ``widgets_values`` is read in
+        order, one value per input of the definition that feeds a widget, with no slot for a
+        seed's "control after generate" value; ``widgets_values_named`` is not read (the
+        editor restores by name only under an experimental setting, off by default)."""
+        values = (scope.instance or {}).get("widgets_values")
         if not isinstance(values, list) or not values:
             return None
         capable = self._widget_inputs(scope.graph)
         if slot not in capable:
             return None
-        # Instances saved by older editors keep a slot for the "control after generate"
-        # value after each seed-like widget; only when the list is longer than one value per
-        # promoted input (the current layout).
-        legacy = len(values) > len(capable)
-        position = 0
-        for index in capable:
-            if index == slot:
-                break
-            position += 1
-            if legacy and self._feeds_seed(scope.graph, index) and position < len(values) \
-                    and _is_control_value(values[position]):
-                position += 1
+        position = capable.index(slot)
         if position >= len(values) or values[position] is None:
             return None
         return _Value(values[position])
@@ -403,18 +394,6 @@ class _Converter:
         cls = self.registry.get(kind)
         spec = cls.all_inputs().get(entry.get("name")) if cls is not None else None
         return spec is not None and spec[0].is_widget and not getattr(spec[0], "force_input", False)
-
-    def _feeds_seed(self, graph: _Graph, slot: int) -> bool:
-        for link in graph.input_links(slot):
-            target = graph.nodes.get(link.target) or {}
-            entries = target.get("inputs") or []
-            if 0 <= link.target_slot < len(entries) and isinstance(entries[link.target_slot], dict):
-                name = _input_name(entries[link.target_slot])
-                cls = self.registry.get(target.get("type", ""))
-                spec = cls.all_inputs().get(name) if cls is not None and name else None
-                if name in SEED_NAMES or (spec is not None and getattr(spec[0], "control_after_generate", False)):
-                    return True
-        return False
 
     def _check_promotions(self, scope: _Scope) -> None:
         """A promoted widget must name an input of the definition (``widgets_values_named``)
@@ -733,28 +712,20 @@ def _with_defaults(specs: list[tuple[str, Any]], given: dict[str, Any]) -> dict[
 
 
 def _zip_widgets(widgets: list[tuple[str, str, bool]], values: list[Any]) -> dict[str, Any]:
-    """Pair widget names with ``widgets_values``, skipping the control values the editor
-    stores after seed-like INT widgets."""
+    """Pair widget names with ``widgets_values`` by position, as the editor restores them:
+    after a seed-like INT widget the next value belongs to its "control after generate"
+    widget and is skipped, whatever it holds (``"randomize"``, a 2023 file's boolean, or, in
+    a list saved without it, the next widget's value: the editor shifts those too)."""
     out: dict[str, Any] = {}
     i = 0
-    for position, (name, kind, control) in enumerate(widgets):
+    for name, kind, control in widgets:
         if i >= len(values):
             break
         out[name] = _literal(values[i])
         i += 1
-        if kind == "INT" and (control or name.rpartition("\0")[2] in SEED_NAMES) and i < len(values):
-            value = values[i]
-            # A legacy boolean is the control only when the next widget is no boolean, or
-            # the list has a value to spare for it.
-            spare = len(values) - i > len(widgets) - position - 1
-            if _is_control_value(value) and (not isinstance(value, bool) or spare
-                                             or position + 1 >= len(widgets) or widgets[position + 1][1] != "BOOLEAN"):
-                i += 1
+        if kind == "INT" and (control or name.rpartition("\0")[2] in SEED_NAMES):
+            i += 1
     return out
-
-
-def _is_control_value(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, str) and value in CONTROL_VALUES)
 
 
 def _input_name(entry: Any) -> str | None:

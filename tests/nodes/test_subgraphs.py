@@ -101,7 +101,8 @@ def save(node_id, image_link, order, prefix):
 
 def workflow():
     """LoadImage 1 feeds three instances: 10 (SCALE, promoted width 8), 11 (SCALE, no value:
-    the inner widget's 4), 30 (OUTER, width 5 by name); each is saved."""
+    the inner widget's 4), 30 (OUTER, promoted width 7; its ``widgets_values_named`` says 5,
+    which the editor does not read); each is saved."""
     return {
         "id": "7d2b6c1e-0000-4000-8000-000000000000", "revision": 0, "version": 1,
         "state": {"lastNodeId": 31, "lastLinkId": 8},
@@ -136,6 +137,9 @@ def saved(image, prefix):
             "_meta": {"title": "Save Image"}}
 
 
+# What the stock frontend's graphToPrompt (comfyui-frontend-package 1.58.1, default settings)
+# produced for workflow() loaded into the editor served by nodeflow: 30:7:6 takes the
+# positional promoted value 7, not widgets_values_named's 5.
 EXPECTED = {
     "1": {"inputs": {"image": "pic.png"}, "class_type": "LoadImage", "_meta": {"title": "Load Image"}},
     "10:5": inverted(["1", 0]),
@@ -143,7 +147,7 @@ EXPECTED = {
     "11:5": inverted(["1", 0]),
     "11:6": scaled(["11:5", 0], 4),
     "30:7:5": inverted(["1", 0]),
-    "30:7:6": scaled(["30:7:5", 0], 5),
+    "30:7:6": scaled(["30:7:5", 0], 7),
     "20": saved(["10:6", 0], "first"),
     "21": saved(["11:6", 0], "second"),
     "31": saved(["30:7:6", 0], "nested"),
@@ -154,7 +158,8 @@ def test_subgraph_instances_convert_like_the_editor(base):
     Image.new("RGB", (7, 5)).save(base.input / "pic.png")
     api = ui_to_api(workflow(), registry())
     assert api == EXPECTED
-    # The editor's order: root nodes by execution order, each instance's inner nodes in place.
+    # Root nodes by execution order, each instance's inner nodes in place (the editor orders
+    # them otherwise; the order changes nothing that runs).
     assert list(api) == ["1", "10:5", "10:6", "11:5", "11:6", "30:7:5", "30:7:6", "20", "21", "31"]
     assert validate(parse(api), registry()).complete
 
@@ -162,7 +167,10 @@ def test_subgraph_instances_convert_like_the_editor(base):
 def test_promoted_values_positional_legacy_and_links():
     doc = workflow()
     nested = doc["nodes"][3]
-    del nested["widgets_values_named"]  # positional: one value per promoted input
+    # Positional, one value per promoted input; the editor (its default settings) does not
+    # restore by name (frontend 1.58.1 gives 7 with or without widgets_values_named).
+    assert ui_to_api(doc, registry())["30:7:6"]["inputs"]["width"] == 7
+    del nested["widgets_values_named"]
     assert ui_to_api(doc, registry())["30:7:6"]["inputs"]["width"] == 7
     nested["widgets_values"] = []  # no value on the outer instance: the inner instance's own (3)
     assert ui_to_api(doc, registry())["30:7:6"]["inputs"]["width"] == 3
@@ -260,7 +268,7 @@ def test_save_image_defaults_when_widget_values_are_missing():
     assert ui_to_api(doc, registry())["9"]["inputs"] == {"filename_prefix": "ComfyUI"}
 
 
-def test_legacy_control_slots_in_a_subgraph_instance():
+def test_promoted_seed_has_no_control_slot_in_a_subgraph_instance():
     seed_def = {
         "id": "0b7f4e43-2a1f-4a57-9d5e-6e0c1bd3a003", "name": "seeded",
         "inputs": [{"name": "seed", "type": "INT", "linkIds": [1]}, {"name": "steps", "type": "INT", "linkIds": [2]}],
@@ -270,10 +278,17 @@ def test_legacy_control_slots_in_a_subgraph_instance():
                    "widgets_values": [1, "fixed", 2, 8, "euler", "normal", 1]}],
         "links": [link(1, -10, 0, 3, 0, "INT"), link(2, -10, 1, 3, 1, "INT")],
     }
-    doc = {"nodes": [{"id": 4, "type": seed_def["id"], "mode": 0, "widgets_values": [7, "randomize", 30]}],
+    doc = {"nodes": [{"id": 4, "type": seed_def["id"], "mode": 0, "widgets_values": [7, 30]}],
            "links": [], "definitions": {"subgraphs": [seed_def]}}
     inputs = ui_to_api(doc, Registry([Sampler]))["4:3"]["inputs"]
     assert (inputs["seed"], inputs["steps"]) == (7, 30)
+    # An instance's promoted widgets keep no slot for the seed's control value: the editor
+    # reads the list one value per promoted input, so an older list with "randomize" after
+    # the seed gives the steps that string (what frontend 1.58.1's graphToPrompt sends;
+    # validation then reports it).
+    doc["nodes"][0]["widgets_values"] = [7, "randomize", 30]
+    inputs = ui_to_api(doc, Registry([Sampler]))["4:3"]["inputs"]
+    assert (inputs["seed"], inputs["steps"]) == (7, "randomize")
 
 
 def test_group_nodes_convert_like_the_editor():

@@ -175,11 +175,16 @@ def test_newer_format_link_objects_and_widget_inputs():
     assert api["9"] == DEFAULT_API["9"]
 
 
-def test_control_value_is_skipped_only_when_present():
+def test_the_slot_after_a_seed_is_always_the_control_value():
     graph = json.loads(json.dumps(DEFAULT_GRAPH))
     sampler = next(n for n in graph["nodes"] if n["id"] == 3)
-    sampler["widgets_values"] = [7, 20, 8, "euler", "normal", 1]  # saved without the control widget
-    assert ui_to_api(graph, model_registry())["3"]["inputs"]["steps"] == 20
+    # Saved without the control widget's value: the editor still gives the slot after the
+    # seed to it, and every later widget shifts (frontend 1.58.1's graphToPrompt sends
+    # steps 8, cfg "euler", ...; validation then reports the bad values).
+    sampler["widgets_values"] = [7, 20, 8, "euler", "normal", 1]
+    inputs = ui_to_api(graph, model_registry())["3"]["inputs"]
+    assert [inputs[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")] == \
+        [7, 8, "euler", "normal", 1, 1.0]
     sampler["widgets_values"] = {"seed": 5, "steps": 3, "cfg": 2.5, "sampler_name": "euler", "scheduler": "normal",
                                  "denoise": 0.5, "not_an_input": 1}
     inputs = ui_to_api(graph, model_registry())["3"]["inputs"]
