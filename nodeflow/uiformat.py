@@ -19,7 +19,10 @@ format of its own::
   files from 2023 a boolean): the value after such a widget is always skipped, as the
   editor restores values by position. Widgets the list does not reach (a shorter
   list, or none at all) take their defaults, as the editor sends them. A dict
-  ``widgets_values`` (some custom nodes) maps by name.
+  ``widgets_values`` (some custom nodes) maps by name. Values after the schema's widgets
+  go to the editor's own widgets where the node type names them (``editor_widget_values``:
+  a custom combo's index and options); a widget the editor keeps out of ``widgets_values``
+  (``saved=False``: the image-compare slider) is sent with its ``editor_value``.
 - A widget converted to an input has an ``inputs`` entry with a ``widget`` key; when it is
   linked, the link replaces the widget's value.
 - Links come from ``links`` entries (lists as above, or the newer objects with
@@ -34,7 +37,9 @@ format of its own::
 - **Subgraphs** (``definitions.subgraphs``): a node whose type is a definition's id is an
   instance of it. Its inner nodes run under the execution ids ``"<instance id>:<inner id>"``
   (one more segment per level of nesting), each instance with its own ids, so the events
-  and the history name the nodes as the editor expects. Inside a definition, links from the
+  and the history name the nodes as the editor expects. As the editor does on load, an
+  inner node whose id a root node or an earlier definition's node already has gets a new
+  one first (see ``_renumber_inner_nodes``). Inside a definition, links from the
   input node (id -10) come from the instance's input of that name: its link in the outer
   graph, else the instance's *promoted widget* value (``widgets_values``, one value per
   input of the definition that feeds a widget, in order, no control slots; as the editor,
@@ -188,6 +193,7 @@ class _Converter:
     def __init__(self, data: dict[str, Any], registry: Registry) -> None:
         self.registry = registry
         self.definitions = _read_definitions(data)
+        self.renumbered = _renumber_inner_nodes(data, self.definitions)
         self.groups = _read_group_nodes(data)
         self.root = _Scope(_Graph(data, "UI-format workflow"))
 
@@ -414,6 +420,7 @@ class _Converter:
             if not (isinstance(entry, list) and len(entry) >= 2 and isinstance(entry[1], str)):
                 continue
             inner_id, widget = str(entry[0]), entry[1]
+            inner_id = str(self.renumbered.get(graph.id, {}).get(inner_id, inner_id))
             if widget.startswith("$$") or widget.endswith("control_after_generate"):
                 continue  # the editor's own widgets: previews, a seed's "control after generate"
             if inner_id == "-1":
@@ -452,14 +459,21 @@ class _Converter:
         if cls is None:
             return self._unknown_widgets(raw, values)
         all_inputs = cls.all_inputs()
+        # Widgets the editor keeps out of widgets_values, with the value it sends for them.
+        unsaved = {name: _literal(spec.editor_value) for name, (spec, _) in all_inputs.items()
+                   if not getattr(spec, "saved", True) and getattr(spec, "editor_value", None) is not None}
         if isinstance(values, dict):
             given = {k: _literal(v) for k, v in values.items() if k in all_inputs and all_inputs[k][0].is_widget}
-            return _with_defaults(_widget_specs(cls), given)
+            return {**_with_defaults(_widget_specs(cls), given), **unsaved}
         values = values if isinstance(values, list) else []
         specs = _expand_dynamic(_widget_specs(cls), values)
-        given = _zip_widgets([(name, spec.type_name, getattr(spec, "control_after_generate", False))
-                              for name, spec in specs], values)
-        return _with_defaults(specs, given)
+        given, used = _zip_widgets([(name, spec.type_name, getattr(spec, "control_after_generate", False))
+                                    for name, spec in specs], values)
+        extra = getattr(cls, "editor_widget_values", None)
+        if extra is not None and used < len(values):
+            # The editor's own widgets after the schema's (a custom combo's options).
+            given.update({k: _literal(v) for k, v in extra(values[used:]).items() if k not in given})
+        return {**_with_defaults(specs, given), **given, **unsaved}
 
     def _unknown_widgets(self, raw: dict[str, Any], values: Any) -> dict[str, Any]:
         if isinstance(values, dict):
@@ -472,7 +486,7 @@ class _Converter:
             widget = entry.get("widget") if isinstance(entry, dict) else None
             if isinstance(widget, dict) and isinstance(widget.get("name"), str):
                 names.append((widget["name"], entry.get("type", ""), False))
-        return _zip_widgets(names, values)
+        return _zip_widgets(names, values)[0]
 
 
 class _GroupNode:
@@ -531,8 +545,8 @@ class _GroupNode:
 
     def emit(self, out: dict[str, Any]) -> None:
         values = self.raw.get("widgets_values")
-        given = _zip_widgets([(f"{i}\0{name}", "INT" if seed else "", seed) for i, name, seed in self.widgets],
-                             values if isinstance(values, list) else [])
+        given, _ = _zip_widgets([(f"{i}\0{name}", "INT" if seed else "", seed) for i, name, seed in self.widgets],
+                                values if isinstance(values, list) else [])
         for index, node in enumerate(self.nodes):
             cls = self.c.registry.get(node["type"])
             if node.get("mode") in (MODE_MUTED, MODE_BYPASSED) or node["type"] in EDITOR_ONLY:
@@ -599,8 +613,78 @@ def _read_definitions(data: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             raise WorkflowError(f"UI-format workflow: entry {index} of 'definitions.subgraphs' is not a subgraph "
                                 "definition (an object with an 'id' string, 'nodes' and 'links')")
-        found[entry["id"]] = entry
+        found.setdefault(entry["id"], entry)  # the editor keeps the first of a repeated id
     return found
+
+
+def _renumber_inner_nodes(data: dict[str, Any], definitions: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Give inner nodes whose ids repeat a root node's or an earlier definition's node's a new
+    id, as the editor does when it loads a workflow (so the execution ids it sends are
+    ``"<instance>:<new id>"``). Definitions are taken in order; in each, nodes in order; an id
+    seen before becomes the next free number after the highest node id so far (starting
+    from the document's ``state.lastNodeId``, or ``last_node_id``). The definitions that
+    change are replaced by copies (the document is left as it came); the new ids of each
+    definition's nodes are returned, by definition id, for references to them (proxyWidgets)."""
+    last = 0
+    state = data.get("state")
+    if data.get("version") != 0.4 and isinstance(state, dict) and _is_int(state.get("lastNodeId")):
+        last = max(last, state["lastNodeId"])
+    if _is_int(data.get("last_node_id")):
+        last = data["last_node_id"]
+    reserved = {str(n["id"]) for n in _list(data.get("nodes")) if isinstance(n, dict) and "id" in n}
+    numbers = {int(i) for i in reserved if _numeric_id(i)}
+    remapped: dict[str, dict[str, int]] = {}
+    for definition_id, definition in list(definitions.items()):
+        nodes = [n for n in _list(definition.get("nodes")) if isinstance(n, dict) and "id" in n]
+        # Within one definition a repeated id keeps its first node only.
+        kept, own = [], set()
+        for node in nodes:
+            if str(node["id"]) not in own:
+                own.add(str(node["id"]))
+                kept.append(node)
+        new_ids: dict[str, int] = {}
+        for node in kept:
+            node_id = str(node["id"])
+            if node_id in reserved:
+                last += 1
+                while last in numbers:
+                    last += 1
+                new_ids[node_id] = last
+                numbers.add(last)
+                reserved.add(str(last))
+                continue
+            reserved.add(node_id)
+            if _numeric_id(node_id):
+                numbers.add(int(node_id))
+                last = max(last, int(node_id))
+        if new_ids or len(kept) != len(nodes):
+            remapped[definition_id] = new_ids
+            definitions[definition_id] = _with_new_ids(definition, kept, new_ids)
+    return remapped
+
+
+def _with_new_ids(definition: dict[str, Any], nodes: list[dict[str, Any]], new_ids: dict[str, int]) -> dict[str, Any]:
+    """A copy of ``definition`` with its nodes renumbered and its links' ends following them."""
+    copy = dict(definition)
+    copy["nodes"] = [{**n, "id": new_ids[str(n["id"])]} if str(n["id"]) in new_ids else n for n in nodes]
+    links = []
+    for link in _list(definition.get("links")):
+        if isinstance(link, list) and len(link) >= 5:
+            link = list(link)
+            for at in (1, 3):
+                link[at] = new_ids.get(str(link[at]), link[at])
+        elif isinstance(link, dict):
+            link = dict(link)
+            for key in ("origin_id", "target_id"):
+                if key in link:
+                    link[key] = new_ids.get(str(link[key]), link[key])
+        links.append(link)
+    copy["links"] = links
+    return copy
+
+
+def _numeric_id(node_id: str) -> bool:
+    return node_id.isdigit() and str(int(node_id)) == node_id
 
 
 def _read_group_nodes(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -670,8 +754,9 @@ def _fits(a: Any, b: Any) -> bool:
 
 
 def _widget_specs(cls) -> list[tuple[str, Any]]:
+    """The node type's widgets that take a place in ``widgets_values``, in order."""
     return [(name, spec) for name, (spec, _) in cls.all_inputs().items()
-            if spec.is_widget and not getattr(spec, "force_input", False)]
+            if spec.is_widget and not getattr(spec, "force_input", False) and getattr(spec, "saved", True)]
 
 
 def _expand_dynamic(specs: list[tuple[str, Any]], values: list[Any]) -> list[tuple[str, Any]]:
@@ -711,11 +796,12 @@ def _with_defaults(specs: list[tuple[str, Any]], given: dict[str, Any]) -> dict[
     return out
 
 
-def _zip_widgets(widgets: list[tuple[str, str, bool]], values: list[Any]) -> dict[str, Any]:
+def _zip_widgets(widgets: list[tuple[str, str, bool]], values: list[Any]) -> tuple[dict[str, Any], int]:
     """Pair widget names with ``widgets_values`` by position, as the editor restores them:
     after a seed-like INT widget the next value belongs to its "control after generate"
     widget and is skipped, whatever it holds (``"randomize"``, a 2023 file's boolean, or, in
-    a list saved without it, the next widget's value: the editor shifts those too)."""
+    a list saved without it, the next widget's value: the editor shifts those too). Also
+    how many values the widgets took."""
     out: dict[str, Any] = {}
     i = 0
     for name, kind, control in widgets:
@@ -725,7 +811,7 @@ def _zip_widgets(widgets: list[tuple[str, str, bool]], values: list[Any]) -> dic
         i += 1
         if kind == "INT" and (control or name.rpartition("\0")[2] in SEED_NAMES):
             i += 1
-    return out
+    return out, min(i, len(values))
 
 
 def _input_name(entry: Any) -> str | None:

@@ -45,6 +45,13 @@ class CustomCombo(Node):
     outputs = [Output("STRING", "STRING"), Output("INT", "INDEX")]
     accept_all_inputs = True
 
+    @staticmethod
+    def editor_widget_values(rest: list) -> dict:
+        """The editor's own widgets' values, saved in ``widgets_values`` after ``choice``: the
+        index, then each option; sent in prompts as ``index``, ``option1``, ... (as frontend
+        1.58.1's graphToPrompt does)."""
+        return {("index" if i == 0 else f"option{i}"): value for i, value in enumerate(rest)}
+
     def run(self, choice, index=0, **options):
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError(f"Custom Combo: 'index' must be an integer, got {index!r}")

@@ -321,6 +321,47 @@ def test_group_nodes_convert_like_the_editor():
     }
 
 
+def renumbered_workflow():
+    """workflow() with ids that repeat: LoadImage is node 6 (as SCALE's inner ImageScale), and
+    OUTER's inner instance is node 5 (as SCALE's inner ImageInvert)."""
+    doc = workflow()
+    doc["nodes"][0]["id"] = 6
+    for entry in doc["links"]:
+        if entry["origin_id"] == 1:
+            entry["origin_id"] = 6
+    outer = doc["definitions"]["subgraphs"][1]
+    outer["nodes"][0]["id"] = 5
+    for entry in outer["links"]:
+        for end in ("origin_id", "target_id"):
+            if entry[end] == 7:
+                entry[end] = 5
+    return doc
+
+
+def test_inner_nodes_whose_ids_repeat_are_renumbered_as_the_editor_does():
+    # What the stock frontend (comfyui-frontend-package 1.58.1) did with renumbered_workflow():
+    # it renumbers, on load, each inner node whose id a root node or an earlier definition's
+    # node has, to the next id after state.lastNodeId (31) and the ids seen so far; its
+    # graphToPrompt then sent these ids.
+    api = ui_to_api(renumbered_workflow(), registry())
+    assert sorted(api) == sorted(["6", "10:5", "10:32", "11:5", "11:32", "30:33:5", "30:33:32", "20", "21", "31"])
+    assert api["10:32"]["inputs"]["image"] == ["10:5", 0] and api["10:5"]["inputs"]["image"] == ["6", 0]
+    assert api["30:33:32"]["inputs"]["image"] == ["30:33:5", 0] and api["30:33:32"]["inputs"]["width"] == 7
+    assert api["20"]["inputs"]["images"] == ["10:32", 0] and api["31"]["inputs"]["images"] == ["30:33:32", 0]
+    # Without a saved state, numbering goes on from the highest inner id seen so far, past
+    # the ids taken (the frontend's ids for this document too).
+    doc = renumbered_workflow()
+    del doc["state"]
+    assert sorted(ui_to_api(doc, registry())) == sorted(["6", "10:5", "10:7", "11:5", "11:7", "30:8:5", "30:8:7",
+                                                         "20", "21", "31"])
+    # Files of format 0.4 count from last_node_id (the frontend: 41, 42).
+    doc["version"], doc["last_node_id"] = 0.4, 40
+    doc["links"] = [[e["id"], e["origin_id"], e["origin_slot"], e["target_id"], e["target_slot"], e["type"]]
+                    for e in doc["links"]]
+    assert sorted(ui_to_api(doc, registry())) == sorted(["6", "10:5", "10:41", "11:5", "11:41", "30:42:5",
+                                                         "30:42:41", "20", "21", "31"])
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
