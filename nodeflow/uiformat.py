@@ -48,9 +48,10 @@ format of its own::
   (output node, id -20). Muted instances
   run nothing; bypassed ones pass their inputs through, as any node.
 - **Group nodes** (the older ``extra.groupNodes``; type ``workflow>NAME`` or
-  ``workflow/NAME``): the inner node at index *i* runs as ``"<group node id>:<i>"``; the
-  group node's widget values, inputs and outputs map to the inner nodes in the order the
-  editor builds them (see ``_GroupNode``).
+  ``workflow/NAME``): the editor turns each into a subgraph when it loads the workflow, so
+  its inner nodes run as ``"<new instance id>:<new inner id>"``, numbered after the highest
+  id so far (see ``_number_group_nodes``); the group node's widget values, inputs and
+  outputs map to the inner nodes in the order the editor builds them (see ``_GroupNode``).
 - Node ids become strings; a node's ``title`` becomes ``_meta.title`` (its type's display
   name when the file has none).
 - A node type the registry does not know is kept, with what can be recovered of its inputs
@@ -193,8 +194,9 @@ class _Converter:
     def __init__(self, data: dict[str, Any], registry: Registry) -> None:
         self.registry = registry
         self.definitions = _read_definitions(data)
-        self.renumbered = _renumber_inner_nodes(data, self.definitions)
         self.groups = _read_group_nodes(data)
+        self.renumbered, last, taken = _renumber_inner_nodes(data, self.definitions)
+        self.group_ids = _number_group_nodes(data, self.groups, last, taken)
         self.root = _Scope(_Graph(data, "UI-format workflow"))
 
     def convert(self) -> dict[str, Any]:
@@ -541,7 +543,8 @@ class _GroupNode:
         self.inputs += converted
 
     def exec_id(self, index: int) -> str:
-        return f"{self.scope.exec_id(self.id)}:{index}"
+        instance, inner = self.c.group_ids.get(self.id, (self.id, []))
+        return f"{self.scope.exec_id(instance)}:{inner[index] if index < len(inner) else index}"
 
     def emit(self, out: dict[str, Any]) -> None:
         values = self.raw.get("widgets_values")
@@ -617,7 +620,8 @@ def _read_definitions(data: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _renumber_inner_nodes(data: dict[str, Any], definitions: dict[str, Any]) -> dict[str, dict[str, int]]:
+def _renumber_inner_nodes(data: dict[str, Any],
+                          definitions: dict[str, Any]) -> tuple[dict[str, dict[str, int]], int, set[int]]:
     """Give inner nodes whose ids repeat a root node's or an earlier definition's node's a new
     id, as the editor does when it loads a workflow (so the execution ids it sends are
     ``"<instance>:<new id>"``). Definitions are taken in order; in each, nodes in order; an id
@@ -660,7 +664,36 @@ def _renumber_inner_nodes(data: dict[str, Any], definitions: dict[str, Any]) -> 
         if new_ids or len(kept) != len(nodes):
             remapped[definition_id] = new_ids
             definitions[definition_id] = _with_new_ids(definition, kept, new_ids)
-    return remapped
+    return remapped, max([last, *numbers]), numbers
+
+
+def _number_group_nodes(data: dict[str, Any], groups: dict[str, Any], last: int,
+                        taken: set[int]) -> dict[str, tuple[str, list[str]]]:
+    """The ids the editor gives group nodes' parts: on load it turns each group node (in the
+    order of ``nodes``) into a subgraph, numbering its inner nodes (all of them, in order)
+    and then the new subgraph instance with the next free ids after the highest so far.
+    By group node id: (the instance's new id, its inner nodes' new ids)."""
+    numbers = set(taken)
+
+    def next_id() -> str:
+        nonlocal last
+        last += 1
+        while last in numbers:
+            last += 1
+        numbers.add(last)
+        return str(last)
+
+    found: dict[str, tuple[str, list[str]]] = {}
+    for raw in _list(data.get("nodes")):
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if not isinstance(kind, str) or not kind.startswith(_GROUP_PREFIXES) or "id" not in raw:
+            continue
+        group = groups.get(kind[len("workflow>"):])
+        if group is None:
+            continue
+        inner = [next_id() for n in _list(group.get("nodes")) if isinstance(n, dict) and isinstance(n.get("type"), str)]
+        found[str(raw["id"])] = (next_id(), inner)
+    return found
 
 
 def _with_new_ids(definition: dict[str, Any], nodes: list[dict[str, Any]], new_ids: dict[str, int]) -> dict[str, Any]:

@@ -291,34 +291,56 @@ def test_promoted_seed_has_no_control_slot_in_a_subgraph_instance():
     assert (inputs["seed"], inputs["steps"]) == (7, "randomize")
 
 
-def test_group_nodes_convert_like_the_editor():
-    doc = {
+def group_node_workflow():
+    return {
         "nodes": [
-            {"id": 1, "type": "LoadImage", "mode": 0, "order": 0,
+            {"id": 1, "type": "LoadImage", "mode": 0, "order": 0, "pos": [0, 0],
              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [5]}], "widgets_values": ["pic.png", "image"]},
-            {"id": 50, "type": "workflow>invert_scale", "mode": 0, "order": 1,
+            {"id": 50, "type": "workflow>invert_scale", "mode": 0, "order": 1, "pos": [300, 0],
              "inputs": [socket("image", "IMAGE", 5)], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [6]}],
              "widgets_values": ["bilinear", 10, 12, "center"]},
-            save(2, 6, 2, "grouped"),
+            {**save(2, 6, 2, "grouped"), "pos": [600, 0]},
         ],
         "links": [[5, 1, 0, 50, 0, "IMAGE"], [6, 50, 0, 2, 0, "IMAGE"]],
         "extra": {"groupNodes": {"invert_scale": {
-            "nodes": [{"type": "ImageInvert", "index": 0, "inputs": [socket("image", "IMAGE")],
+            "nodes": [{"type": "ImageInvert", "index": 0, "pos": [0, 0], "inputs": [socket("image", "IMAGE")],
                        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}]},
-                      {"type": "ImageScale", "index": 1, "inputs": [socket("image", "IMAGE")],
+                      {"type": "ImageScale", "index": 1, "pos": [300, 0], "inputs": [socket("image", "IMAGE")],
                        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}],
                        "widgets_values": ["nearest-exact", 4, 6, "disabled"]}],
             "links": [[0, 0, 1, 0, 17, "IMAGE"]], "external": [[1, 0, "IMAGE"]]}}},
         "version": 0.4,
     }
-    api = ui_to_api(doc, registry())
+
+
+def test_group_nodes_convert_like_the_editor():
+    # What the stock frontend (comfyui-frontend-package 1.58.1) sent for this document: on
+    # load it turns the group node into a subgraph, numbering the inner nodes (51, 52) and
+    # then the new instance (53) after the highest id (no last_node_id here: 50); the values
+    # and links are the group node's.
+    api = ui_to_api(group_node_workflow(), registry())
     assert api == {
         "1": {"inputs": {"image": "pic.png"}, "class_type": "LoadImage", "_meta": {"title": "Load Image"}},
-        "50:0": inverted(["1", 0]),
-        "50:1": {"inputs": {"upscale_method": "bilinear", "width": 10, "height": 12, "crop": "center",
-                            "image": ["50:0", 0]}, "class_type": "ImageScale", "_meta": {"title": "Upscale Image"}},
-        "2": saved(["50:1", 0], "grouped"),
+        "53:51": inverted(["1", 0]),
+        "53:52": {"inputs": {"upscale_method": "bilinear", "width": 10, "height": 12, "crop": "center",
+                             "image": ["53:51", 0]}, "class_type": "ImageScale", "_meta": {"title": "Upscale Image"}},
+        "2": saved(["53:52", 0], "grouped"),
     }
+    # After last_node_id; a second group node (first in the list) numbered first (the frontend: 63:61, 63:62 and
+    # 53:51, 53:52 / 56:54, 56:55).
+    doc = group_node_workflow()
+    doc["last_node_id"] = 60
+    assert sorted(ui_to_api(doc, registry())) == ["1", "2", "63:61", "63:62"]
+    doc = group_node_workflow()
+    second = {**doc["nodes"][1], "id": 40, "inputs": [socket("image", "IMAGE", 7)],
+              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [8]}],
+              "widgets_values": ["nearest-exact", 20, 22, "disabled"]}
+    doc["nodes"][1:1] = [second]
+    doc["nodes"].append({**save(3, 8, 3, "second"), "pos": [600, 300]})
+    doc["links"] += [[7, 1, 0, 40, 0, "IMAGE"], [8, 40, 0, 3, 0, "IMAGE"]]
+    api = ui_to_api(doc, registry())
+    assert api["3"]["inputs"]["images"] == ["53:52", 0] and api["53:52"]["inputs"]["width"] == 20
+    assert api["2"]["inputs"]["images"] == ["56:55", 0] and api["56:55"]["inputs"]["width"] == 10
 
 
 def renumbered_workflow():
