@@ -71,7 +71,7 @@ def outer_definition():
     preview (9) hangs off the instance."""
     return {
         "id": OUTER, "version": 1, "name": "Nested",
-        "inputNode": {"id": -10}, "outputNode": {"id": -20},
+        "inputNode": {"id": -10, "bounding": [0, 0, 75, 100]}, "outputNode": {"id": -20, "bounding": [900, 0, 75, 100]},
         "inputs": [{"id": "o-image", "name": "image", "type": "IMAGE", "linkIds": [21]},
                    {"id": "o-width", "name": "width", "type": "INT", "linkIds": [22]}],
         "outputs": [{"id": "o-out", "name": "IMAGE", "type": "IMAGE", "linkIds": [24]}],
