@@ -55,6 +55,15 @@ def _documents() -> dict[str, dict]:
     doc = sg.renumbered_workflow()
     del doc["state"]
     docs["renumbered, no state"] = doc
+    doc = sg.workflow()
+    doc["nodes"].append({"id": 40, "type": "PrimitiveNode", "mode": 0, "order": 0,
+                         "outputs": [{"name": "INT", "type": "INT", "links": [9], "widget": {"name": "width"}}],
+                         "widgets_values": [12, "fixed"]})
+    doc["links"].append(sg.link(9, 40, 0, 10, 1, "INT"))
+    doc["nodes"][1]["inputs"][1]["link"] = 9
+    doc["nodes"][3]["widgets_values_named"] = {"height": 5}
+    doc["nodes"][2]["properties"] = {"proxyWidgets": [["6", "width"], ["6", "sharpness"], ["77", "width"]]}
+    docs["primitive into an instance, promotions naming nothing"] = doc
     doc = ui.editor_graph()
     doc["nodes"][3]["mode"] = 4
     docs["bypassed scaler"] = doc
