@@ -45,8 +45,8 @@ format of its own::
   input of the definition that feeds a widget, in order, no control slots; as the editor,
   ``widgets_values_named`` is not read), else the inner node's own widget value. A link
   from an instance's output comes from whatever feeds that output inside the definition
-  (output node, id -20). Muted instances
-  run nothing; bypassed ones pass their inputs through, as any node.
+  (output node, id -20). Muted instances run nothing; bypassed ones pass their inputs
+  through, as any node.
 - **Group nodes** (the older ``extra.groupNodes``; type ``workflow>NAME`` or
   ``workflow/NAME``): the editor turns each into a subgraph when it loads the workflow, so
   its inner nodes run as ``"<new instance id>:<new inner id>"``, numbered after the highest
@@ -83,8 +83,6 @@ from nodeflow.spec import DynamicCombo
 EDITOR_ONLY = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
 MODE_MUTED = 2
 MODE_BYPASSED = 4
-#: The values of the editor's "control after generate" widget.
-CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 #: Input names the editor gives that widget even when the schema does not ask for it.
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 #: The ids of a subgraph definition's input and output nodes in its links.
@@ -196,7 +194,7 @@ class _Converter:
         self.registry = registry
         self.definitions = _read_definitions(data)
         self.groups = _read_group_nodes(data)
-        _, last, taken = _renumber_inner_nodes(data, self.definitions)
+        last, taken = _renumber_inner_nodes(data, self.definitions)
         self.group_ids = _number_group_nodes(data, self.groups, last, taken)
         self.root = _Scope(_Graph(data, "UI-format workflow"))
 
@@ -573,15 +571,14 @@ def _read_definitions(data: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _renumber_inner_nodes(data: dict[str, Any],
-                          definitions: dict[str, Any]) -> tuple[dict[str, dict[str, int]], int, set[int]]:
+def _renumber_inner_nodes(data: dict[str, Any], definitions: dict[str, Any]) -> tuple[int, set[int]]:
     """Give inner nodes whose ids repeat a root node's or an earlier definition's node's a new
     id, as the editor does when it loads a workflow (so the execution ids it sends are
     ``"<instance>:<new id>"``). Definitions are taken in order; in each, nodes in order; an id
     seen before becomes the next free number after the highest node id so far (starting
     from the document's ``state.lastNodeId``, or ``last_node_id``). The definitions that
-    change are replaced by copies (the document is left as it came); the new ids of each
-    definition's nodes are returned, by definition id, for references to them (proxyWidgets)."""
+    change are replaced by copies (the document is left as it came). Returns the highest id
+    given so far and the numeric ids taken (the group nodes are numbered after them)."""
     last = 0
     state = data.get("state")
     if data.get("version") != 0.4 and isinstance(state, dict) and _is_int(state.get("lastNodeId")):
@@ -590,7 +587,6 @@ def _renumber_inner_nodes(data: dict[str, Any],
         last = data["last_node_id"]
     reserved = {str(n["id"]) for n in _list(data.get("nodes")) if isinstance(n, dict) and "id" in n}
     numbers = {int(i) for i in reserved if _numeric_id(i)}
-    remapped: dict[str, dict[str, int]] = {}
     for definition_id, definition in list(definitions.items()):
         nodes = [n for n in _list(definition.get("nodes")) if isinstance(n, dict) and "id" in n]
         # Within one definition a repeated id keeps its first node only.
@@ -615,9 +611,8 @@ def _renumber_inner_nodes(data: dict[str, Any],
                 numbers.add(int(node_id))
                 last = max(last, int(node_id))
         if new_ids or len(kept) != len(nodes):
-            remapped[definition_id] = new_ids
             definitions[definition_id] = _with_new_ids(definition, kept, new_ids)
-    return remapped, max([last, *numbers]), numbers
+    return max([last, *numbers]), numbers
 
 
 def _number_group_nodes(data: dict[str, Any], groups: dict[str, Any], last: int,
