@@ -425,7 +425,7 @@ class _Converter:
         extra = getattr(cls, "editor_widget_values", None)
         if extra is not None and used < len(values):
             # The editor's own widgets after the schema's (a custom combo's options).
-            given.update({k: _literal(v) for k, v in extra(values[used:]).items() if k not in given})
+            given.update({k: _literal(v) for k, v in extra(values[used:], given).items() if k not in given})
         return {**_with_defaults(specs, given), **given, **unsaved}
 
     def _unknown_widgets(self, raw: dict[str, Any], values: Any) -> dict[str, Any]:

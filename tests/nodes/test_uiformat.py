@@ -381,6 +381,12 @@ def test_editor_widgets_custom_combo_options_and_image_compare():
     ], "links": [[1, 2, 0, 3, 0, "IMAGE"], [2, 2, 0, 3, 1, "IMAGE"]], "version": 0.4}
     api = ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))
     assert api["1"]["inputs"] == {"choice": "16:9", "index": 1, "option1": "9:16", "option2": "16:9", "option3": ""}
+    # The index sent is the choice's position among the options, whatever was saved (the
+    # editor itself saves this document with index -1 and sends 1).
+    doc["nodes"][0]["widgets_values"] = ["16:9", -1, "9:16", "16:9", ""]
+    assert ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))["1"]["inputs"]["index"] == 1
+    doc["nodes"][0]["widgets_values"] = ["4:3", 0, "9:16", "16:9", ""]
+    assert ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))["1"]["inputs"]["index"] == -1
     assert api["3"]["inputs"] == {"compare_view": {"__value__": ["", ""]}, "image_a": ["2", 0], "image_b": ["2", 0]}
     doc["nodes"][2]["widgets_values"] = []
     assert ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))["3"]["inputs"]["compare_view"] == \
