@@ -236,6 +236,11 @@ class EditorWidget(Widget):
     value is accepted, and none is needed."""
 
     needs_value: bool = False
+    #: Whether the editor keeps the widget's value in a saved workflow's ``widgets_values``.
+    #: The image-compare slider's it does not: it takes no place there, and every prompt the
+    #: editor makes of a workflow carries the slider's initial value, ``editor_value``.
+    saved: bool = True
+    editor_value: Any = None
 
     def check(self, value: Any) -> LiteralError | None:
         return None

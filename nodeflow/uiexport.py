@@ -56,6 +56,8 @@ def api_to_ui(prompt: dict[str, Any], registry: Registry, *, control: str = CONT
         for name, (spec, _) in cls.all_inputs().items():
             value = node.inputs.get(name)
             widget = spec.is_widget and not getattr(spec, "force_input", False)
+            if widget and not getattr(spec, "saved", True):
+                continue  # the editor keeps no value of it (ImageCompare's slider)
             if not widget or type(value) is Link:
                 slot: dict[str, Any] = {"name": name, "type": spec.type_name, "link": None}
                 if widget:

@@ -16,9 +16,13 @@ format of its own::
   then optional; inputs marked ``force_input`` are sockets, not widgets). After an INT
   input with ``control_after_generate`` (and, as the editor does, after any ``seed`` or
   ``noise_seed``) the editor stores an extra value (``"fixed"``, ``"randomize"``, ...; in
-  files from 2023 a boolean), which is skipped. Widgets the list does not reach (a shorter
+  files from 2023 a boolean): the value after such a widget is always skipped, as the
+  editor restores values by position. Widgets the list does not reach (a shorter
   list, or none at all) take their defaults, as the editor sends them. A dict
-  ``widgets_values`` (some custom nodes) maps by name.
+  ``widgets_values`` (some custom nodes) maps by name. Values after the schema's widgets
+  go to the editor's own widgets where the node type names them (``editor_widget_values``:
+  a custom combo's index and options); a widget the editor keeps out of ``widgets_values``
+  (``saved=False``: the image-compare slider) is sent with its ``editor_value``.
 - A widget converted to an input has an ``inputs`` entry with a ``widget`` key; when it is
   linked, the link replaces the widget's value.
 - Links come from ``links`` entries (lists as above, or the newer objects with
@@ -33,17 +37,21 @@ format of its own::
 - **Subgraphs** (``definitions.subgraphs``): a node whose type is a definition's id is an
   instance of it. Its inner nodes run under the execution ids ``"<instance id>:<inner id>"``
   (one more segment per level of nesting), each instance with its own ids, so the events
-  and the history name the nodes as the editor expects. Inside a definition, links from the
+  and the history name the nodes as the editor expects. As the editor does on load, an
+  inner node whose id a root node or an earlier definition's node already has gets a new
+  one first (see ``_renumber_inner_nodes``). Inside a definition, links from the
   input node (id -10) come from the instance's input of that name: its link in the outer
-  graph, else the instance's *promoted widget* value (``widgets_values_named`` by input
-  name, or ``widgets_values`` in the order of the definition's inputs that feed a widget),
-  else the inner node's own widget value. A link from an instance's output comes from
-  whatever feeds that output inside the definition (output node, id -20). Muted instances
-  run nothing; bypassed ones pass their inputs through, as any node.
+  graph, else the instance's *promoted widget* value (``widgets_values``, one value per
+  input of the definition that feeds a widget, in order, no control slots; as the editor,
+  ``widgets_values_named`` is not read), else the inner node's own widget value. A link
+  from an instance's output comes from whatever feeds that output inside the definition
+  (output node, id -20). Muted instances run nothing; bypassed ones pass their inputs
+  through, as any node.
 - **Group nodes** (the older ``extra.groupNodes``; type ``workflow>NAME`` or
-  ``workflow/NAME``): the inner node at index *i* runs as ``"<group node id>:<i>"``; the
-  group node's widget values, inputs and outputs map to the inner nodes in the order the
-  editor builds them (see ``_GroupNode``).
+  ``workflow/NAME``): the editor turns each into a subgraph when it loads the workflow, so
+  its inner nodes run as ``"<new instance id>:<new inner id>"``, numbered after the highest
+  id so far (see ``_number_group_nodes``); the group node's widget values, inputs and
+  outputs map to the inner nodes in the order the editor builds them (see ``_GroupNode``).
 - Node ids become strings; a node's ``title`` becomes ``_meta.title`` (its type's display
   name when the file has none).
 - A node type the registry does not know is kept, with what can be recovered of its inputs
@@ -52,9 +60,10 @@ format of its own::
 
 Groups (boxes around nodes) are ignored. A document whose structure is broken (``links``
 that is not a list, a node whose ``inputs`` is not a list, a subgraph instance whose
-definition is missing, a subgraph that contains itself, a promoted widget that names no
-inner input, ...) raises ``WorkflowError`` naming the node and what it held; entries
-inside those lists that make no sense are skipped, as the editor skips them.
+definition is missing, a subgraph that contains itself, ...) raises ``WorkflowError``
+naming the node and what it held; entries inside those lists that make no sense are
+skipped, as the editor skips them (so are promoted widgets, ``widgets_values_named`` or
+``properties.proxyWidgets``, that name no inner input: the editor converts such instances).
 
 This module imports no torch: it needs only the registry's schemas.
 """
@@ -74,8 +83,6 @@ from nodeflow.spec import DynamicCombo
 EDITOR_ONLY = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
 MODE_MUTED = 2
 MODE_BYPASSED = 4
-#: The values of the editor's "control after generate" widget.
-CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 #: Input names the editor gives that widget even when the schema does not ask for it.
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 #: The ids of a subgraph definition's input and output nodes in its links.
@@ -187,6 +194,8 @@ class _Converter:
         self.registry = registry
         self.definitions = _read_definitions(data)
         self.groups = _read_group_nodes(data)
+        last, taken = _renumber_inner_nodes(data, self.definitions)
+        self.group_ids = _number_group_nodes(data, self.groups, last, taken)
         self.root = _Scope(_Graph(data, "UI-format workflow"))
 
     def convert(self) -> dict[str, Any]:
@@ -256,7 +265,6 @@ class _Converter:
                                     f"subgraph (path {' > '.join(path)}); a subgraph cannot contain itself")
             outer = outer.parent
         child = scope.children[node_id] = _Scope(self._graph(kind), path, raw, scope)
-        self._check_promotions(child)
         return child
 
     def _graph(self, definition_id: str) -> _Graph:
@@ -298,7 +306,9 @@ class _Converter:
 
     def _through_instance(self, scope: _Scope, slot: int, want: str, seen: set) -> list | _Value | None:
         """What feeds input ``slot`` of the definition ``scope`` is an instance of: the
-        instance's link outside, else its promoted widget's value."""
+        instance's link outside, else its promoted widget's value. A link from a legacy
+        primitive node gives nothing (the editor's primitive finds no widget on an instance
+        to fill): the inner widget's own value stands."""
         instance = scope.instance
         assert instance is not None and scope.parent is not None
         index = _instance_input(instance, scope.graph, slot)
@@ -306,6 +316,8 @@ class _Converter:
             entry = instance["inputs"][index]
             link = scope.parent.graph.links.get(_hashable(entry.get("link")))
             if link is not None:
+                if (scope.parent.graph.nodes.get(link.origin) or {}).get("type") == "PrimitiveNode":
+                    return None
                 found = self._input_source(scope.parent, instance, index, want, seen)
                 if found is not None or link.origin != SUBGRAPH_INPUT_ID:
                     return found
@@ -352,30 +364,19 @@ class _Converter:
 
     def _promoted_value(self, scope: _Scope, slot: int) -> _Value | None:
         """The value an instance gives its definition's input ``slot`` through a promoted
-        widget, or ``None`` when it gives none (the inner widget's own value then stands)."""
-        instance = scope.instance or {}
-        name = scope.graph.inputs[slot].get("name") if 0 <= slot < len(scope.graph.inputs) else None
-        named = instance.get("widgets_values_named")
-        if isinstance(named, dict) and name in named:
-            return None if named[name] is None else _Value(named[name])
-        values = instance.get("widgets_values")
+        widget, or ``None`` when it gives none (the inner widget's own value then stands).
+
+        As the editor restores them (its default settings): ``widgets_values`` is read in
+        order, one value per input of the definition that feeds a widget, with no slot for a
+        seed's "control after generate" value; ``widgets_values_named`` is not read (the
+        editor restores by name only under an experimental setting, off by default)."""
+        values = (scope.instance or {}).get("widgets_values")
         if not isinstance(values, list) or not values:
             return None
         capable = self._widget_inputs(scope.graph)
         if slot not in capable:
             return None
-        # Instances saved by older editors keep a slot for the "control after generate"
-        # value after each seed-like widget; only when the list is longer than one value per
-        # promoted input (the current layout).
-        legacy = len(values) > len(capable)
-        position = 0
-        for index in capable:
-            if index == slot:
-                break
-            position += 1
-            if legacy and self._feeds_seed(scope.graph, index) and position < len(values) \
-                    and _is_control_value(values[position]):
-                position += 1
+        position = capable.index(slot)
         if position >= len(values) or values[position] is None:
             return None
         return _Value(values[position])
@@ -404,68 +405,6 @@ class _Converter:
         spec = cls.all_inputs().get(entry.get("name")) if cls is not None else None
         return spec is not None and spec[0].is_widget and not getattr(spec[0], "force_input", False)
 
-    def _feeds_seed(self, graph: _Graph, slot: int) -> bool:
-        for link in graph.input_links(slot):
-            target = graph.nodes.get(link.target) or {}
-            entries = target.get("inputs") or []
-            if 0 <= link.target_slot < len(entries) and isinstance(entries[link.target_slot], dict):
-                name = _input_name(entries[link.target_slot])
-                cls = self.registry.get(target.get("type", ""))
-                spec = cls.all_inputs().get(name) if cls is not None and name else None
-                if name in SEED_NAMES or (spec is not None and getattr(spec[0], "control_after_generate", False)):
-                    return True
-        return False
-
-    def _check_promotions(self, scope: _Scope) -> None:
-        """A promoted widget must name an input of the definition (``widgets_values_named``)
-        or an inner node and one of its inputs (the editor's ``proxyWidgets``)."""
-        instance = scope.instance or {}
-        graph = scope.graph
-        names = {s.get("name") for s in graph.inputs}
-        where = f"subgraph instance {':'.join(scope.path)} ({instance.get('type')})"
-        named = instance.get("widgets_values_named")
-        if isinstance(named, dict):
-            for key in named:
-                if key not in names:
-                    raise WorkflowError(f"{where} promotes a widget '{key}' (widgets_values_named), but its "
-                                        f"subgraph {graph.label()} has no input of that name; its inputs are "
-                                        f"{sorted(n for n in names if isinstance(n, str))}")
-        properties = instance.get("properties") if isinstance(instance.get("properties"), dict) else {}
-        for entry in _list(properties.get("proxyWidgets")):
-            if not (isinstance(entry, list) and len(entry) >= 2 and isinstance(entry[1], str)):
-                continue
-            inner_id, widget = str(entry[0]), entry[1]
-            if widget.startswith("$$") or widget.endswith("control_after_generate"):
-                continue  # the editor's own widgets: previews, a seed's "control after generate"
-            if inner_id == "-1":
-                ok = widget in names
-            else:
-                inner = graph.nodes.get(inner_id)
-                if inner is None:
-                    raise WorkflowError(f"{where} promotes the widget '{widget}' of inner node {inner_id} "
-                                        f"(proxyWidgets), but its subgraph {graph.label()} has no node {inner_id}")
-                ok = self._has_input(inner, widget)
-            if not ok:
-                raise WorkflowError(f"{where} promotes the widget '{widget}' of inner node {inner_id} "
-                                    f"({graph.nodes[inner_id]['type'] if inner_id in graph.nodes else 'input'}) "
-                                    "(proxyWidgets), but that node has no input of that name")
-
-    def _has_input(self, node: dict[str, Any], name: str) -> bool:
-        if any(_input_name(e) == name or (isinstance(e, dict) and e.get("name") == name)
-               for e in node.get("inputs") or []):
-            return True
-        kind = node["type"]
-        if kind in self.definitions:
-            return any(s.get("name") == name for s in self._graph(kind).inputs)
-        cls = self.registry.get(kind)
-        # An unknown type is reported by validation; its widgets cannot be checked here.
-        if cls is None or name in cls.all_inputs():
-            return True
-        # The editor adds widgets of its own to some nodes (a text preview, an upload
-        # button); a node saved with more values than its schema's widgets has such widgets.
-        values = node.get("widgets_values")
-        return isinstance(values, list) and len(values) > len(_widget_specs(cls))
-
     # -- widgets -----------------------------------------------------------------------------
 
     def _widget_values(self, raw: dict[str, Any], cls) -> dict[str, Any]:
@@ -473,14 +412,21 @@ class _Converter:
         if cls is None:
             return self._unknown_widgets(raw, values)
         all_inputs = cls.all_inputs()
+        # Widgets the editor keeps out of widgets_values, with the value it sends for them.
+        unsaved = {name: _literal(spec.editor_value) for name, (spec, _) in all_inputs.items()
+                   if not getattr(spec, "saved", True) and getattr(spec, "editor_value", None) is not None}
         if isinstance(values, dict):
             given = {k: _literal(v) for k, v in values.items() if k in all_inputs and all_inputs[k][0].is_widget}
-            return _with_defaults(_widget_specs(cls), given)
+            return {**_with_defaults(_widget_specs(cls), given), **unsaved}
         values = values if isinstance(values, list) else []
         specs = _expand_dynamic(_widget_specs(cls), values)
-        given = _zip_widgets([(name, spec.type_name, getattr(spec, "control_after_generate", False))
-                              for name, spec in specs], values)
-        return _with_defaults(specs, given)
+        given, used = _zip_widgets([(name, spec.type_name, getattr(spec, "control_after_generate", False))
+                                    for name, spec in specs], values)
+        extra = getattr(cls, "editor_widget_values", None)
+        if extra is not None and used < len(values):
+            # The editor's own widgets after the schema's (a custom combo's options).
+            given.update({k: _literal(v) for k, v in extra(values[used:], given).items() if k not in given})
+        return {**_with_defaults(specs, given), **given, **unsaved}
 
     def _unknown_widgets(self, raw: dict[str, Any], values: Any) -> dict[str, Any]:
         if isinstance(values, dict):
@@ -493,7 +439,7 @@ class _Converter:
             widget = entry.get("widget") if isinstance(entry, dict) else None
             if isinstance(widget, dict) and isinstance(widget.get("name"), str):
                 names.append((widget["name"], entry.get("type", ""), False))
-        return _zip_widgets(names, values)
+        return _zip_widgets(names, values)[0]
 
 
 class _GroupNode:
@@ -548,12 +494,13 @@ class _GroupNode:
         self.inputs += converted
 
     def exec_id(self, index: int) -> str:
-        return f"{self.scope.exec_id(self.id)}:{index}"
+        instance, inner = self.c.group_ids.get(self.id, (self.id, []))
+        return f"{self.scope.exec_id(instance)}:{inner[index] if index < len(inner) else index}"
 
     def emit(self, out: dict[str, Any]) -> None:
         values = self.raw.get("widgets_values")
-        given = _zip_widgets([(f"{i}\0{name}", "INT" if seed else "", seed) for i, name, seed in self.widgets],
-                             values if isinstance(values, list) else [])
+        given, _ = _zip_widgets([(f"{i}\0{name}", "INT" if seed else "", seed) for i, name, seed in self.widgets],
+                                values if isinstance(values, list) else [])
         for index, node in enumerate(self.nodes):
             cls = self.c.registry.get(node["type"])
             if node.get("mode") in (MODE_MUTED, MODE_BYPASSED) or node["type"] in EDITOR_ONLY:
@@ -620,8 +567,105 @@ def _read_definitions(data: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             raise WorkflowError(f"UI-format workflow: entry {index} of 'definitions.subgraphs' is not a subgraph "
                                 "definition (an object with an 'id' string, 'nodes' and 'links')")
-        found[entry["id"]] = entry
+        found.setdefault(entry["id"], entry)  # the editor keeps the first of a repeated id
     return found
+
+
+def _renumber_inner_nodes(data: dict[str, Any], definitions: dict[str, Any]) -> tuple[int, set[int]]:
+    """Give inner nodes whose ids repeat a root node's or an earlier definition's node's a new
+    id, as the editor does when it loads a workflow (so the execution ids it sends are
+    ``"<instance>:<new id>"``). Definitions are taken in order; in each, nodes in order; an id
+    seen before becomes the next free number after the highest node id so far (starting
+    from the document's ``state.lastNodeId``, or ``last_node_id``). The definitions that
+    change are replaced by copies (the document is left as it came). Returns the highest id
+    given so far and the numeric ids taken (the group nodes are numbered after them)."""
+    last = 0
+    state = data.get("state")
+    if data.get("version") != 0.4 and isinstance(state, dict) and _is_int(state.get("lastNodeId")):
+        last = max(last, state["lastNodeId"])
+    if _is_int(data.get("last_node_id")):
+        last = data["last_node_id"]
+    reserved = {str(n["id"]) for n in _list(data.get("nodes")) if isinstance(n, dict) and "id" in n}
+    numbers = {int(i) for i in reserved if _numeric_id(i)}
+    for definition_id, definition in list(definitions.items()):
+        nodes = [n for n in _list(definition.get("nodes")) if isinstance(n, dict) and "id" in n]
+        # Within one definition a repeated id keeps its first node only.
+        kept, own = [], set()
+        for node in nodes:
+            if str(node["id"]) not in own:
+                own.add(str(node["id"]))
+                kept.append(node)
+        new_ids: dict[str, int] = {}
+        for node in kept:
+            node_id = str(node["id"])
+            if node_id in reserved:
+                last += 1
+                while last in numbers:
+                    last += 1
+                new_ids[node_id] = last
+                numbers.add(last)
+                reserved.add(str(last))
+                continue
+            reserved.add(node_id)
+            if _numeric_id(node_id):
+                numbers.add(int(node_id))
+                last = max(last, int(node_id))
+        if new_ids or len(kept) != len(nodes):
+            definitions[definition_id] = _with_new_ids(definition, kept, new_ids)
+    return max([last, *numbers]), numbers
+
+
+def _number_group_nodes(data: dict[str, Any], groups: dict[str, Any], last: int,
+                        taken: set[int]) -> dict[str, tuple[str, list[str]]]:
+    """The ids the editor gives group nodes' parts: on load it turns each group node (in the
+    order of ``nodes``) into a subgraph, numbering its inner nodes (all of them, in order)
+    and then the new subgraph instance with the next free ids after the highest so far.
+    By group node id: (the instance's new id, its inner nodes' new ids)."""
+    numbers = set(taken)
+
+    def next_id() -> str:
+        nonlocal last
+        last += 1
+        while last in numbers:
+            last += 1
+        numbers.add(last)
+        return str(last)
+
+    found: dict[str, tuple[str, list[str]]] = {}
+    for raw in _list(data.get("nodes")):
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if not isinstance(kind, str) or not kind.startswith(_GROUP_PREFIXES) or "id" not in raw:
+            continue
+        group = groups.get(kind[len("workflow>"):])
+        if group is None:
+            continue
+        inner = [next_id() for n in _list(group.get("nodes")) if isinstance(n, dict) and isinstance(n.get("type"), str)]
+        found[str(raw["id"])] = (next_id(), inner)
+    return found
+
+
+def _with_new_ids(definition: dict[str, Any], nodes: list[dict[str, Any]], new_ids: dict[str, int]) -> dict[str, Any]:
+    """A copy of ``definition`` with its nodes renumbered and its links' ends following them."""
+    copy = dict(definition)
+    copy["nodes"] = [{**n, "id": new_ids[str(n["id"])]} if str(n["id"]) in new_ids else n for n in nodes]
+    links = []
+    for link in _list(definition.get("links")):
+        if isinstance(link, list) and len(link) >= 5:
+            link = list(link)
+            for at in (1, 3):
+                link[at] = new_ids.get(str(link[at]), link[at])
+        elif isinstance(link, dict):
+            link = dict(link)
+            for key in ("origin_id", "target_id"):
+                if key in link:
+                    link[key] = new_ids.get(str(link[key]), link[key])
+        links.append(link)
+    copy["links"] = links
+    return copy
+
+
+def _numeric_id(node_id: str) -> bool:
+    return node_id.isdigit() and str(int(node_id)) == node_id
 
 
 def _read_group_nodes(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -691,8 +735,9 @@ def _fits(a: Any, b: Any) -> bool:
 
 
 def _widget_specs(cls) -> list[tuple[str, Any]]:
+    """The node type's widgets that take a place in ``widgets_values``, in order."""
     return [(name, spec) for name, (spec, _) in cls.all_inputs().items()
-            if spec.is_widget and not getattr(spec, "force_input", False)]
+            if spec.is_widget and not getattr(spec, "force_input", False) and getattr(spec, "saved", True)]
 
 
 def _expand_dynamic(specs: list[tuple[str, Any]], values: list[Any]) -> list[tuple[str, Any]]:
@@ -732,29 +777,22 @@ def _with_defaults(specs: list[tuple[str, Any]], given: dict[str, Any]) -> dict[
     return out
 
 
-def _zip_widgets(widgets: list[tuple[str, str, bool]], values: list[Any]) -> dict[str, Any]:
-    """Pair widget names with ``widgets_values``, skipping the control values the editor
-    stores after seed-like INT widgets."""
+def _zip_widgets(widgets: list[tuple[str, str, bool]], values: list[Any]) -> tuple[dict[str, Any], int]:
+    """Pair widget names with ``widgets_values`` by position, as the editor restores them:
+    after a seed-like INT widget the next value belongs to its "control after generate"
+    widget and is skipped, whatever it holds (``"randomize"``, a 2023 file's boolean, or, in
+    a list saved without it, the next widget's value: the editor shifts those too). Also
+    how many values the widgets took."""
     out: dict[str, Any] = {}
     i = 0
-    for position, (name, kind, control) in enumerate(widgets):
+    for name, kind, control in widgets:
         if i >= len(values):
             break
         out[name] = _literal(values[i])
         i += 1
-        if kind == "INT" and (control or name.rpartition("\0")[2] in SEED_NAMES) and i < len(values):
-            value = values[i]
-            # A legacy boolean is the control only when the next widget is no boolean, or
-            # the list has a value to spare for it.
-            spare = len(values) - i > len(widgets) - position - 1
-            if _is_control_value(value) and (not isinstance(value, bool) or spare
-                                             or position + 1 >= len(widgets) or widgets[position + 1][1] != "BOOLEAN"):
-                i += 1
-    return out
-
-
-def _is_control_value(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, str) and value in CONTROL_VALUES)
+        if kind == "INT" and (control or name.rpartition("\0")[2] in SEED_NAMES):
+            i += 1
+    return out, min(i, len(values))
 
 
 def _input_name(entry: Any) -> str | None:

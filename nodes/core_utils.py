@@ -155,8 +155,9 @@ class ImageCompare(Node):
 
     category = "image"
     display_name = "Image Compare"
-    # The editor's comparison slider: a widget with no value of its own to send.
-    inputs = {"compare_view": EditorWidget(kind="IMAGECOMPARE")}
+    # The editor's comparison slider: not saved in widgets_values; the editor sends its
+    # initial value, ["", ""], in every prompt (frontend 1.58.1's graphToPrompt).
+    inputs = {"compare_view": EditorWidget(kind="IMAGECOMPARE", saved=False, editor_value=["", ""])}
     optional = {"image_a": Socket("IMAGE"), "image_b": Socket("IMAGE")}
     outputs = []
     output_node = True

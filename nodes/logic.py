@@ -45,6 +45,17 @@ class CustomCombo(Node):
     outputs = [Output("STRING", "STRING"), Output("INT", "INDEX")]
     accept_all_inputs = True
 
+    @staticmethod
+    def editor_widget_values(rest: list, widgets: dict) -> dict:
+        """The editor's own widgets, saved in ``widgets_values`` after ``choice``: the index,
+        then each option. Prompts carry them as ``index``, ``option1``, ...; the editor sends
+        as the index the position of the choice among the options (-1 when none is it),
+        whatever index was saved (frontend 1.58.1's graphToPrompt)."""
+        options = rest[1:]
+        choice = widgets.get("choice")
+        index = next((i for i, o in enumerate(options) if type(o) is type(choice) and o == choice), -1)
+        return {"index": index, **{f"option{i}": value for i, value in enumerate(options, 1)}}
+
     def run(self, choice, index=0, **options):
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError(f"Custom Combo: 'index' must be an integer, got {index!r}")

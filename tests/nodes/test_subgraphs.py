@@ -71,7 +71,7 @@ def outer_definition():
     preview (9) hangs off the instance."""
     return {
         "id": OUTER, "version": 1, "name": "Nested",
-        "inputNode": {"id": -10}, "outputNode": {"id": -20},
+        "inputNode": {"id": -10, "bounding": [0, 0, 75, 100]}, "outputNode": {"id": -20, "bounding": [900, 0, 75, 100]},
         "inputs": [{"id": "o-image", "name": "image", "type": "IMAGE", "linkIds": [21]},
                    {"id": "o-width", "name": "width", "type": "INT", "linkIds": [22]}],
         "outputs": [{"id": "o-out", "name": "IMAGE", "type": "IMAGE", "linkIds": [24]}],
@@ -101,7 +101,8 @@ def save(node_id, image_link, order, prefix):
 
 def workflow():
     """LoadImage 1 feeds three instances: 10 (SCALE, promoted width 8), 11 (SCALE, no value:
-    the inner widget's 4), 30 (OUTER, width 5 by name); each is saved."""
+    the inner widget's 4), 30 (OUTER, promoted width 7; its ``widgets_values_named`` says 5,
+    which the editor does not read); each is saved."""
     return {
         "id": "7d2b6c1e-0000-4000-8000-000000000000", "revision": 0, "version": 1,
         "state": {"lastNodeId": 31, "lastLinkId": 8},
@@ -136,6 +137,9 @@ def saved(image, prefix):
             "_meta": {"title": "Save Image"}}
 
 
+# What the stock frontend's graphToPrompt (comfyui-frontend-package 1.58.1, default settings)
+# produced for workflow() loaded into the editor served by nodeflow: 30:7:6 takes the
+# positional promoted value 7, not widgets_values_named's 5.
 EXPECTED = {
     "1": {"inputs": {"image": "pic.png"}, "class_type": "LoadImage", "_meta": {"title": "Load Image"}},
     "10:5": inverted(["1", 0]),
@@ -143,7 +147,7 @@ EXPECTED = {
     "11:5": inverted(["1", 0]),
     "11:6": scaled(["11:5", 0], 4),
     "30:7:5": inverted(["1", 0]),
-    "30:7:6": scaled(["30:7:5", 0], 5),
+    "30:7:6": scaled(["30:7:5", 0], 7),
     "20": saved(["10:6", 0], "first"),
     "21": saved(["11:6", 0], "second"),
     "31": saved(["30:7:6", 0], "nested"),
@@ -154,7 +158,8 @@ def test_subgraph_instances_convert_like_the_editor(base):
     Image.new("RGB", (7, 5)).save(base.input / "pic.png")
     api = ui_to_api(workflow(), registry())
     assert api == EXPECTED
-    # The editor's order: root nodes by execution order, each instance's inner nodes in place.
+    # Root nodes by execution order, each instance's inner nodes in place (the editor orders
+    # them otherwise; the order changes nothing that runs).
     assert list(api) == ["1", "10:5", "10:6", "11:5", "11:6", "30:7:5", "30:7:6", "20", "21", "31"]
     assert validate(parse(api), registry()).complete
 
@@ -162,17 +167,22 @@ def test_subgraph_instances_convert_like_the_editor(base):
 def test_promoted_values_positional_legacy_and_links():
     doc = workflow()
     nested = doc["nodes"][3]
-    del nested["widgets_values_named"]  # positional: one value per promoted input
+    # Positional, one value per promoted input; the editor (its default settings) does not
+    # restore by name (frontend 1.58.1 gives 7 with or without widgets_values_named).
+    assert ui_to_api(doc, registry())["30:7:6"]["inputs"]["width"] == 7
+    del nested["widgets_values_named"]
     assert ui_to_api(doc, registry())["30:7:6"]["inputs"]["width"] == 7
     nested["widgets_values"] = []  # no value on the outer instance: the inner instance's own (3)
     assert ui_to_api(doc, registry())["30:7:6"]["inputs"]["width"] == 3
-    # A link into the instance's input wins over any widget value.
+    # A link into the instance's input wins over any widget value; but a legacy primitive
+    # node linked there gives nothing, and the inner widget's own value (4) stands: what the
+    # stock frontend (1.58.1) sent for this document (its primitive finds no widget to fill).
     doc["nodes"].append({"id": 40, "type": "PrimitiveNode", "mode": 0, "order": 0,
                          "outputs": [{"name": "INT", "type": "INT", "links": [9], "widget": {"name": "width"}}],
                          "widgets_values": [12, "fixed"]})
     doc["links"].append(link(9, 40, 0, 10, 1, "INT"))
     doc["nodes"][1]["inputs"][1]["link"] = 9
-    assert ui_to_api(doc, registry())["10:6"]["inputs"]["width"] == 12
+    assert ui_to_api(doc, registry())["10:6"]["inputs"]["width"] == 4
 
 
 def test_instances_save_only_some_inputs_and_named_values():
@@ -260,7 +270,7 @@ def test_save_image_defaults_when_widget_values_are_missing():
     assert ui_to_api(doc, registry())["9"]["inputs"] == {"filename_prefix": "ComfyUI"}
 
 
-def test_legacy_control_slots_in_a_subgraph_instance():
+def test_promoted_seed_has_no_control_slot_in_a_subgraph_instance():
     seed_def = {
         "id": "0b7f4e43-2a1f-4a57-9d5e-6e0c1bd3a003", "name": "seeded",
         "inputs": [{"name": "seed", "type": "INT", "linkIds": [1]}, {"name": "steps", "type": "INT", "linkIds": [2]}],
@@ -270,40 +280,110 @@ def test_legacy_control_slots_in_a_subgraph_instance():
                    "widgets_values": [1, "fixed", 2, 8, "euler", "normal", 1]}],
         "links": [link(1, -10, 0, 3, 0, "INT"), link(2, -10, 1, 3, 1, "INT")],
     }
-    doc = {"nodes": [{"id": 4, "type": seed_def["id"], "mode": 0, "widgets_values": [7, "randomize", 30]}],
+    doc = {"nodes": [{"id": 4, "type": seed_def["id"], "mode": 0, "widgets_values": [7, 30]}],
            "links": [], "definitions": {"subgraphs": [seed_def]}}
     inputs = ui_to_api(doc, Registry([Sampler]))["4:3"]["inputs"]
     assert (inputs["seed"], inputs["steps"]) == (7, 30)
+    # An instance's promoted widgets keep no slot for the seed's control value: the editor
+    # reads the list one value per promoted input, so an older list with "randomize" after
+    # the seed gives the steps that string (what frontend 1.58.1's graphToPrompt sends;
+    # validation then reports it).
+    doc["nodes"][0]["widgets_values"] = [7, "randomize", 30]
+    inputs = ui_to_api(doc, Registry([Sampler]))["4:3"]["inputs"]
+    assert (inputs["seed"], inputs["steps"]) == (7, "randomize")
 
 
-def test_group_nodes_convert_like_the_editor():
-    doc = {
+def group_node_workflow():
+    return {
         "nodes": [
-            {"id": 1, "type": "LoadImage", "mode": 0, "order": 0,
+            {"id": 1, "type": "LoadImage", "mode": 0, "order": 0, "pos": [0, 0],
              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [5]}], "widgets_values": ["pic.png", "image"]},
-            {"id": 50, "type": "workflow>invert_scale", "mode": 0, "order": 1,
+            {"id": 50, "type": "workflow>invert_scale", "mode": 0, "order": 1, "pos": [300, 0],
              "inputs": [socket("image", "IMAGE", 5)], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [6]}],
              "widgets_values": ["bilinear", 10, 12, "center"]},
-            save(2, 6, 2, "grouped"),
+            {**save(2, 6, 2, "grouped"), "pos": [600, 0]},
         ],
         "links": [[5, 1, 0, 50, 0, "IMAGE"], [6, 50, 0, 2, 0, "IMAGE"]],
         "extra": {"groupNodes": {"invert_scale": {
-            "nodes": [{"type": "ImageInvert", "index": 0, "inputs": [socket("image", "IMAGE")],
+            "nodes": [{"type": "ImageInvert", "index": 0, "pos": [0, 0], "inputs": [socket("image", "IMAGE")],
                        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}]},
-                      {"type": "ImageScale", "index": 1, "inputs": [socket("image", "IMAGE")],
+                      {"type": "ImageScale", "index": 1, "pos": [300, 0], "inputs": [socket("image", "IMAGE")],
                        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}],
                        "widgets_values": ["nearest-exact", 4, 6, "disabled"]}],
             "links": [[0, 0, 1, 0, 17, "IMAGE"]], "external": [[1, 0, "IMAGE"]]}}},
         "version": 0.4,
     }
-    api = ui_to_api(doc, registry())
+
+
+def test_group_nodes_convert_like_the_editor():
+    # What the stock frontend (comfyui-frontend-package 1.58.1) sent for this document: on
+    # load it turns the group node into a subgraph, numbering the inner nodes (51, 52) and
+    # then the new instance (53) after the highest id (no last_node_id here: 50); the values
+    # and links are the group node's.
+    api = ui_to_api(group_node_workflow(), registry())
     assert api == {
         "1": {"inputs": {"image": "pic.png"}, "class_type": "LoadImage", "_meta": {"title": "Load Image"}},
-        "50:0": inverted(["1", 0]),
-        "50:1": {"inputs": {"upscale_method": "bilinear", "width": 10, "height": 12, "crop": "center",
-                            "image": ["50:0", 0]}, "class_type": "ImageScale", "_meta": {"title": "Upscale Image"}},
-        "2": saved(["50:1", 0], "grouped"),
+        "53:51": inverted(["1", 0]),
+        "53:52": {"inputs": {"upscale_method": "bilinear", "width": 10, "height": 12, "crop": "center",
+                             "image": ["53:51", 0]}, "class_type": "ImageScale", "_meta": {"title": "Upscale Image"}},
+        "2": saved(["53:52", 0], "grouped"),
     }
+    # After last_node_id; a second group node (first in the list) numbered first (the frontend: 63:61, 63:62 and
+    # 53:51, 53:52 / 56:54, 56:55).
+    doc = group_node_workflow()
+    doc["last_node_id"] = 60
+    assert sorted(ui_to_api(doc, registry())) == ["1", "2", "63:61", "63:62"]
+    doc = group_node_workflow()
+    second = {**doc["nodes"][1], "id": 40, "inputs": [socket("image", "IMAGE", 7)],
+              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [8]}],
+              "widgets_values": ["nearest-exact", 20, 22, "disabled"]}
+    doc["nodes"][1:1] = [second]
+    doc["nodes"].append({**save(3, 8, 3, "second"), "pos": [600, 300]})
+    doc["links"] += [[7, 1, 0, 40, 0, "IMAGE"], [8, 40, 0, 3, 0, "IMAGE"]]
+    api = ui_to_api(doc, registry())
+    assert api["3"]["inputs"]["images"] == ["53:52", 0] and api["53:52"]["inputs"]["width"] == 20
+    assert api["2"]["inputs"]["images"] == ["56:55", 0] and api["56:55"]["inputs"]["width"] == 10
+
+
+def renumbered_workflow():
+    """workflow() with ids that repeat: LoadImage is node 6 (as SCALE's inner ImageScale), and
+    OUTER's inner instance is node 5 (as SCALE's inner ImageInvert)."""
+    doc = workflow()
+    doc["nodes"][0]["id"] = 6
+    for entry in doc["links"]:
+        if entry["origin_id"] == 1:
+            entry["origin_id"] = 6
+    outer = doc["definitions"]["subgraphs"][1]
+    outer["nodes"][0]["id"] = 5
+    for entry in outer["links"]:
+        for end in ("origin_id", "target_id"):
+            if entry[end] == 7:
+                entry[end] = 5
+    return doc
+
+
+def test_inner_nodes_whose_ids_repeat_are_renumbered_as_the_editor_does():
+    # What the stock frontend (comfyui-frontend-package 1.58.1) did with renumbered_workflow():
+    # it renumbers, on load, each inner node whose id a root node or an earlier definition's
+    # node has, to the next id after state.lastNodeId (31) and the ids seen so far; its
+    # graphToPrompt then sent these ids.
+    api = ui_to_api(renumbered_workflow(), registry())
+    assert sorted(api) == sorted(["6", "10:5", "10:32", "11:5", "11:32", "30:33:5", "30:33:32", "20", "21", "31"])
+    assert api["10:32"]["inputs"]["image"] == ["10:5", 0] and api["10:5"]["inputs"]["image"] == ["6", 0]
+    assert api["30:33:32"]["inputs"]["image"] == ["30:33:5", 0] and api["30:33:32"]["inputs"]["width"] == 7
+    assert api["20"]["inputs"]["images"] == ["10:32", 0] and api["31"]["inputs"]["images"] == ["30:33:32", 0]
+    # Without a saved state, numbering goes on from the highest inner id seen so far, past
+    # the ids taken (the frontend's ids for this document too).
+    doc = renumbered_workflow()
+    del doc["state"]
+    assert sorted(ui_to_api(doc, registry())) == sorted(["6", "10:5", "10:7", "11:5", "11:7", "30:8:5", "30:8:7",
+                                                         "20", "21", "31"])
+    # Files of format 0.4 count from last_node_id (the frontend: 41, 42).
+    doc["version"], doc["last_node_id"] = 0.4, 40
+    doc["links"] = [[e["id"], e["origin_id"], e["origin_slot"], e["target_id"], e["target_slot"], e["type"]]
+                    for e in doc["links"]]
+    assert sorted(ui_to_api(doc, registry())) == sorted(["6", "10:5", "10:41", "11:5", "11:41", "30:42:5",
+                                                         "30:42:41", "20", "21", "31"])
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -333,20 +413,18 @@ def test_a_subgraph_that_contains_itself_is_refused():
         ui_to_api(doc, registry())
 
 
-def test_a_promoted_widget_must_name_an_inner_input():
+def test_promoted_widgets_that_name_no_inner_input_are_ignored():
+    # The stock frontend (1.58.1) loads these instances and its graphToPrompt sends the same
+    # prompt as for workflow(): a widgets_values_named key or a proxyWidgets entry that names
+    # no input (or no inner node) changes nothing.
     doc = workflow()
     doc["nodes"][3]["widgets_values_named"] = {"height": 5}
-    with pytest.raises(WorkflowError, match=r"subgraph instance 30 .* promotes a widget 'height' "
-                                            r"\(widgets_values_named\), but its subgraph 'Nested' .* has no input"):
-        ui_to_api(doc, registry())
+    assert ui_to_api(doc, registry()) == EXPECTED
     doc = workflow()
     doc["nodes"][1]["properties"] = {"proxyWidgets": [["6", "width"], ["6", "sharpness"]]}
-    with pytest.raises(WorkflowError, match=r"subgraph instance 10 .* promotes the widget 'sharpness' of inner node 6 "
-                                            r"\(ImageScale\) \(proxyWidgets\), but that node has no input"):
-        ui_to_api(doc, registry())
+    assert ui_to_api(doc, registry()) == EXPECTED
     doc["nodes"][1]["properties"] = {"proxyWidgets": [["77", "width"]]}
-    with pytest.raises(WorkflowError, match=r"subgraph instance 10 .* inner node 77 .* has no node 77"):
-        ui_to_api(doc, registry())
+    assert ui_to_api(doc, registry()) == EXPECTED
 
 
 def test_bad_subgraph_files_fail_cleanly_on_the_command_line(tmp_path):

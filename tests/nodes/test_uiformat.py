@@ -175,11 +175,16 @@ def test_newer_format_link_objects_and_widget_inputs():
     assert api["9"] == DEFAULT_API["9"]
 
 
-def test_control_value_is_skipped_only_when_present():
+def test_the_slot_after_a_seed_is_always_the_control_value():
     graph = json.loads(json.dumps(DEFAULT_GRAPH))
     sampler = next(n for n in graph["nodes"] if n["id"] == 3)
-    sampler["widgets_values"] = [7, 20, 8, "euler", "normal", 1]  # saved without the control widget
-    assert ui_to_api(graph, model_registry())["3"]["inputs"]["steps"] == 20
+    # Saved without the control widget's value: the editor still gives the slot after the
+    # seed to it, and every later widget shifts (frontend 1.58.1's graphToPrompt sends
+    # steps 8, cfg "euler", ...; validation then reports the bad values).
+    sampler["widgets_values"] = [7, 20, 8, "euler", "normal", 1]
+    inputs = ui_to_api(graph, model_registry())["3"]["inputs"]
+    assert [inputs[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")] == \
+        [7, 8, "euler", "normal", 1, 1.0]
     sampler["widgets_values"] = {"seed": 5, "steps": 3, "cfg": 2.5, "sampler_name": "euler", "scheduler": "normal",
                                  "denoise": 0.5, "not_an_input": 1}
     inputs = ui_to_api(graph, model_registry())["3"]["inputs"]
@@ -353,3 +358,36 @@ def test_junk_anywhere_in_a_ui_document_is_a_workflow_error_or_converts():
                 except WorkflowError:
                     continue
                 validate(graph, registry).to_comfy(graph)
+
+
+def test_editor_widgets_custom_combo_options_and_image_compare():
+    # What the stock frontend (comfyui-frontend-package 1.58.1) sent for this document from
+    # its graphToPrompt: a custom combo's own widgets (index, option1, ...) after its choice;
+    # the image-compare slider, which takes no place in widgets_values, with its initial value.
+    from nodes.core_utils import ImageCompare
+    from nodes.logic import CustomCombo
+
+    doc = {"nodes": [
+        {"id": 1, "type": "CustomCombo", "mode": 0, "order": 0,
+         "outputs": [out("STRING", "STRING", []), out("INDEX", "INT", [], 1)],
+         "widgets_values": ["16:9", 1, "9:16", "16:9", ""]},
+        {"id": 2, "type": "LoadImage", "mode": 0, "order": 1,
+         "outputs": [out("IMAGE", "IMAGE", [1, 2]), out("MASK", "MASK", None, 1)],
+         "widgets_values": ["pic.png", "image"]},
+        {"id": 3, "type": "ImageCompare", "mode": 0, "order": 2,
+         "inputs": [{"name": "image_a", "type": "IMAGE", "link": 1}, {"name": "image_b", "type": "IMAGE", "link": 2}],
+         "outputs": [],
+         "widgets_values": [{"before": "/api/view?filename=a.png", "after": "/api/view?filename=b.png"}]},
+    ], "links": [[1, 2, 0, 3, 0, "IMAGE"], [2, 2, 0, 3, 1, "IMAGE"]], "version": 0.4}
+    api = ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))
+    assert api["1"]["inputs"] == {"choice": "16:9", "index": 1, "option1": "9:16", "option2": "16:9", "option3": ""}
+    # The index sent is the choice's position among the options, whatever was saved (the
+    # editor itself saves this document with index -1 and sends 1).
+    doc["nodes"][0]["widgets_values"] = ["16:9", -1, "9:16", "16:9", ""]
+    assert ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))["1"]["inputs"]["index"] == 1
+    doc["nodes"][0]["widgets_values"] = ["4:3", 0, "9:16", "16:9", ""]
+    assert ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))["1"]["inputs"]["index"] == -1
+    assert api["3"]["inputs"] == {"compare_view": {"__value__": ["", ""]}, "image_a": ["2", 0], "image_b": ["2", 0]}
+    doc["nodes"][2]["widgets_values"] = []
+    assert ui_to_api(doc, Registry([CustomCombo, LoadImage, ImageCompare]))["3"]["inputs"]["compare_view"] == \
+        {"__value__": ["", ""]}
