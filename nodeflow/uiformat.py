@@ -60,10 +60,9 @@ format of its own::
 
 Groups (boxes around nodes) are ignored. A document whose structure is broken (``links``
 that is not a list, a node whose ``inputs`` is not a list, a subgraph instance whose
-definition is missing, a subgraph that contains itself, ...) raises ``WorkflowError``
-naming the node and what it held; entries inside those lists that make no sense are
-skipped, as the editor skips them (so are promoted widgets, ``widgets_values_named`` or
-``properties.proxyWidgets``, that name no inner input: the editor converts such instances).
+definition is missing, a subgraph that contains itself, a promoted widget that names no
+inner input, ...) raises ``WorkflowError`` naming the node and what it held; entries inside
+those lists that make no sense are skipped, as the editor skips them.
 
 This module imports no torch: it needs only the registry's schemas.
 """
@@ -193,6 +192,9 @@ class _Converter:
     def __init__(self, data: dict[str, Any], registry: Registry) -> None:
         self.registry = registry
         self.definitions = _read_definitions(data)
+        # Inner nodes by their ids as saved (promotions name those, before any renumbering).
+        self.saved_nodes = {key: {str(n["id"]): n for n in _list(d.get("nodes")) if isinstance(n, dict) and "id" in n}
+                            for key, d in self.definitions.items()}
         self.groups = _read_group_nodes(data)
         last, taken = _renumber_inner_nodes(data, self.definitions)
         self.group_ids = _number_group_nodes(data, self.groups, last, taken)
@@ -265,6 +267,7 @@ class _Converter:
                                     f"subgraph (path {' > '.join(path)}); a subgraph cannot contain itself")
             outer = outer.parent
         child = scope.children[node_id] = _Scope(self._graph(kind), path, raw, scope)
+        self._check_promotions(child)
         return child
 
     def _graph(self, definition_id: str) -> _Graph:
@@ -404,6 +407,56 @@ class _Converter:
         cls = self.registry.get(kind)
         spec = cls.all_inputs().get(entry.get("name")) if cls is not None else None
         return spec is not None and spec[0].is_widget and not getattr(spec[0], "force_input", False)
+
+    def _check_promotions(self, scope: _Scope) -> None:
+        """A promoted widget must name an input of the definition (``widgets_values_named``)
+        or an inner node and one of its inputs (the editor's ``proxyWidgets``)."""
+        instance = scope.instance or {}
+        graph = scope.graph
+        names = {s.get("name") for s in graph.inputs}
+        where = f"subgraph instance {':'.join(scope.path)} ({instance.get('type')})"
+        named = instance.get("widgets_values_named")
+        if isinstance(named, dict):
+            for key in named:
+                if key not in names:
+                    raise WorkflowError(f"{where} promotes a widget '{key}' (widgets_values_named), but its "
+                                        f"subgraph {graph.label()} has no input of that name; its inputs are "
+                                        f"{sorted(n for n in names if isinstance(n, str))}")
+        properties = instance.get("properties") if isinstance(instance.get("properties"), dict) else {}
+        for entry in _list(properties.get("proxyWidgets")):
+            if not (isinstance(entry, list) and len(entry) >= 2 and isinstance(entry[1], str)):
+                continue
+            inner_id, widget = str(entry[0]), entry[1]
+            if widget.startswith("$$") or widget.endswith("control_after_generate"):
+                continue  # the editor's own widgets: previews, a seed's "control after generate"
+            if inner_id == "-1":
+                ok = widget in names
+            else:
+                inner = self.saved_nodes.get(graph.id, {}).get(inner_id, graph.nodes.get(inner_id))
+                if inner is None:
+                    raise WorkflowError(f"{where} promotes the widget '{widget}' of inner node {inner_id} "
+                                        f"(proxyWidgets), but its subgraph {graph.label()} has no node {inner_id}")
+                ok = self._has_input(inner, widget)
+            if not ok:
+                raise WorkflowError(f"{where} promotes the widget '{widget}' of inner node {inner_id} "
+                                    f"({inner['type'] if inner_id != '-1' else 'input'}) "
+                                    "(proxyWidgets), but that node has no input of that name")
+
+    def _has_input(self, node: dict[str, Any], name: str) -> bool:
+        if any(_input_name(e) == name or (isinstance(e, dict) and e.get("name") == name)
+               for e in node.get("inputs") or []):
+            return True
+        kind = node["type"]
+        if kind in self.definitions:
+            return any(s.get("name") == name for s in self._graph(kind).inputs)
+        cls = self.registry.get(kind)
+        # An unknown type is reported by validation; its widgets cannot be checked here.
+        if cls is None or name in cls.all_inputs():
+            return True
+        # The editor adds widgets of its own to some nodes (a text preview, an upload
+        # button); a node saved with more values than its schema's widgets has such widgets.
+        values = node.get("widgets_values")
+        return isinstance(values, list) and len(values) > len(_widget_specs(cls))
 
     # -- widgets -----------------------------------------------------------------------------
 

@@ -413,17 +413,25 @@ def test_a_subgraph_that_contains_itself_is_refused():
         ui_to_api(doc, registry())
 
 
-def test_promoted_widgets_that_name_no_inner_input_are_ignored():
-    # The stock frontend (1.58.1) loads these instances and its graphToPrompt sends the same
-    # prompt as for workflow(): a widgets_values_named key or a proxyWidgets entry that names
-    # no input (or no inner node) changes nothing.
+def test_a_promoted_widget_must_name_an_inner_input():
+    # The editor (1.58.1) would drop such a promotion silently; nodeflow refuses the document
+    # instead, naming the instance and the inner node, so that a broken file is not run with
+    # a value the user never sees.
     doc = workflow()
     doc["nodes"][3]["widgets_values_named"] = {"height": 5}
-    assert ui_to_api(doc, registry()) == EXPECTED
+    with pytest.raises(WorkflowError, match=r"subgraph instance 30 .* promotes a widget 'height' "
+                                            r"\(widgets_values_named\), but its subgraph 'Nested' .* has no input"):
+        ui_to_api(doc, registry())
     doc = workflow()
     doc["nodes"][1]["properties"] = {"proxyWidgets": [["6", "width"], ["6", "sharpness"]]}
-    assert ui_to_api(doc, registry()) == EXPECTED
+    with pytest.raises(WorkflowError, match=r"subgraph instance 10 .* promotes the widget 'sharpness' of inner node 6 "
+                                            r"\(ImageScale\) \(proxyWidgets\), but that node has no input"):
+        ui_to_api(doc, registry())
     doc["nodes"][1]["properties"] = {"proxyWidgets": [["77", "width"]]}
+    with pytest.raises(WorkflowError, match=r"subgraph instance 10 .* inner node 77 .* has no node 77"):
+        ui_to_api(doc, registry())
+    # Promotions that do name an inner input, and the editor's own widgets, are fine.
+    doc["nodes"][1]["properties"] = {"proxyWidgets": [["6", "width"], ["-1", "width"], ["5", "$$preview"]]}
     assert ui_to_api(doc, registry()) == EXPECTED
 
 

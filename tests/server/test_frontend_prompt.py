@@ -61,9 +61,8 @@ def _documents() -> dict[str, dict]:
                          "widgets_values": [12, "fixed"]})
     doc["links"].append(sg.link(9, 40, 0, 10, 1, "INT"))
     doc["nodes"][1]["inputs"][1]["link"] = 9
-    doc["nodes"][3]["widgets_values_named"] = {"height": 5}
-    doc["nodes"][2]["properties"] = {"proxyWidgets": [["6", "width"], ["6", "sharpness"], ["77", "width"]]}
-    docs["primitive into an instance, promotions naming nothing"] = doc
+    doc["nodes"][2]["properties"] = {"proxyWidgets": [["6", "width"]]}
+    docs["primitive into an instance, a proxied widget"] = doc
     doc = ui.editor_graph()
     doc["nodes"][3]["mode"] = 4
     docs["bypassed scaler"] = doc
