@@ -4,7 +4,7 @@ import asyncio
 import functools
 import json
 import sys
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import server_nodes
@@ -151,6 +151,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def readme_server(base: Path):
+    """``python server.py --port N`` started in ``base`` as the README says (no other flag),
+    yielded once it answers (its ``.url`` set); its log is printed if the block fails, and
+    the server is stopped after it."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    log_path = base / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(port)], cwd=base,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        server.url = f"http://127.0.0.1:{port}"
+        try:
+            end = time.monotonic() + 60
+            while True:
+                assert server.poll() is None, log_path.read_text()
+                assert time.monotonic() < end, "the server did not start: " + log_path.read_text()
+                try:
+                    with urllib.request.urlopen(server.url + "/prompt", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            yield server
+        except BaseException:
+            print(log_path.read_text()[-4000:])
+            raise
+        finally:
+            server.terminate()
+            server.wait(30)
 
 
 class ServerProcess:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from browser import Browser, find_chromium
-from server_helpers import REPO, free_port
+from server_helpers import REPO, readme_server
 
 from nodeflow.server import frontend
 
@@ -42,28 +42,13 @@ QUEUE_PANEL = ("(() => { const b = [...document.querySelectorAll('button')]; con
 OPTIONAL = ("/user.css", "/api/userdata/user.css", "/api/userdata/comfy.templates.json", "/favicon.ico")
 
 
-def _run_readme_setup(base: Path) -> subprocess.Popen:
-    """``nodeflow demo`` then ``python server.py`` in ``base``, as the README's set-up says."""
+def _make_demo_model(base: Path) -> None:
+    """``nodeflow demo`` in ``base``, as the README's set-up says (``python server.py`` follows)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     demo = subprocess.run([sys.executable, "-m", "nodeflow.cli", "demo", "--quiet", "--steps", "1", "--batch", "1"],
                           cwd=base, env=env, capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0, demo.stderr
     assert (base / "models" / "checkpoints" / "nodeflow-demo.safetensors").is_file()
-    port = free_port()
-    log = open(base / "server.log", "wb")  # noqa: SIM115 - closed with the process
-    server = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(port)], cwd=base, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    server.url = f"http://127.0.0.1:{port}"
-    server.log_file = log
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        assert server.poll() is None, (base / "server.log").read_text()
-        try:
-            with urllib.request.urlopen(server.url + "/prompt", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("the server did not start: " + (base / "server.log").read_text())
 
 
 def _get(url: str) -> dict:
@@ -76,16 +61,9 @@ def _get(url: str) -> dict:
 def test_the_editor_runs_the_demo_template_and_shows_errors(tmp_path):
     assert frontend.find_frontend(None) is not None, \
         'the graph editor is not installed: pip install -e ".[web]" (as the README says)'
-    server = _run_readme_setup(tmp_path)
-    try:
+    _make_demo_model(tmp_path)
+    with readme_server(tmp_path) as server:
         asyncio.run(asyncio.wait_for(_drive(server.url, tmp_path), 150))
-    except BaseException:
-        print((tmp_path / "server.log").read_text()[-4000:])
-        raise
-    finally:
-        server.terminate()
-        server.wait(30)
-        server.log_file.close()
 
 
 async def _drive(url: str, base: Path) -> None:

@@ -12,16 +12,12 @@ import asyncio
 import copy
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from browser import Browser, CdpError, find_chromium
-from server_helpers import REPO, free_port
+from server_helpers import readme_server
 
 from nodeflow.registry import default_registry
 from nodeflow.server import frontend
@@ -82,24 +78,6 @@ def _documents() -> dict[str, dict]:
     return docs
 
 
-def _start_server(base: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    port = free_port()
-    log = open(base / "server.log", "wb")  # noqa: SIM115 - closed with the process
-    server = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(port)], cwd=base, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    server.url, server.log_file = f"http://127.0.0.1:{port}", log
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        assert server.poll() is None, (base / "server.log").read_text()
-        try:
-            with urllib.request.urlopen(server.url + "/prompt", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("the server did not start: " + (base / "server.log").read_text())
-
-
 def _same(value):
     """JSON numbers as the editor sends them (8.0 and 8 are one number)."""
     if isinstance(value, float) and value.is_integer():
@@ -122,16 +100,8 @@ def _prompt(api: dict) -> dict:
                     reason='the graph editor is not installed: pip install -e ".[web]"')
 def test_graph_to_prompt_of_the_editor_equals_ui_to_api(tmp_path):
     docs = _documents()
-    server = _start_server(tmp_path)
-    try:
+    with readme_server(tmp_path) as server:
         theirs = asyncio.run(asyncio.wait_for(_editor_prompts(server.url, tmp_path, docs), 120))
-    except BaseException:
-        print((tmp_path / "server.log").read_text()[-4000:])
-        raise
-    finally:
-        server.terminate()
-        server.wait(30)
-        server.log_file.close()
     registry = default_registry()
     for name, doc in docs.items():
         output, saved = theirs[name]["output"], theirs[name]["workflow"]
