@@ -7,7 +7,7 @@
 
 import sys
 
-from nodeflow.server.app import main
+from nodeflow.server.serve_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,7 +74,7 @@ def load_workflow(source: Any, registry: Registry | None = None) -> dict[str, An
         if isinstance(source, str) and text.lstrip().startswith("{"):
             from nodeflow.graph import load_json
             return _from_ui(load_json(text), registry)
-        from nodeflow.loader import read_workflow_file
+        from nodeflow.workflow_files import read_workflow_file
         return read_workflow_file(Path(source), registry)
     raise WorkflowError(f"cannot read a workflow from {type(source).__name__}")
 
@@ -121,7 +121,7 @@ def _editor_workflow(source: Any) -> dict[str, Any] | None:
             return None
         return data if is_ui_format(data) else None
     if isinstance(source, (str, os.PathLike)):
-        from nodeflow.loader import editor_workflow
+        from nodeflow.workflow_files import editor_workflow
         return editor_workflow(Path(source))
     return None
 

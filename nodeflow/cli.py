@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     folders = folders_mod.configure(_dir(args.base_dir), output_dir=_dir(args.output_dir))
     _configure_devices(args.device, args.precision, args.compile_backend if args.compile else None, args.cuda_graphs)
-    from nodeflow.loader import editor_workflow
+    from nodeflow.workflow_files import editor_workflow
 
     ui = editor_workflow(args.workflow)
     extra = {"extra_pnginfo": {"workflow": ui}} if ui is not None else None
@@ -340,7 +340,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from nodeflow.server.app import main as serve_main
+        from nodeflow.server.serve_cli import main as serve_main
     except ImportError as exc:
         raise CliError(f"the server is not available: {exc}") from None
     return serve_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)

@@ -3,7 +3,8 @@
     from nodeflow.server import ServerConfig, create_app
     app = create_app(ServerConfig(base_dir="..."), registry)   # an aiohttp Application
 
-Modules: ``app`` (factory, the queue and its workers for the app's lifetime, command line),
+Modules: ``app`` (factory, the queue and its workers for the app's lifetime), ``serve_cli``
+(the command line),
 ``routes_prompt`` (prompts, queue, history, workers), ``routes_jobs`` (the jobs view),
 ``routes_files`` (/view), ``routes_uploads`` (uploads), ``routes_user`` (the frontend's user
 files), ``routes_info`` (schemas, models, system, frontend settings), ``routes_templates`` (the
@@ -14,7 +15,8 @@ editor's templates), ``routes_internal`` (ComfyUI's /internal routes: logs, fold
 """
 
 from nodeflow.registry import build_registry
-from nodeflow.server.app import create_app, main
+from nodeflow.server.app import create_app
 from nodeflow.server.common import ServerConfig
+from nodeflow.server.serve_cli import main
 
 __all__ = ["ServerConfig", "build_registry", "create_app", "main"]

@@ -242,7 +242,7 @@ async def test_userdata_files(tmp_path):
 
 
 def test_device_and_precision_options():
-    from nodeflow.server.app import config_from_args, parser
+    from nodeflow.server.serve_cli import config_from_args, parser
 
     config = config_from_args(parser().parse_args(["--device", "CPU", "--precision", "fp32"]))
     assert (config.device, config.precision) == ("cpu", "fp32")

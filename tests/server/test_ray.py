@@ -347,7 +347,7 @@ def run_server(*args, env=None, timeout=60):
     code = ("import sys\n"
             "if '--no-ray' in sys.argv:\n"
             "    sys.modules['ray'] = None; sys.argv.remove('--no-ray')\n"
-            "from nodeflow.server.app import main; sys.exit(main(sys.argv[1:]))")
+            "from nodeflow.server.serve_cli import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -399,7 +399,7 @@ def test_more_workers_than_gpus_is_refused(tmp_path, monkeypatch):
 
 
 def test_cli_checks_worker_options():
-    from nodeflow.server.app import config_from_args, parser
+    from nodeflow.server.serve_cli import config_from_args, parser
 
     for bad in (["--workers", "0"], ["--workers", "x"], ["--backend", "dask"], ["--max-tries", "-1"]):
         with pytest.raises(SystemExit):
