@@ -1,12 +1,14 @@
 """nodeflow.sampling: samplers, noise schedules, classifier-free guidance, noise and masks.
 
-Works with the model stack through a small interface (DESIGN §3): a model handle with
-``prediction_type`` ("eps" | "v"), ``alphas_cumprod`` [1000], ``in_channels``,
-``latent_channels``, ``process_latent_in/out``, ``apply_model(x, t, context, y=None,
-c_concat=None)`` (x already scaled by 1/√(σ²+1), t the float timestep, the raw ε or v output)
-and optionally ``condition_kwargs(meta, batch, width, height)`` and ``device``.
+Works with the model stack through a small interface, ``handle.ModelHandle``: a model handle
+with ``alphas_cumprod`` [1000], ``process_latent_in/out`` and ``apply_model(x, t, context,
+y=None, c_concat=None)`` (x already scaled by 1/√(σ²+1), t the float timestep, the raw ε or v
+output), and optionally ``prediction_type`` ("eps" | "v"), ``in_channels``,
+``latent_channels``, ``condition_kwargs(meta, batch, width, height)``, ``device`` and
+``model_patches`` (all read in ``handle``).
 
 Modules, one job each:
+    handle          the MODEL handle's protocol; its optional members, read in one place
     model_sampling  σ ↔ t, ε/v/x0/LCM parameterisations, noise scaling, zero terminal SNR
     schedules       the schedulers and the KSampler's denoise tail (calculate_sigmas)
     noise           ComfyUI-identical seeded noise, Brownian trees (prepare_noise)

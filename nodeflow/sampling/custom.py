@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from nodeflow.sampling import CFGDenoiser, DiscreteSchedule, get_sampler, prepare_mask, prepare_noise
+from nodeflow.sampling import CFGDenoiser, DiscreteSchedule, get_sampler, handle, prepare_mask, prepare_noise
 from nodeflow.sampling.ksampler import MaskedDenoiser, fix_empty_latent_channels
 
 # -- SAMPLER, NOISE ---------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def sample_custom(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, latent
     model = guider.model
     spec = get_sampler(sampler.name)
     schedule = DiscreteSchedule.from_model(model)
-    device = torch.device(getattr(model, "device", None) or "cpu")
+    device = handle.device(model)
     latent_image = fix_empty_latent_channels(model, torch.as_tensor(latent["samples"]).detach().cpu().float())
     source = dict(latent)
     source["samples"] = latent_image

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nodeflow.sampling import handle
+from nodeflow.sampling.handle import ModelHandle
 from nodeflow.sampling.model_sampling import DiscreteSchedule
 
 __all__ = ["CFGDenoiser", "blank_inpaint_latent", "prepare_conditioning", "repeat_to_batch_size"]
@@ -114,7 +116,7 @@ def _resolve_area_and_mask(meta: dict, h: int, w: int, device) -> dict:
 def _concat_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_mask, device) -> dict:
     """c_concat for inpainting models (in_channels = latent channels + 5): the denoise mask
     and the masked image's latent, as VAEEncodeForInpaint / InpaintModelConditioning mean."""
-    extra = getattr(model, "in_channels", 4) - getattr(model, "latent_channels", 4)
+    extra = handle.concat_channels(model)
     if extra <= 0:
         return {}
     h, w = shape[-2:]
@@ -147,7 +149,7 @@ def _model_kwargs(model, meta: dict, batch: int, shape, latent_image, denoise_ma
     """Extra apply_model arguments of one entry (SDXL's ``y``; c_concat), batched. The sampling
     seed joins the entry's options, as in ComfyUI (unCLIP's noise augmentation draws from it)."""
     kwargs = {}
-    condition_kwargs = getattr(model, "condition_kwargs", None)
+    condition_kwargs = handle.condition_kwargs(model)
     if condition_kwargs is not None:
         for key, value in (condition_kwargs({**meta, "seed": seed}, batch, shape[-1] * 8, shape[-2] * 8) or {}).items():
             if isinstance(value, Tensor):
@@ -342,7 +344,7 @@ class CFGDenoiser:
 
     _TERMS_CACHE = 32            # σ values remembered (a run revisits few; multistage ones more)
 
-    def __init__(self, model, schedule: DiscreteSchedule, positive, negative, cfg: float, shape, device,
+    def __init__(self, model: ModelHandle, schedule: DiscreteSchedule, positive, negative, cfg: float, shape, device,
                  latent_image: Tensor | None = None, denoise_mask: Tensor | None = None,
                  max_batch_entries: int | None = None, seed: int = 0):
         self.model, self.schedule, self.cfg = model, schedule, float(cfg)
@@ -352,7 +354,7 @@ class CFGDenoiser:
                                             latent_image=latent_image, denoise_mask=denoise_mask, seed=seed)
         self.positive = [e for e in self.entries if not e.uncond]
         self.negative = [e for e in self.entries if e.uncond]
-        self.patches = getattr(model, "model_patches", None)      # None for handles without model patches
+        self.patches = handle.model_patches(model)
         self.max_batch_entries = max_batch_entries
         self._prepared: dict[int, tuple] = {}
         self._batches: dict[tuple, list[_Batch]] = {}

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nodeflow.sampling import handle
 from nodeflow.sampling.guidance import CFGDenoiser, repeat_to_batch_size
+from nodeflow.sampling.handle import ModelHandle
 from nodeflow.sampling.model_sampling import DiscreteSchedule
 from nodeflow.sampling.noise import prepare_noise
 from nodeflow.sampling.registry import get_sampler
@@ -68,26 +70,20 @@ class MaskedDenoiser:
         return self._output(denoised), uncond
 
 
-def _model_device(model, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device(getattr(model, "device", None) or "cpu")
-
-
-def fix_empty_latent_channels(model, latent: Tensor) -> Tensor:
+def fix_empty_latent_channels(model: ModelHandle, latent: Tensor) -> Tensor:
     """An all-zero latent with the wrong channel count (EmptyLatentImage for another family)
     becomes zeros of the model's latent channels."""
-    channels = getattr(model, "latent_channels", latent.shape[1])
+    channels = handle.latent_channels(model, latent.shape[1])
     if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
         return torch.zeros((latent.shape[0], channels) + tuple(latent.shape[2:]), dtype=latent.dtype)
     return latent
 
 
 @torch.no_grad()
-def sample(model, noise: Tensor, positive, negative, *, cfg: float, sampler_name: str, scheduler: str, steps: int,
-           latent_image: Tensor, denoise: float = 1.0, start_step: int | None = None, last_step: int | None = None,
-           force_full_denoise: bool = False, disable_noise: bool = False, noise_mask: Tensor | None = None,
-           seed: int = 0, callback: ProgressCallback | None = None, device=None,
+def sample(model: ModelHandle, noise: Tensor, positive, negative, *, cfg: float, sampler_name: str, scheduler: str,
+           steps: int, latent_image: Tensor, denoise: float = 1.0, start_step: int | None = None,
+           last_step: int | None = None, force_full_denoise: bool = False, disable_noise: bool = False,
+           noise_mask: Tensor | None = None, seed: int = 0, callback: ProgressCallback | None = None, device=None,
            sigmas: Tensor | None = None) -> Tensor:
     """Sample a RAW latent (CPU, float32) — ComfyUI's ``comfy.sample.sample``.
 
@@ -102,7 +98,7 @@ def sample(model, noise: Tensor, positive, negative, *, cfg: float, sampler_name
     if sigmas is None and scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULER_NAMES}")
     schedule = DiscreteSchedule.from_model(model)
-    device = _model_device(model, device)
+    device = handle.device(model, device)
     latent_image = torch.as_tensor(latent_image).detach().to("cpu", torch.float32)
 
     if sigmas is None:
@@ -155,8 +151,8 @@ def sample(model, noise: Tensor, positive, negative, *, cfg: float, sampler_name
     return out
 
 
-def ksampler(model, latent: dict, positive, negative, *, seed: int, steps: int, cfg: float, sampler_name: str,
-             scheduler: str, denoise: float = 1.0, add_noise: bool = True, start_at_step: int = 0,
+def ksampler(model: ModelHandle, latent: dict, positive, negative, *, seed: int, steps: int, cfg: float,
+             sampler_name: str, scheduler: str, denoise: float = 1.0, add_noise: bool = True, start_at_step: int = 0,
              end_at_step: int = 10000, return_with_leftover_noise: bool = False,
              callback: ProgressCallback | None = None, device=None) -> dict:
     """The KSampler / KSamplerAdvanced nodes: LATENT dict in, LATENT dict out (keeping

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nodeflow.sampling import handle
+
 __all__ = ["DiscreteSchedule", "SigmaTerms", "scaled_linear_alphas_cumprod"]
 
 
@@ -89,10 +91,10 @@ class DiscreteSchedule:
         DiscreteSchedule is returned as is."""
         if isinstance(model, DiscreteSchedule):
             return model
-        cached = getattr(model, "_nodeflow_schedule", None)
+        cached = handle.schedule_override(model)
         if isinstance(cached, DiscreteSchedule):
             return cached
-        return cls(model.alphas_cumprod, getattr(model, "prediction_type", "eps"))
+        return cls(model.alphas_cumprod, handle.prediction_type(model))
 
     # -- σ ↔ t --------------------------------------------------------------------------
     def timestep(self, sigma: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 models = pytest.importorskip("nodeflow.models.testing")
 checkpoint = pytest.importorskip("nodeflow.models.checkpoint")
 
-from nodeflow.sampling import ksampler  # noqa: E402
+from nodeflow.sampling import handle, ksampler  # noqa: E402
 
 
 def _load(tmp_path, family, **kw):
@@ -48,3 +48,32 @@ def test_tiny_sdxl_with_pooled_output(tmp_path):
     out = ksampler(model, {"samples": torch.zeros(2, 4, 8, 8)}, positive, negative, seed=1, steps=2, cfg=5.0,
                    sampler_name="euler", scheduler="normal")
     assert out["samples"].shape == (2, 4, 8, 8) and torch.isfinite(out["samples"]).all()
+
+
+def test_the_model_stacks_handle_is_a_model_handle_and_its_optional_members_are_read(tmp_path):
+    model = _load(tmp_path, "sd1", inpaint=True)
+    assert isinstance(model, handle.ModelHandle)
+    assert handle.concat_channels(model) == 5 and handle.latent_channels(model, 16) == 4
+    assert handle.device(model) == torch.device("cpu") and handle.device(model, "meta") == torch.device("meta")
+
+    class Minimal:      # only the required members: every optional one takes its default
+        alphas_cumprod = model.alphas_cumprod
+
+        def apply_model(self, x, t, context, y=None, c_concat=None):
+            return torch.zeros_like(x)
+
+        def process_latent_in(self, latent):
+            return latent
+
+        def process_latent_out(self, latent):
+            return latent
+
+    minimal = Minimal()
+    assert isinstance(minimal, handle.ModelHandle)
+    assert (handle.prediction_type(minimal), handle.concat_channels(minimal), handle.latent_channels(minimal, 16)) \
+        == ("eps", 0, 16)
+    assert handle.model_patches(minimal) is None and handle.schedule_override(minimal) is None
+    out = ksampler(minimal, {"samples": torch.zeros(1, 4, 8, 8)}, [[torch.zeros(1, 77, 8), {}]],
+                   [[torch.zeros(1, 77, 8), {}]], seed=1, steps=2, cfg=3.0, sampler_name="euler", scheduler="normal")
+    # ε = 0 everywhere: Euler removes no noise, so the output is the initial noise σ_max·n scaled back
+    assert torch.isfinite(out["samples"]).all() and out["samples"].std() > 1
