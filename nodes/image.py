@@ -588,10 +588,10 @@ def porter_duff(mode: str, s, sa, d, da):
 
 class PorterDuffImageComposite(Node):
     """Composites a source image over (or in, out, atop, …) a destination with Porter–Duff
-    operators, each image with its own alpha as a MASK (1 = opaque; not LoadImage's inverted
-    mask). The source, its alpha and the destination's alpha are resized (bicubic, centre crop)
-    to the destination's size; the batch is the smallest of the four. Outputs the image and
-    its alpha."""
+    operators, each image with its own alpha as a MASK in ComfyUI's convention (1 =
+    transparent, LoadImage's mask; the output mask likewise). The source, its alpha and the
+    destination's alpha are resized (bicubic, centre crop) to the destination's size; the
+    batch is the smallest of the four. Outputs the image (not premultiplied) and its mask."""
 
     category = "mask/compositing"
     display_name = "Porter-Duff Image Composite"
@@ -605,6 +605,8 @@ class PorterDuffImageComposite(Node):
     outputs = [Output("IMAGE"), Output("MASK")]
 
     def run(self, source, source_alpha, destination, destination_alpha, mode):
+        import torch
+
         from nodeflow.imaging import mask_batch, resize_image
 
         source_alpha, destination_alpha = mask_batch(source_alpha), mask_batch(destination_alpha)
@@ -621,5 +623,10 @@ class PorterDuffImageComposite(Node):
         s = fit(source[:n])
         sa = fit(source_alpha[:n].unsqueeze(-1))
         da = fit(destination_alpha[:n].unsqueeze(-1))
-        image, alpha = porter_duff(mode, s, sa, d, da)
-        return image, alpha.squeeze(-1)
+        # The MASK inputs follow ComfyUI's convention (1 = transparent, as LoadImage gives):
+        # alpha is 1 - mask, colours are premultiplied for the operators and divided back
+        # afterwards (0 where nothing is left opaque), and the alpha goes out as a mask again.
+        sa, da = 1 - sa, 1 - da
+        image, alpha = porter_duff(mode, s * sa, sa, d * da, da)
+        image = torch.where(alpha > 1e-5, image / alpha, torch.zeros_like(image)).clamp(0, 1)
+        return image, (1 - alpha).squeeze(-1)
