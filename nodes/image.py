@@ -366,7 +366,8 @@ def _match_alpha(a, b):
 
 class JoinImageWithAlpha(Node):
     """Adds an alpha channel to images from a MASK (alpha = 1 − mask, so the masked area
-    becomes transparent); a mask of another size is stretched to the image (bilinear)."""
+    becomes transparent); a mask of another size is stretched to the image (bilinear). The
+    output has the smaller batch of the two, as in ComfyUI (a single mask does not repeat)."""
 
     category = "mask/compositing"
     display_name = "Join Image with Alpha"
@@ -377,13 +378,13 @@ class JoinImageWithAlpha(Node):
         import torch
         import torch.nn.functional as F
 
-        from nodeflow.imaging import mask_batch, repeat_to_batch
+        from nodeflow.imaging import mask_batch
 
         m = mask_batch(alpha).unsqueeze(1).float()
         if m.shape[-2:] != image.shape[1:3]:
             m = F.interpolate(m, size=image.shape[1:3], mode="bilinear")
-        m = repeat_to_batch(m, image.shape[0])[:, 0, :, :, None]
-        return (torch.cat([image[..., :3], 1.0 - m], dim=-1),)
+        n = min(len(image), len(m))     # ComfyUI's rule: the smaller batch of the two
+        return (torch.cat([image[:n, ..., :3], 1.0 - m[:n, 0, :, :, None]], dim=-1),)
 
 
 class SplitImageWithAlpha(Node):

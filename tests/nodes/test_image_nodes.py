@@ -184,6 +184,17 @@ def test_alpha_join_and_split():
     assert torch.equal(rgb, img) and back[0, 0, 0] == 1.0 and back[0, 3, 3] == 0.0
 
 
+def test_join_image_with_alpha_takes_the_smaller_batch():
+    # ComfyUI's rule (checked against ComfyUI 0.8.0): the output has min(len(image), len(alpha))
+    # frames; a single mask is not repeated over a batch of images.
+    images = torch.rand(3, 2, 2, 3)
+    (rgba,) = JoinImageWithAlpha().run(images, torch.full((1, 2, 2), 0.25))
+    assert rgba.shape == (1, 2, 2, 4)
+    assert torch.equal(rgba[0, ..., :3], images[0]) and torch.all(rgba[..., 3] == 0.75)
+    (rgba,) = JoinImageWithAlpha().run(images[:1], torch.zeros(2, 2, 2))
+    assert rgba.shape == (1, 2, 2, 4)
+
+
 def test_integral_floats_for_int_inputs_run(base):
     # Clients in other languages may send 8.0 for an INT; the node must get the integer 8.
     from nodeflow import Executor
