@@ -133,7 +133,8 @@ class RepeatLatentBatch(Node):
         out["samples"] = x.repeat(amount, 1, 1, 1)
         mask = samples.get("noise_mask")
         if mask is not None and mask.shape[0] > 1:
-            out["noise_mask"] = _noise_mask_batch(mask, x.shape[0]).repeat(amount, 1, 1, 1)
+            mask = _noise_mask_batch(mask, x.shape[0])     # [B, H, W] or [B, 1, H, W]: kept as is
+            out["noise_mask"] = mask.repeat((amount,) + (1,) * (mask.ndim - 1))
         if "batch_index" in samples:
             idx = list(samples["batch_index"])
             offset = max(idx) - min(idx) + 1

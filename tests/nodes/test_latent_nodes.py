@@ -74,6 +74,16 @@ def test_from_batch_and_repeat_track_noise_indices():
     assert "batch_index" not in lat
 
 
+def test_repeat_latent_batch_keeps_a_3d_noise_mask_3d():
+    # ComfyUI repeats the mask along its own first axis: [2, H, W] x 3 -> [6, H, W]
+    # (checked against ComfyUI 0.8.0); a 4-D repeat of it gave [3, 2, H, W].
+    lat = latent(b=2)
+    lat["noise_mask"] = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])
+    (rep,) = RepeatLatentBatch().run(lat, amount=3)
+    assert rep["noise_mask"].shape == (6, 8, 8)
+    assert rep["noise_mask"][:, 0, 0].tolist() == [0.0, 1.0] * 3
+
+
 def test_latent_batch_resizes_and_concatenates_indices():
     (both,) = LatentBatch().run(latent(b=2), latent(b=1, h=4, w=4))
     assert both["samples"].shape == (3, 4, 8, 8) and both["batch_index"] == [0, 1, 0]
