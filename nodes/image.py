@@ -330,7 +330,9 @@ class EmptyImage(Node):
 
 class ImageCompositeMasked(Node):
     """Pastes ``source`` onto ``destination`` at (``x``, ``y``), through ``mask`` if given
-    (1 = source). A mask of another size than the source is stretched to it (bilinear)."""
+    (1 = source). A mask of another size than the source is stretched to it (bilinear). The
+    output has the destination's channels: an RGBA source on an RGB destination loses its alpha
+    (as in ComfyUI); an RGB source on an RGBA destination is taken as opaque."""
 
     category = "image"
     display_name = "ImageCompositeMasked"
@@ -347,6 +349,8 @@ class ImageCompositeMasked(Node):
     def run(self, destination, source, x, y, resize_source, mask=None):
         from nodeflow.imaging import composite
 
+        if source.shape[-1] > destination.shape[-1]:
+            source = source[..., :destination.shape[-1]]    # ComfyUI's rule: the source's alpha is dropped
         destination, source = _match_alpha(destination, source)
         out = composite(destination.movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
         return (out.movedim(1, -1),)

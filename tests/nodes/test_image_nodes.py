@@ -184,6 +184,15 @@ def test_alpha_join_and_split():
     assert torch.equal(rgb, img) and back[0, 0, 0] == 1.0 and back[0, 3, 3] == 0.0
 
 
+def test_image_composite_masked_keeps_the_destination_channels():
+    # ComfyUI's rule (checked against ComfyUI 0.8.0): an RGBA source pasted on an RGB
+    # destination loses its alpha channel; the output stays RGB.
+    dest, src = torch.zeros(1, 4, 4, 3), torch.cat([torch.ones(1, 2, 2, 3), torch.zeros(1, 2, 2, 1)], dim=-1)
+    (out,) = ImageCompositeMasked().run(dest, src, 1, 1, False)
+    assert out.shape == (1, 4, 4, 3)
+    assert torch.all(out[0, 1:3, 1:3] == 1) and out.sum() == 12
+
+
 def test_join_image_with_alpha_takes_the_smaller_batch():
     # ComfyUI's rule (checked against ComfyUI 0.8.0): the output has min(len(image), len(alpha))
     # frames; a single mask is not repeated over a batch of images.
