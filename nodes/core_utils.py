@@ -170,7 +170,8 @@ class ImageCompare(Node):
 
 class BatchImagesNode(Node):
     """Joins the given images into one batch, in input order; images of another size than the
-    first are resized to it (bilinear), and a missing alpha channel is filled with 1."""
+    first are resized to it (bilinear, the centre cropped to its aspect ratio), and a missing
+    alpha channel is filled with 1."""
 
     category = "image"
     display_name = "Batch Images"
@@ -180,6 +181,8 @@ class BatchImagesNode(Node):
     def run(self, **images):
         import torch
         import torch.nn.functional as F
+
+        from nodeflow.imaging import resize_image
 
         given = [images[f"images.image{i}"] for i in range(MAX_BATCH_INPUTS)
                  if images.get(f"images.image{i}") is not None]
@@ -192,8 +195,8 @@ class BatchImagesNode(Node):
             if img.shape[-1] < channels:
                 img = F.pad(img, (0, channels - img.shape[-1]), value=1.0)
             if img.shape[1:3] != first.shape[1:3]:
-                img = F.interpolate(img.movedim(-1, 1), size=tuple(first.shape[1:3]), mode="bilinear",
-                                    align_corners=False).movedim(1, -1)
+                # ComfyUI's rule: bilinear after cropping the centre to the first's aspect ratio
+                img = resize_image(img, int(first.shape[2]), int(first.shape[1]), "bilinear", "center")
             out.append(img)
         return (torch.cat(out, dim=0),)
 

@@ -330,7 +330,9 @@ class EmptyImage(Node):
 
 class ImageCompositeMasked(Node):
     """Pastes ``source`` onto ``destination`` at (``x``, ``y``), through ``mask`` if given
-    (1 = source). A mask of another size than the source is stretched to it (bilinear)."""
+    (1 = source). A mask of another size than the source is stretched to it (bilinear). The
+    output has the destination's channels: an RGBA source on an RGB destination loses its alpha
+    (as in ComfyUI); an RGB source on an RGBA destination is taken as opaque."""
 
     category = "image"
     display_name = "ImageCompositeMasked"
@@ -347,6 +349,8 @@ class ImageCompositeMasked(Node):
     def run(self, destination, source, x, y, resize_source, mask=None):
         from nodeflow.imaging import composite
 
+        if source.shape[-1] > destination.shape[-1]:
+            source = source[..., :destination.shape[-1]]    # ComfyUI's rule: the source's alpha is dropped
         destination, source = _match_alpha(destination, source)
         out = composite(destination.movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
         return (out.movedim(1, -1),)
@@ -366,7 +370,8 @@ def _match_alpha(a, b):
 
 class JoinImageWithAlpha(Node):
     """Adds an alpha channel to images from a MASK (alpha = 1 − mask, so the masked area
-    becomes transparent); a mask of another size is stretched to the image (bilinear)."""
+    becomes transparent); a mask of another size is stretched to the image (bilinear). The
+    output has the smaller batch of the two, as in ComfyUI (a single mask does not repeat)."""
 
     category = "mask/compositing"
     display_name = "Join Image with Alpha"
@@ -377,13 +382,13 @@ class JoinImageWithAlpha(Node):
         import torch
         import torch.nn.functional as F
 
-        from nodeflow.imaging import mask_batch, repeat_to_batch
+        from nodeflow.imaging import mask_batch
 
         m = mask_batch(alpha).unsqueeze(1).float()
         if m.shape[-2:] != image.shape[1:3]:
             m = F.interpolate(m, size=image.shape[1:3], mode="bilinear")
-        m = repeat_to_batch(m, image.shape[0])[:, 0, :, :, None]
-        return (torch.cat([image[..., :3], 1.0 - m], dim=-1),)
+        n = min(len(image), len(m))     # ComfyUI's rule: the smaller batch of the two
+        return (torch.cat([image[:n, ..., :3], 1.0 - m[:n, 0, :, :, None]], dim=-1),)
 
 
 class SplitImageWithAlpha(Node):
@@ -588,10 +593,10 @@ def porter_duff(mode: str, s, sa, d, da):
 
 class PorterDuffImageComposite(Node):
     """Composites a source image over (or in, out, atop, …) a destination with Porter–Duff
-    operators, each image with its own alpha as a MASK (1 = opaque; not LoadImage's inverted
-    mask). The source, its alpha and the destination's alpha are resized (bicubic, centre crop)
-    to the destination's size; the batch is the smallest of the four. Outputs the image and
-    its alpha."""
+    operators, each image with its own alpha as a MASK in ComfyUI's convention (1 =
+    transparent, LoadImage's mask; the output mask likewise). The source, its alpha and the
+    destination's alpha are resized (bicubic, centre crop) to the destination's size; the
+    batch is the smallest of the four. Outputs the image (not premultiplied) and its mask."""
 
     category = "mask/compositing"
     display_name = "Porter-Duff Image Composite"
@@ -605,6 +610,8 @@ class PorterDuffImageComposite(Node):
     outputs = [Output("IMAGE"), Output("MASK")]
 
     def run(self, source, source_alpha, destination, destination_alpha, mode):
+        import torch
+
         from nodeflow.imaging import mask_batch, resize_image
 
         source_alpha, destination_alpha = mask_batch(source_alpha), mask_batch(destination_alpha)
@@ -621,5 +628,10 @@ class PorterDuffImageComposite(Node):
         s = fit(source[:n])
         sa = fit(source_alpha[:n].unsqueeze(-1))
         da = fit(destination_alpha[:n].unsqueeze(-1))
-        image, alpha = porter_duff(mode, s, sa, d, da)
-        return image, alpha.squeeze(-1)
+        # The MASK inputs follow ComfyUI's convention (1 = transparent, as LoadImage gives):
+        # alpha is 1 - mask, colours are premultiplied for the operators and divided back
+        # afterwards (0 where nothing is left opaque), and the alpha goes out as a mask again.
+        sa, da = 1 - sa, 1 - da
+        image, alpha = porter_duff(mode, s * sa, sa, d * da, da)
+        image = torch.where(alpha > 1e-5, image / alpha, torch.zeros_like(image)).clamp(0, 1)
+        return image, (1 - alpha).squeeze(-1)

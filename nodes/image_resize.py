@@ -48,7 +48,12 @@ class ResizeImageMaskNode(Node):
     """Resizes an image or a mask by the rule chosen in ``resize_type``: to given dimensions
     (a side of 0 keeps the aspect ratio), by a multiplier, so that the longer or the shorter
     side, the width or the height has a given length, to a number of megapixels, to the size
-    of another image or mask, or down to multiples of a number (cropping the centre)."""
+    of another image or mask, or down to multiples of a number (cropping the centre).
+
+    Deliberate difference from ComfyUI (0.8.0): its "scale shorter dimension" tests
+    ``width > height`` after ``height < width``, so a portrait input (taller than wide) comes
+    out square; here the aspect ratio is kept (a 37x53 W x H image to shorter side 20 gives
+    20x29, ComfyUI 20x20)."""
 
     category = "transform"
     display_name = "Resize Image/Mask"

@@ -133,7 +133,8 @@ class RepeatLatentBatch(Node):
         out["samples"] = x.repeat(amount, 1, 1, 1)
         mask = samples.get("noise_mask")
         if mask is not None and mask.shape[0] > 1:
-            out["noise_mask"] = _noise_mask_batch(mask, x.shape[0]).repeat(amount, 1, 1, 1)
+            mask = _noise_mask_batch(mask, x.shape[0])     # [B, H, W] or [B, 1, H, W]: kept as is
+            out["noise_mask"] = mask.repeat((amount,) + (1,) * (mask.ndim - 1))
         if "batch_index" in samples:
             idx = list(samples["batch_index"])
             offset = max(idx) - min(idx) + 1
@@ -191,16 +192,20 @@ class LatentComposite(Node):
         h, w = src.shape[2], src.shape[3]
         if h and w:
             weight = torch.ones_like(src)
+            # Step t fades row/column t from each open side by (t + 1) / feather. The far
+            # sides are taken as Python slices [n - 1 - t : n - t], as ComfyUI does: with a
+            # feather wider than the pasted latent, those slices wrap round and fade rows
+            # (columns) 2n - 1 - t again, so wide feathers give ComfyUI's exact result.
             for t in range(feather):
-                rate = (t + 1) / feather
-                if t < h and y != 0:
-                    weight[:, :, t, :] *= rate
-                if t < h and y + h < dest.shape[2]:
-                    weight[:, :, h - 1 - t, :] *= rate
-                if t < w and x != 0:
-                    weight[:, :, :, t] *= rate
-                if t < w and x + w < dest.shape[3]:
-                    weight[:, :, :, w - 1 - t] *= rate
+                rate = (1.0 / feather) * (t + 1)
+                if y != 0:
+                    weight[:, :, t:t + 1, :] *= rate
+                if y + h < dest.shape[2]:
+                    weight[:, :, h - 1 - t:h - t, :] *= rate
+                if x != 0:
+                    weight[:, :, :, t:t + 1] *= rate
+                if x + w < dest.shape[3]:
+                    weight[:, :, :, w - 1 - t:w - t] *= rate
             region = dest[:, :, y:y + h, x:x + w]
             dest[:, :, y:y + h, x:x + w] = src * weight + region * (1.0 - weight)
         out = dict(samples_to)

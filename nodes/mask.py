@@ -29,16 +29,14 @@ class SolidMask(Node):
 
 
 class InvertMask(Node):
-    """1 − mask."""
+    """1 − mask, of the same shape (a ``[H, W]`` mask stays ``[H, W]``, as in ComfyUI)."""
 
     category = "mask"
     inputs = {"mask": Socket("MASK")}
     outputs = [Output("MASK")]
 
     def run(self, mask):
-        from nodeflow.imaging import mask_batch
-
-        return (1.0 - mask_batch(mask),)
+        return (1.0 - mask,)
 
 
 class CropMask(Node):

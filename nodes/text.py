@@ -229,6 +229,8 @@ class RegexExtract(Node):
             matches = rx.finditer(regex_pattern, string, flags, timeout=REGEX_SECONDS)
             if mode == "First Group":
                 matches = [next(iter(matches), None)]
+            else:   # "All Groups", as in ComfyUI: nothing from a pattern without groups
+                matches = [m for m in matches if m.groups()]
             return "\n".join(g for g in (_group(m, group_index) for m in matches if m is not None) if g is not None)
 
         result = _bounded("Extract Text", regex_pattern, string, extract)

@@ -106,6 +106,17 @@ def test_batch_images_in_input_order():
         BatchImagesNode().run()
 
 
+def test_batch_images_crops_the_centre_to_the_first_aspect_before_resizing():
+    # ComfyUI's rule (checked against ComfyUI 0.8.0): an image of another size is cropped in
+    # the centre to the first image's aspect ratio, then resized bilinearly. A 4x4 image
+    # joining a 2x4 (H x W) one keeps its rows 1 and 2 unchanged (no averaging of rows).
+    first = torch.zeros(1, 2, 4, 3)
+    rows = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 4, 3) / 4
+    (batch,) = BatchImagesNode().run(**{"images.image0": first, "images.image1": rows})
+    assert batch.shape == (2, 2, 4, 3)
+    assert torch.allclose(batch[1], rows[0, 1:3])
+
+
 def test_latent_from_batch_counts_negative_indices_from_the_end():
     lat = {"samples": torch.arange(4.0).reshape(4, 1, 1, 1)}
     (part,) = LatentFromBatch().run(lat, batch_index=-1, length=3)

@@ -184,6 +184,26 @@ def test_alpha_join_and_split():
     assert torch.equal(rgb, img) and back[0, 0, 0] == 1.0 and back[0, 3, 3] == 0.0
 
 
+def test_image_composite_masked_keeps_the_destination_channels():
+    # ComfyUI's rule (checked against ComfyUI 0.8.0): an RGBA source pasted on an RGB
+    # destination loses its alpha channel; the output stays RGB.
+    dest, src = torch.zeros(1, 4, 4, 3), torch.cat([torch.ones(1, 2, 2, 3), torch.zeros(1, 2, 2, 1)], dim=-1)
+    (out,) = ImageCompositeMasked().run(dest, src, 1, 1, False)
+    assert out.shape == (1, 4, 4, 3)
+    assert torch.all(out[0, 1:3, 1:3] == 1) and out.sum() == 12
+
+
+def test_join_image_with_alpha_takes_the_smaller_batch():
+    # ComfyUI's rule (checked against ComfyUI 0.8.0): the output has min(len(image), len(alpha))
+    # frames; a single mask is not repeated over a batch of images.
+    images = torch.rand(3, 2, 2, 3)
+    (rgba,) = JoinImageWithAlpha().run(images, torch.full((1, 2, 2), 0.25))
+    assert rgba.shape == (1, 2, 2, 4)
+    assert torch.equal(rgba[0, ..., :3], images[0]) and torch.all(rgba[..., 3] == 0.75)
+    (rgba,) = JoinImageWithAlpha().run(images[:1], torch.zeros(2, 2, 2))
+    assert rgba.shape == (1, 2, 2, 4)
+
+
 def test_integral_floats_for_int_inputs_run(base):
     # Clients in other languages may send 8.0 for an INT; the node must get the integer 8.
     from nodeflow import Executor
@@ -240,20 +260,30 @@ def test_quantize_limits_colours_and_dithering_keeps_local_brightness():
 
 
 def test_porter_duff_operators_by_hand():
+    """ComfyUI's rule: the MASK inputs are inverted alphas (alpha = 1 - mask), colours are
+    premultiplied for the operator, divided back by the result's alpha (0 where it is ~0) and
+    clamped, and the alpha goes out as a mask (1 - alpha). Checked against ComfyUI 0.8.0."""
     from nodes.image import PorterDuffImageComposite
 
-    s, sa = torch.full((1, 2, 2, 3), 0.6), torch.full((1, 2, 2), 0.5)
-    d, da = torch.full((1, 2, 2, 3), 0.2), torch.ones(1, 2, 2)
-    cases = {  # mode: (colour, alpha), premultiplied arithmetic done by hand
-        "SRC_OVER": (0.6 + 0.5 * 0.2, 1.0), "DST_OVER": (0.2, 1.0), "SRC_IN": (0.6, 0.5), "DST_IN": (0.1, 0.5),
-        "SRC_OUT": (0.0, 0.0), "DST_OUT": (0.1, 0.5), "SRC_ATOP": (0.6 + 0.5 * 0.2, 1.0), "XOR": (0.1, 0.5),
-        "SRC": (0.6, 0.5), "DST": (0.2, 1.0), "CLEAR": (0.0, 0.0), "MULTIPLY": (0.12, 0.5),
-        "SCREEN": (0.68, 1.0), "ADD": (0.8, 1.0), "DARKEN": (0.1 + 0.2, 1.0), "LIGHTEN": (0.1 + 0.6, 1.0),
+    s, sm = torch.full((1, 2, 2, 3), 0.6), torch.full((1, 2, 2), 0.5)   # source alpha 0.5
+    d, dm = torch.full((1, 2, 2, 3), 0.2), torch.zeros(1, 2, 2)         # destination opaque
+    # premultiplied: S = 0.3 (alpha 0.5), D = 0.2 (alpha 1); mode: (colour, out mask)
+    cases = {
+        "SRC_OVER": (0.3 + 0.5 * 0.2, 0.0), "DST_OVER": (0.2, 0.0), "SRC_IN": (0.3 / 0.5, 0.5),
+        "DST_IN": (0.1 / 0.5, 0.5), "SRC_OUT": (0.0, 1.0), "DST_OUT": (0.1 / 0.5, 0.5),
+        "SRC_ATOP": (0.3 + 0.5 * 0.2, 0.0), "DST_ATOP": (0.1 / 0.5, 0.5), "XOR": (0.1 / 0.5, 0.5),
+        "SRC": (0.6, 0.5), "DST": (0.2, 0.0), "CLEAR": (0.0, 1.0), "MULTIPLY": (0.06 / 0.5, 0.5),
+        "SCREEN": (0.3 + 0.2 - 0.06, 0.0), "ADD": (0.5, 0.0), "DARKEN": (0.1 + 0.2, 0.0),
+        "LIGHTEN": (0.1 + 0.3, 0.0),
     }
-    for mode, (colour, alpha) in cases.items():
-        image, mask = PorterDuffImageComposite().run(s, sa, d, da, mode)
+    for mode, (colour, mask_value) in cases.items():
+        image, mask = PorterDuffImageComposite().run(s, sm, d, dm, mode)
         assert torch.allclose(image, torch.full_like(d, colour), atol=1e-6), mode
-        assert torch.allclose(mask, torch.full_like(da, alpha), atol=1e-6), mode
+        assert torch.allclose(mask, torch.full_like(dm, mask_value), atol=1e-6), mode
+    # un-premultiplying clamps to 0..1: ADD of two half-transparent 0.8s gives 0.8 + 0.8 -> 1
+    image, mask = PorterDuffImageComposite().run(torch.full((1, 1, 1, 3), 0.8), torch.full((1, 1, 1), 0.5),
+                                                 torch.full((1, 1, 1, 3), 0.8), torch.full((1, 1, 1), 0.5), "ADD")
+    assert torch.allclose(image, torch.full((1, 1, 1, 3), 0.8)) and torch.allclose(mask, torch.zeros(1, 1, 1))
 
 
 def test_porter_duff_fits_the_source_to_the_destination_and_takes_the_smallest_batch():

@@ -64,6 +64,15 @@ def test_regex_nodes_as_the_templates_use_them():
     assert RegexMatch().run("Cat", "cat", True, False, False) == (True,)
 
 
+def test_regex_extract_all_groups_needs_a_pattern_with_groups():
+    # ComfyUI's "All Groups" only takes matches of a pattern that has groups, so a pattern
+    # without any gives "" even for group 0 (checked against ComfyUI 0.8.0).
+    assert RegexExtract().run("Hello World", "l+", "All Groups", True, False, False, 0) == ("",)
+    assert RegexExtract().run("a-b c-d", r"(\w)-(\w)", "All Groups", True, False, False, 0) == ("a-b\nc-d",)
+    assert RegexExtract().run("a-b c-d", r"(\w)-(\w)", "All Groups", True, False, False, 2) == ("b\nd",)
+    assert RegexExtract().run("Hello World", "l+", "First Group", True, False, False, 0) == ("ll",)
+
+
 def test_a_catastrophic_pattern_fails_in_bounded_time():
     start = time.monotonic()
     with pytest.raises(ValueError, match="took more than"):

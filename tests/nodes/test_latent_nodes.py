@@ -74,6 +74,27 @@ def test_from_batch_and_repeat_track_noise_indices():
     assert "batch_index" not in lat
 
 
+def test_repeat_latent_batch_keeps_a_3d_noise_mask_3d():
+    # ComfyUI repeats the mask along its own first axis: [2, H, W] x 3 -> [6, H, W]
+    # (checked against ComfyUI 0.8.0); a 4-D repeat of it gave [3, 2, H, W].
+    lat = latent(b=2)
+    lat["noise_mask"] = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])
+    (rep,) = RepeatLatentBatch().run(lat, amount=3)
+    assert rep["noise_mask"].shape == (6, 8, 8)
+    assert rep["noise_mask"][:, 0, 0].tolist() == [0.0, 1.0] * 3
+
+
+def test_latent_composite_feather_wider_than_the_paste_follows_comfyui_slicing():
+    # ComfyUI's rule (checked against ComfyUI 0.8.0): step t of the feather scales row t (top,
+    # when y > 0) and the slice [h-1-t : h-t] (bottom, when the paste ends above the bottom) by
+    # (t+1)/feather; that slice wraps round for t > h. A 2-row paste at y=1 with feather 5:
+    # top: row0 x .2, row1 x .4; bottom: row1 x .2, row0 x .4, t=3 -> [-2:-1] = row0 x .8.
+    dest = {"samples": torch.zeros(1, 1, 8, 1)}
+    (out,) = LatentComposite().run(dest, {"samples": torch.ones(1, 1, 2, 1)}, x=0, y=8, feather=40)
+    assert torch.allclose(out["samples"][0, 0, :, 0],
+                          torch.tensor([0, 0.2 * 0.4 * 0.8, 0.4 * 0.2, 0, 0, 0, 0, 0]))
+
+
 def test_latent_batch_resizes_and_concatenates_indices():
     (both,) = LatentBatch().run(latent(b=2), latent(b=1, h=4, w=4))
     assert both["samples"].shape == (3, 4, 8, 8) and both["batch_index"] == [0, 1, 0]

@@ -27,6 +27,8 @@ def test_solid_invert_threshold():
     (m,) = SolidMask().run(0.25, width=3, height=2)
     assert m.shape == (1, 2, 3) and torch.all(m == 0.25)
     assert torch.all(InvertMask().run(m)[0] == 0.75)
+    flat = torch.full((2, 3), 0.25)   # a [H, W] mask stays [H, W], as in ComfyUI
+    assert InvertMask().run(flat)[0].shape == (2, 3)
     ramp = torch.tensor([[0.2, 0.5, 0.7]])
     assert ThresholdMask().run(ramp, 0.5)[0].tolist() == [[[0.0, 0.0, 1.0]]]
 
