@@ -50,10 +50,9 @@ class ResizeImageMaskNode(Node):
     side, the width or the height has a given length, to a number of megapixels, to the size
     of another image or mask, or down to multiples of a number (cropping the centre).
 
-    Deliberate difference from ComfyUI (0.8.0): its "scale shorter dimension" tests
-    ``width > height`` after ``height < width``, so a portrait input (taller than wide) comes
-    out square; here the aspect ratio is kept (a 37x53 W x H image to shorter side 20 gives
-    20x29, ComfyUI 20x20)."""
+    "scale shorter dimension" keeps the aspect ratio of a portrait input (37x53 W x H to
+    shorter side 20 gives 20x29), as ComfyUI's current code does; ComfyUI 0.8.0 made it
+    square (20x20) by testing the landscape case twice."""
 
     category = "transform"
     display_name = "Resize Image/Mask"
