@@ -165,19 +165,29 @@ def describe(cfg: UNetConfig) -> str:
     return f"{family} (text context {cfg.context_dim}, width {cfg.model_channels})"
 
 
-class ControlModel:
-    """A loaded ControlNet (the CONTROL_NET value): the network, where it runs, its file."""
+class LoadedControl:
+    """A CONTROL_NET value: a control network, where it runs, and its file. Subclasses add
+    ``check(model)`` (is it made for that model?) and ``residuals``."""
 
-    kind = "ControlNet"
+    kind = "control model"
 
-    def __init__(self, net: ControlNet, path: str, global_average_pooling: bool = False, device=None):
+    def __init__(self, net: nn.Module, path: str, device=None):
         self.net, self.path = net, path
-        self.global_average_pooling = global_average_pooling    # the "shuffle" ControlNets
         self.device = torch.device(device) if device is not None else devices.get_device()
 
     @property
     def name(self) -> str:
         return Path(self.path).name
+
+
+class ControlModel(LoadedControl):
+    """A loaded ControlNet."""
+
+    kind = "ControlNet"
+
+    def __init__(self, net: ControlNet, path: str, global_average_pooling: bool = False, device=None):
+        super().__init__(net, path, device)
+        self.global_average_pooling = global_average_pooling    # the "shuffle" ControlNets
 
     def check(self, model) -> None:
         """Raise ValueError when this ControlNet was made for another model than ``model``."""

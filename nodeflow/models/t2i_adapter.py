@@ -16,13 +16,13 @@ strength is applied at each step). Key layouts: TencentARC's (``conv_in.*``, ``b
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nodeflow.models import devices
+from nodeflow.models.controlnet import LoadedControl
 from nodeflow.models.files import assign_weights
 
 LEVELS = 4           # every T2I-Adapter has four levels, whatever the UNet's depth
@@ -140,18 +140,14 @@ def residual_lists(features: list[torch.Tensor], xl: bool) -> dict[str, list]:
     return {"input": placed[1:], "middle": placed[:1]} if xl else {"input": placed}
 
 
-class T2IAdapterModel:
+class T2IAdapterModel(LoadedControl):
     """A loaded T2I-Adapter (a CONTROL_NET value, as in ComfyUI)."""
 
     kind = "T2I-Adapter"
 
     def __init__(self, net: nn.Module, path: str, input_channels: int, device=None):
-        self.net, self.path, self.input_channels = net, path, input_channels
-        self.device = torch.device(device) if device is not None else devices.get_device()
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
+        super().__init__(net, path, device)
+        self.input_channels = input_channels
 
     def check(self, model) -> None:
         unet = getattr(model, "unet", None)
