@@ -20,7 +20,10 @@ Variants: ``eager`` (today's default), ``eager_cl`` (eager, channels-last), ``co
 the VAE decoder channels-last, as measured best), ``compiled_cl`` / ``compiled_cf`` (inductor,
 all channels-last / all contiguous), ``graphs`` (``--compile --cuda-graphs``), ``deepcache`` /
 ``compiled_deepcache`` (the DeepCache node, eager / compiled: timed over whole cycles of
-``--deepcache INTERVAL,DEPTH``, one full step and interval − 1 cached ones). Each variant gets
+``--deepcache INTERVAL,DEPTH``, one full step and interval − 1 cached ones), ``streamed`` /
+``streamed_sync`` (CUDA: every model run layer by layer from pinned CPU memory, as for a model too
+large for its GPU: the copies made ahead on a side stream / each layer copied when reached; at
+most 5 steps). Each variant gets
 freshly built weights. Inductor's caches go to a fresh folder, so first calls are cold compiles
 (``--keep-cache`` to reuse ``$TORCHINDUCTOR_CACHE_DIR``). Results also go to ``--json``.
 """
@@ -42,7 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nodeflow.models import compiled  # noqa: E402
+from nodeflow import context  # noqa: E402
+from nodeflow.models import compiled, devices, streaming  # noqa: E402
 from nodeflow.models.diffusion import DiffusionModel  # noqa: E402
 from nodeflow.models.step_cache import DeepCache  # noqa: E402
 from nodeflow.models.unet import UNet, UNetConfig  # noqa: E402
@@ -67,6 +71,8 @@ VARIANTS = {
     "graphs": compiled.CompileOptions(cuda_graphs=True),                        # --compile --cuda-graphs
     "deepcache": None,                                  # eager through the DeepCache node (--deepcache)
     "compiled_deepcache": compiled.CompileOptions(),    # --compile and DeepCache
+    "streamed": None,                                   # eager, layer by layer, copies ahead (CUDA)
+    "streamed_sync": None,                              # eager, layer by layer, copies when reached (CUDA)
 }
 
 
@@ -134,7 +140,7 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
     h = w = size // 8
     x = torch.randn(2, 4, h, w, generator=g).to(device)          # the CFG batch of one image
     t = torch.full((2,), 500.0, device=device)
-    context = (torch.randn(2, 77, spec["context"], generator=g) * 0.5).to(device)
+    cond = (torch.randn(2, 77, spec["context"], generator=g) * 0.5).to(device)
     adm = spec["unet"].adm_in_channels
     y = torch.randn(2, adm, generator=g).to(device) if adm else None
     latent = torch.randn(1, 4, h, w, generator=g)
@@ -142,7 +148,8 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
     print(f"\n{name} at {size}x{size} ({results['dtype']}, {device}; UNet batch 2 = one CFG step)", flush=True)
     for variant in args.variants:
         options = VARIANTS[variant]
-        if options is not None and options.cuda_graphs and device.type != "cuda":
+        streamed = variant.startswith("streamed")
+        if ((options is not None and options.cuda_graphs) or streamed) and device.type != "cuda":
             continue
         model, vae = build(name, device, dtype)                 # fresh weights: no layout left by another variant
         results["unet_params"] = sum(p.numel() for p in model.unet.parameters())
@@ -154,17 +161,26 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
             steps = -(-steps // args.deepcache[0]) * args.deepcache[0]
         if options is not None:
             vae.compile_options = compiled.CompileOptions(backend=options.backend, channels_last=options.channels_last)
+        run = context.RunContext(device=str(device), name=variant)
+        if streamed:                                        # nothing fits: each model streams from pinned memory
+            run.state("model_manager", lambda: devices.ModelManager(reserve=1 << 60))
+            steps = min(steps, 5)
+        copies_for = streaming.copies_for
+        if variant == "streamed_sync":
+            streaming.copies_for = streaming.Copies
         reset_peak(device)
         try:
-            first, step = time_steps(lambda h=handle: h.apply_model(x, t, context, y=y), device, steps,
-                                     args.repeats, args.warmup)
-            decode_first, decode = time_decode(vae, latent, args.vae_repeats)
+            with context.activate(run):
+                first, step = time_steps(lambda h=handle: h.apply_model(x, t, cond, y=y), device, steps,
+                                         args.repeats, args.warmup)
+                decode_first, decode = time_decode(vae, latent, args.vae_repeats)
             vae_dtype = str(vae.dtype).replace("torch.", "")      # fp32 if half precision overflowed
         except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others still run
             print(f"  {variant:12s} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
             results["variants"][variant] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         finally:
+            streaming.copies_for = copies_for
             del model, vae, handle
             gc.collect()
             if device.type == "cuda":

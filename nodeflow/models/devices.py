@@ -17,7 +17,8 @@ Each worker has its own device, precision and manager: they live in its run cont
 - Models sent back to CPU memory, and those streamed from it, wait in *pinned* (page-locked)
   memory where CUDA is there and the budget allows (``ModelManager.pin_limit``): copies from
   pinned memory to the GPU are asynchronous, so the host goes on queueing work while they run,
-  and run at the bus's full speed.
+  and run at the bus's full speed. A streamed model's copies run on a side stream a few layers
+  ahead of the compute (``nodeflow.models.streaming``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from nodeflow import context
+from nodeflow.models import streaming
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class ModelManager:
     def __init__(self, reserve: int = 1 << 30, pin_limit: int | None = None):
         self.reserve = reserve                                   # bytes kept free for activations
         self.loaded: OrderedDict[int, tuple[nn.Module, torch.device]] = OrderedDict()  # id -> module
-        self.streamed: dict[int, list] = {}                      # id -> hook handles of a streamed module
+        self.streamed: dict[int, streaming.LayerStream] = {}     # id -> the hooks of a streamed module
         # Page-locked host memory cannot be swapped out: at most this much of it holds models
         # (default: a quarter of the machine's memory); a model beyond it waits in pageable memory.
         self.pin_limit = _physical_memory() // 4 if pin_limit is None else pin_limit
@@ -173,6 +175,7 @@ class ModelManager:
         size = module_bytes(module)
         need = size + self.reserve
         if key in self.streamed and free_memory(device) < need:     # still streamed: the others may stay
+            self.streamed[key].settle()                          # a new call of it begins
             self.loaded.move_to_end(key)
             return module
         for other in list(self.loaded):
@@ -186,11 +189,11 @@ class ModelManager:
                         type(module).__name__, size / 2**20, self.reserve / 2**20, device, free_memory(device) / 2**20)
             self.loaded.pop(key, None)
             self._to_host(module)
-            self.streamed[key] = _stream(module, device)
+            self.streamed[key] = streaming.LayerStream(module, device)
             self.loaded[key] = (module, device)
             return module
-        for handle in self.streamed.pop(key, []):                # it fits now: stop streaming
-            handle.remove()
+        if key in self.streamed:                                 # it fits now: stop streaming
+            self.streamed.pop(key).remove()
         # From pinned memory the copies are asynchronous: kernels queued after them wait for them
         # on the GPU, and the caching host allocator keeps the pinned source until they are done.
         module.to(device, non_blocking=True)
@@ -205,8 +208,8 @@ class ModelManager:
 
     def offload(self, module: nn.Module) -> None:
         """Move ``module`` back to the CPU (and stop streaming it)."""
-        for handle in self.streamed.pop(id(module), []):
-            handle.remove()
+        if id(module) in self.streamed:
+            self.streamed.pop(id(module)).remove()
         if self.loaded.pop(id(module), None) is not None:
             log.info("offloading %s (%.0f MiB) to the CPU", type(module).__name__, module_bytes(module) / 2**20)
             self._to_host(module)
@@ -254,47 +257,24 @@ def _pinned_empty(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _move_to_pinned(module: nn.Module) -> None:
     """Every parameter and buffer of ``module`` into pinned CPU memory (one copy each, in place
-    of ``module.to("cpu")``; the memory layout, channels-last included, is kept)."""
+    of ``module.to("cpu")``; the memory layout, channels-last included, is kept). The copies from
+    a GPU are queued back to back, and the host waits once, for the last."""
+    gpus = set()
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        if t.is_cuda:
+            gpus.add(t.device)
+        return _pinned_empty(t).copy_(t, non_blocking=True)
+
     for sub in module.modules():
         for p in sub.parameters(recurse=False):
             if p.device.type != "cpu" or not p.is_pinned():
-                p.data = _pinned_empty(p.data).copy_(p.data)
+                p.data = pinned(p.data)
         for name, b in sub.named_buffers(recurse=False):
             if b is not None and (b.device.type != "cpu" or not b.is_pinned()):
-                sub._buffers[name] = _pinned_empty(b).copy_(b)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device, non_blocking=True)
-
-
-def _stream(module: nn.Module, device: torch.device) -> list:
-    """Hooks that give each submodule its own parameters and buffers on ``device`` for the length of
-    its forward, then put the CPU tensors back (no copy back: they are unchanged)."""
-    handles = []
-    for sub in module.modules():
-        params = dict(sub.named_parameters(recurse=False))
-        buffers = {name: b for name, b in sub.named_buffers(recurse=False) if b is not None}
-        if not params and not buffers:
-            continue
-        on_cpu: dict[str, torch.Tensor] = {}
-
-        def move_in(m, _args, params=params, buffers=buffers, on_cpu=on_cpu):
-            for name, p in params.items():
-                on_cpu.setdefault("p." + name, p.data)
-                p.data = _to_device(p.data, device)
-            for name in buffers:
-                on_cpu.setdefault("b." + name, m._buffers[name])
-                m._buffers[name] = _to_device(m._buffers[name], device)
-
-        def move_out(m, _args, _output, params=params, buffers=buffers, on_cpu=on_cpu):
-            for name, p in params.items():
-                p.data = on_cpu.pop("p." + name, p.data)
-            for name in buffers:
-                m._buffers[name] = on_cpu.pop("b." + name, m._buffers[name])
-
-        handles += [sub.register_forward_pre_hook(move_in), sub.register_forward_hook(move_out, always_call=True)]
-    return handles
+                sub._buffers[name] = pinned(b)
+    for gpu in gpus:                          # before anyone reads (or writes) the CPU copies
+        torch.cuda.current_stream(gpu).synchronize()
 
 
 def model_manager() -> ModelManager:

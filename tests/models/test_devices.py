@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from nodeflow import context as run_context
-from nodeflow.models import devices
+from nodeflow.models import devices, streaming
 
 
 def test_device_and_precision_choice(monkeypatch):
@@ -90,7 +90,7 @@ def test_manager_streams_a_model_too_large_for_the_gpu(monkeypatch):
         return t.clone()
 
     monkeypatch.setattr(devices, "free_memory", free)
-    monkeypatch.setattr(devices, "_to_device", to_device)
+    monkeypatch.setattr(streaming, "copies_for", lambda device: streaming.Copies(device, move=to_device))
     small, big = Fake(), Recorder()                      # 4 MiB and 4 MiB + 12 KiB: big + reserve > 5 MiB
     manager.load(small, gpu)
     weights = [p.data for p in big.parameters()]
@@ -102,7 +102,7 @@ def test_manager_streams_a_model_too_large_for_the_gpu(monkeypatch):
     assert big.seen and not {w.data_ptr() for w in weights} & set(big.seen)   # each layer ran on its copy ...
     assert [p.data_ptr() for p in big.parameters()] == [w.data_ptr() for w in weights]   # ... and its CPU ones back
     manager.load(big, gpu)                               # still too large: still streamed, no new hooks
-    assert len(manager.streamed[id(big)]) == 4
+    assert len(manager.streamed[id(big)].handles) == 4 and len(big[0]._forward_pre_hooks) == 1
     capacity = 64 * 2**20                                # room now: moved as a whole, hooks removed
     manager.load(big, gpu)
     assert id(big) not in manager.streamed and not big[0]._forward_pre_hooks and big.where == "cuda"
@@ -110,10 +110,28 @@ def test_manager_streams_a_model_too_large_for_the_gpu(monkeypatch):
     assert not manager.loaded and not manager.streamed
 
 
-def test_streaming_reaches_every_weight_of_the_real_models(sdxl, monkeypatch):
+class AheadToDouble(streaming.Copies):
+    """Copies made ahead (as on CUDA's side stream) to a 'device' that is float64."""
+    prefetch = True
+
+    def __init__(self, device):
+        super().__init__(device, move=to_double)
+        self.copied = 0
+
+    def copy(self, tensors):
+        self.copied += 1
+        return super().copy(tensors)
+
+
+def to_double(t, device):
+    return t.double() if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["when-reached", "ahead"])
+def test_streaming_reaches_every_weight_of_the_real_models(sdxl, ahead):
     """Streamed UNet, CLIP towers and VAE run with each weight moved just for its own module's forward: the
-    'device' here is float64, so a weight used outside its module's forward would fail against float64 inputs."""
-    monkeypatch.setattr(devices, "_to_device", lambda t, device: t.double() if t.is_floating_point() else t)
+    'device' here is float64, so a weight used outside its module's forward would fail against float64 inputs.
+    Twice each: the second call is predicted from the first and copied ahead, where the copies allow it."""
     g = torch.Generator().manual_seed(0)
     unet, clip_l, vae = sdxl.model.unet, sdxl.clip.towers[0].model, sdxl.vae.model
     x, context, y = (torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64),
@@ -124,13 +142,20 @@ def test_streaming_reaches_every_weight_of_the_real_models(sdxl, monkeypatch):
             (clip_l, lambda m: m(ids, -2, False)[0]),
             (vae, lambda m: m.decode(x))]
     for module, run in runs:
-        handles = devices._stream(module, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        copies = AheadToDouble(cpu) if ahead else streaming.Copies(cpu, move=to_double)
+        stream = streaming.LayerStream(module, cpu, copies)
         try:
             with torch.no_grad():
+                first = run(module)
+                stream.settle()
+                reached = 1 + len(stream.follows) if ahead else None    # each layer but the last has a successor
                 streamed = run(module)
         finally:
-            for handle in handles:
-                handle.remove()
+            stream.remove()
+        assert torch.equal(first, streamed)
+        if ahead:                                         # every reached layer copied once a call, no more
+            assert copies.copied == 2 * reached
         assert streamed.dtype == torch.float64 and next(module.parameters()).dtype == torch.float32
         with torch.no_grad():
             expected = run(module.double())
