@@ -15,6 +15,13 @@ the CFG batch of 2 as a sampler step does):
 - first call s: the first step (or decode) of a variant, which compiles (and captures);
 - peak VRAM: the allocator's peak while the variant ran (weights included).
 
+On a GPU machine whose commands are limited (10 minutes each), run it in parts, each with its
+own ``--json`` (SD 1.5 takes a few minutes, mostly the cold compile; SDXL's compile takes longer):
+
+    python bench/gpu_speed.py --models sd15 --json $OUT/sd15.json
+    python bench/gpu_speed.py --models sdxl --variants eager,eager_cl,deepcache --json $OUT/sdxl-eager.json
+    python bench/gpu_speed.py --models sdxl --variants compiled,graphs --json $OUT/sdxl-compiled.json
+
 Variants: ``eager`` (today's default), ``eager_cl`` (eager, channels-last), ``compiled``
 (inductor in ``--compile``'s layout: channels-last on CUDA; on the CPU the UNet contiguous and
 the VAE decoder channels-last, as measured best), ``compiled_cl`` / ``compiled_cf`` (inductor,
@@ -24,8 +31,10 @@ all channels-last / all contiguous), ``graphs`` (``--compile --cuda-graphs``), `
 ``streamed_sync`` (CUDA: every model run layer by layer from pinned CPU memory, as for a model too
 large for its GPU: the copies made ahead on a side stream / each layer copied when reached; at
 most 5 steps). Each variant gets
-freshly built weights. Inductor's caches go to a fresh folder, so first calls are cold compiles
-(``--keep-cache`` to reuse ``$TORCHINDUCTOR_CACHE_DIR``). Results also go to ``--json``.
+freshly built weights and a run context of its own. Inductor's caches go to a fresh folder, so
+the first compiled variant's first call is a cold compile; later variants of the same run find
+inductor's in-process caches warm (``--keep-cache`` to reuse ``$TORCHINDUCTOR_CACHE_DIR``).
+Results also go to ``--json``.
 """
 
 from __future__ import annotations
@@ -54,13 +63,13 @@ from nodeflow.models.vae import VAE, AutoencoderKL, VAEConfig  # noqa: E402
 
 MODELS = {
     # SD 1.5: 860M UNet, CLIP-L context (77 × 768)
-    "sd15": {"unet": UNetConfig(), "family": "sd1", "context": 768, "size": 512},
+    "sd15": {"unet": UNetConfig(), "family": "sd1", "context": 768, "size": 512, "params": 859_520_964},
     # SDXL base: 2.6B UNet, CLIP-L ⊕ bigG context (77 × 2048), y = pooled text ⊕ 6 size embeddings (2816)
     "sdxl": {"unet": UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2),
                                 transformer_depth=(0, 0, 2, 2, 10, 10), transformer_depth_middle=10,
-                                transformer_depth_output=(0, 0, 0, 2, 2, 2, 10, 10, 10), context_dim=2048,
+                                transformer_depth_output=(10, 10, 10, 2, 2, 2, 0, 0, 0), context_dim=2048,
                                 use_linear_in_transformer=True, adm_in_channels=2816, num_head_channels=64),
-             "family": "sdxl", "context": 2048, "size": 1024},
+             "family": "sdxl", "context": 2048, "size": 1024, "params": 2_567_463_684},
 }
 VARIANTS = {
     "eager": None,                                                              # no options: as today
@@ -88,6 +97,9 @@ def build(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Diffusio
     with torch.device(device):
         unet = UNet(spec["unet"]).to(dtype).eval().requires_grad_(False)
         autoencoder = AutoencoderKL(VAEConfig()).to(dtype).eval().requires_grad_(False)
+    count = sum(p.numel() for p in unet.parameters())
+    if count != spec["params"]:                     # the released model's UNet, or the figures mean nothing
+        raise SystemExit(f"{name}: the UNet has {count:,} parameters, the released model's has {spec['params']:,}")
     model = DiffusionModel(unet, family=spec["family"], device=device)
     return model, VAE(autoencoder, device=device, dtype=dtype)
 
@@ -181,7 +193,7 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
             continue
         finally:
             streaming.copies_for = copies_for
-            del model, vae, handle
+            del model, vae, handle, run                     # the context's manager and caches hold the models
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -27,8 +27,8 @@ a key logs a warning and that key runs eagerly: a failed compile never fails a p
 
 On CUDA, compiled calls run with cuDNN's autotuner on (each key's shapes are fixed, so its
 choice is made once per shape) and, for fp32 models on GPUs that have it (compute capability
-8.0 on), TF32 matmuls; both flags are torch's process-wide ones, set around the call and
-restored after it.
+8.0 on), TF32 matmuls; both flags are torch's process-wide ones, set while compiled calls run
+and restored when the last one (of any worker) ends.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import threading
 import types
 import weakref
 from collections import Counter
@@ -52,6 +53,9 @@ from nodeflow.models import cuda_graphs, devices
 
 log = logging.getLogger(__name__)
 
+_INDUCTOR_GRAPH_MODES = {"reduce-overhead": "mode=None", "max-autotune": "'max-autotune-no-cudagraphs'"}
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     backend: str | Callable | None = "inductor"   # torch.compile backend; None: eager (CUDA graphs alone)
@@ -59,6 +63,11 @@ class CompileOptions:
     cuda_graphs: bool = False                     # replay UNet steps of fixed shapes as CUDA graphs
     channels_last: bool | None = None             # None: on CUDA; on the CPU where measured faster (see runners)
     max_graphs: int = 4                           # CUDA graphs kept per model (each holds its activations)
+
+    def __post_init__(self) -> None:
+        if self.mode in _INDUCTOR_GRAPH_MODES:        # inductor's own CUDA graphs would nest in ours
+            raise ValueError(f"torch.compile mode {self.mode!r} replays CUDA graphs of its own: use "
+                             f"{_INDUCTOR_GRAPH_MODES[self.mode]} (and cuda_graphs=True for nodeflow's)")
 
     def channels_last_on(self, device: torch.device, on_cpu: bool) -> bool:
         if self.channels_last is not None:
@@ -133,6 +142,7 @@ class CompileCache:
         self.compiled = 0          # regions compiled so far (one per key)
         self.captured = 0          # CUDA graphs captured so far
         self.graphs = cuda_graphs.CudaGraphs()
+        self.graphs_off = False    # a capture failed: CUDA's state is suspect, no more captures here
 
     def runner(self, module: nn.Module, options: CompileOptions, kind: type):
         per_module = self._runners.setdefault(module, {})
@@ -239,13 +249,17 @@ class CompiledUNet(_Regions):
     #: in channels-last is 4 % slower with 1 thread and level with 2, so on the CPU it stays contiguous.
     CPU_CHANNELS_LAST = False
 
+    #: A model whose weights moved this often (offloaded between steps to make room for others)
+    #: is not captured any more: each capture costs a synchronisation and two warm-up steps.
+    MAX_MOVES = 3
+
     def __init__(self, module: nn.Module, options: CompileOptions, owner: CompileCache):
         super().__init__(module, options, owner)
         self._graphs: dict[tuple, cuda_graphs.CapturedStep] = {}
         self._calls: Counter[tuple] = Counter()
-        self._not_capturable: set[tuple] = set()
         self._pool = None
-        self._weights: list[Tensor] | None = None    # the UNet's weights, collected on first use
+        self._weights: cuda_graphs.Weights | None = None   # the UNet's weights, collected on first use
+        self._moves = 0
 
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                  control: dict | None = None, patches=None, info: dict | None = None, deep=None) -> Tensor:
@@ -261,6 +275,7 @@ class CompiledUNet(_Regions):
                None if deep is None else (deep.depth, deep.reuse))
         with backend_flags(x.device, x.dtype):
             if self.options.cuda_graphs and control is None and patches is None and deep is None \
+                    and not self.owner.graphs_off and self._moves <= self.MAX_MOVES \
                     and self.owner.graphs.supports(x.device):
                 out = self._replay(unet, key, (x, timesteps, context, y))
                 if out is not None:
@@ -270,15 +285,20 @@ class CompiledUNet(_Regions):
     def _replay(self, unet: nn.Module, key: tuple, inputs: tuple) -> Tensor | None:
         """The step replayed from its graph (captured on the key's second call), or None."""
         if self._weights is None:
-            self._weights = cuda_graphs.weights(unet)
-        weights = cuda_graphs.addresses(self._weights)
+            self._weights = cuda_graphs.Weights(unet)
+        weights = self._weights.addresses()
         step = self._graphs.get(key)
-        if step is not None and not step.matches(weights):      # the model moved: capture again
-            del self._graphs[key]
+        if step is not None and not step.matches(weights):      # the model moved: every graph is stale
+            self._graphs.clear()
+            self._pool = None                                   # its memory goes with the old graphs
+            self._moves += 1
+            if self._moves > self.MAX_MOVES:
+                log.info("the UNet moved between steps %d times: its steps run without CUDA graphs", self._moves)
+                return None
             step = None
         if step is None:
             self._calls[key] += 1
-            if self._calls[key] < 2 or key in self._not_capturable or len(self._graphs) >= self.options.max_graphs:
+            if self._calls[key] < 2 or len(self._graphs) >= self.options.max_graphs:
                 return None
             step = self._capture(key, inputs, weights)
             if step is None:
@@ -296,9 +316,11 @@ class CompiledUNet(_Regions):
         try:
             step = cuda_graphs.CapturedStep(run, inputs, weights, device, self._pool, self.owner.graphs)
         except RuntimeError as exc:
-            log.warning("could not capture the UNet step %s as a CUDA graph (%s); it runs without one",
-                        key[0], str(exc).splitlines()[0])
-            self._not_capturable.add(key)
+            # A capture that failed inside CUDA can leave its allocator routing memory to the
+            # graph's pool: no more captures in this worker, and no further risk to its steps
+            log.warning("could not capture the UNet step %s as a CUDA graph (%s): this worker's steps run "
+                        "without CUDA graphs from now on", key[0], (str(exc).strip().splitlines() or [""])[0])
+            self.owner.graphs_off = True
             return None
         self._graphs[key] = step
         self.owner.captured += 1
@@ -342,24 +364,67 @@ def _control_key(control: dict | None) -> tuple:
                  for where, residuals in sorted(control.items()))
 
 
+class _Flags:
+    """torch's process-wide cuDNN autotuner and fp32 matmul precision, set while any compiled call
+    runs (in any worker's thread) and restored when the last one ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = Counter()          # "benchmark", "tf32": calls under way that want it
+        self._saved: dict[str, object] = {}
+
+    def enter(self, tf32: bool) -> list[str]:
+        wanted = ["benchmark", "tf32"] if tf32 else ["benchmark"]
+        with self._lock:
+            for flag in wanted:
+                if self._users[flag] == 0 and not self._set(flag):
+                    wanted.remove(flag)
+                    break
+                self._users[flag] += 1
+        return wanted
+
+    def leave(self, flags: list[str]) -> None:
+        with self._lock:
+            for flag in flags:
+                self._users[flag] -= 1
+                if self._users[flag] == 0:
+                    self._restore(flag)
+
+    def _set(self, flag: str) -> bool:
+        if flag == "benchmark":
+            self._saved[flag] = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            return True
+        # The old API's setter keeps torch's old and new precision settings consistent (setting
+        # only the new one makes every reader of the old one, inductor's autotuning among them, fail)
+        try:
+            self._saved[flag] = torch.get_float32_matmul_precision()
+        except RuntimeError:             # the caller set the new per-backend API itself: leave it
+            return False
+        torch.set_float32_matmul_precision("high")
+        return True
+
+    def _restore(self, flag: str) -> None:
+        if flag == "benchmark":
+            torch.backends.cudnn.benchmark = self._saved.pop(flag)
+        else:
+            torch.set_float32_matmul_precision(self._saved.pop(flag))
+
+
+_flags = _Flags()
+
+
 @contextlib.contextmanager
 def backend_flags(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """cuDNN's autotuner, and TF32 matmuls for fp32 where the GPU has them, for one call."""
     if device.type != "cuda":
         yield
         return
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    # torch >= 2.9 names the matmul precision; older ones have the boolean (mixing both is an error)
-    name, tf32 = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-    saved = cudnn.benchmark, getattr(matmul, name)
-    cudnn.benchmark = True
-    if dtype == torch.float32 and devices.has_tf32(device):
-        setattr(matmul, name, tf32)
+    flags = _flags.enter(tf32=dtype == torch.float32 and devices.has_tf32(device))
     try:
         yield
     finally:
-        cudnn.benchmark = saved[0]
-        setattr(matmul, name, saved[1])
+        _flags.leave(flags)
 
 
 def compile_model(handle, options: CompileOptions):

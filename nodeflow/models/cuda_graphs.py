@@ -19,22 +19,29 @@ Capture follows torch's CUDA graphs recipe: warm up on a side stream first (lazy
 initialisation, cuDNN's benchmark and a compiled function's first call all happen outside the
 capture), then record. The graphs of one model share one memory pool; that is safe because
 they are replayed one at a time, on one stream, and each output is copied out before the next
-replay. The CUDA calls go through ``CudaGraphs`` so that the bookkeeping can be tested on the
-CPU with a stand-in.
+replay. Each GPU has its own capture stream (torch's default capture stream belongs to the GPU
+that was current when it was made: a capture on another GPU through it records nothing), and
+one capture runs at a time in the process, as CUDA requires. The CUDA calls go through
+``CudaGraphs`` so that the bookkeeping can be tested on the CPU with a stand-in.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 WARMUP_CALLS = 2       # calls on a side stream before capture (torch's docs use a few; 2 covers lazy init)
+_CAPTURING = threading.Lock()      # one capture at a time in the process (other workers' threads too)
 
 
 class CudaGraphs:
     """The CUDA side of a capture."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
@@ -57,8 +64,18 @@ class CudaGraphs:
         """(graph, its output tensor): ``fn(*inputs)`` recorded (not run: replay it for values).
         "thread_local": other workers' threads may use CUDA meanwhile (their own GPUs)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            output = fn(*inputs)
+        with _CAPTURING, torch.cuda.device(device):
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
+            current = torch.cuda.current_stream(device)
+            try:
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    output = fn(*inputs)
+            except BaseException:
+                # When ending the capture fails, torch's context skips restoring the stream
+                torch.cuda.set_stream(current)
+                raise
         return graph, output
 
     def replay(self, graph, device: torch.device) -> None:
@@ -66,16 +83,19 @@ class CudaGraphs:
             graph.replay()
 
 
-def weights(module: nn.Module) -> list[Tensor]:
-    """The parameters and buffers of ``module``: what a captured graph reads besides its inputs.
-    Collected once per module (walking SD 1.5's 686 parameters costs ~1.5 ms, a tenth of a step);
-    moving a module keeps these objects and changes their storage, which ``addresses`` sees."""
-    return [*module.parameters(), *module.buffers()]
+class Weights:
+    """Where the parameters and buffers of ``module`` live: what a captured graph reads besides
+    its inputs. The module is walked once (SD 1.5's 686 parameters take ~1.5 ms, a tenth of a
+    step): moving a module keeps its parameter objects and changes their storage, while a
+    buffer is replaced by a new tensor, so buffers are looked up by owner and name each time."""
 
+    def __init__(self, module: nn.Module):
+        self.params = list(module.parameters())
+        self.buffers = [(sub, name) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
 
-def addresses(tensors: list[Tensor]) -> tuple[int, ...]:
-    """Where ``tensors`` live now (tens of µs for a UNet's weights)."""
-    return tuple(t.data_ptr() for t in tensors)
+    def addresses(self) -> tuple[int, ...]:
+        """Now (tens of µs for a UNet's weights)."""
+        return (*(p.data_ptr() for p in self.params), *(sub._buffers[name].data_ptr() for sub, name in self.buffers))
 
 
 class CapturedStep:
@@ -101,4 +121,4 @@ class CapturedStep:
             if buffer is not None:
                 buffer.copy_(t)
         self.api.replay(self.graph, self.device)
-        return self.output.clone()
+        return self.output.clone(memory_format=torch.contiguous_format)

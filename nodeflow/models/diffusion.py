@@ -95,7 +95,8 @@ class DiffusionModel:
         patches = self.model_patches.merged(extra_patches)
         options = {}
         if control is not None:
-            options["control"] = {k: [None if r is None else r.to(dev, dtype) for r in v] for k, v in control.items()}
+            options["control"] = {k: [None if r is None else r.to(dev, dtype, non_blocking=True) for r in v]
+                                  for k, v in control.items()}
         if patches.touches_unet:
             options["patches"], options["info"] = patches, dict(info or {})
         if patches.step_cache is not None:
@@ -103,8 +104,11 @@ class DiffusionModel:
             if deep is not None:
                 options["deep"] = deep
         forward = compiled.unet_forward(self)
-        out = forward(x.to(dev, dtype), t.to(dev, torch.float32), context.to(dev, dtype),
-                      None if y is None else y.to(dev, dtype), **options)
+        # The samplers keep σ (so t) on the CPU: a blocking copy would make the host wait for the
+        # GPU at every step, and the host could not queue the next step while this one runs
+        out = forward(x.to(dev, dtype, non_blocking=True), t.to(dev, torch.float32, non_blocking=True),
+                      context.to(dev, dtype, non_blocking=True),
+                      None if y is None else y.to(dev, dtype, non_blocking=True), **options)
         return out.to(out_device, torch.float32)
 
     def condition_kwargs(self, meta: dict, batch: int, width: int, height: int) -> dict:

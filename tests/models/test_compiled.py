@@ -254,19 +254,41 @@ def test_configuring_the_fast_path_names_the_option():
     assert (ctx.compile, ctx.cuda_graphs) == ("aot_eager", False)
 
 
-def test_backend_flags_are_set_for_the_call_and_restored(monkeypatch):
+def test_backend_flags_are_set_while_compiled_calls_run_and_restored(monkeypatch):
     from nodeflow.models import devices
 
     monkeypatch.setattr(devices, "has_tf32", lambda device: True)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.benchmark, matmul.fp32_precision
-    with compiled.backend_flags(torch.device("cuda", 0), torch.float32):
-        assert cudnn.benchmark and matmul.fp32_precision == "tf32"
-    assert (cudnn.benchmark, matmul.fp32_precision) == before
-    with compiled.backend_flags(torch.device("cuda", 0), torch.float16):
-        assert matmul.fp32_precision == before[1]                 # half precision: no TF32 question
-    with compiled.backend_flags(torch.device("cpu"), torch.float32):
-        assert (cudnn.benchmark, matmul.fp32_precision) == before
+    gpu = torch.device("cuda", 0)
+    before = cudnn.benchmark, torch.get_float32_matmul_precision()
+    assert before == (False, "highest")
+    try:
+        with compiled.backend_flags(gpu, torch.float32):
+            assert cudnn.benchmark and matmul.fp32_precision == "tf32"
+            # readers of torch's old API (inductor's autotuning) still work: both APIs agree
+            assert matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+            with compiled.backend_flags(gpu, torch.float16):    # another call overlapping (half: no TF32)
+                assert cudnn.benchmark
+            assert cudnn.benchmark and matmul.allow_tf32            # the first still runs: still set
+        assert (cudnn.benchmark, torch.get_float32_matmul_precision()) == before and not matmul.allow_tf32
+        # two workers' calls overlapping, ending in the other order: restored after the last
+        a, b = compiled.backend_flags(gpu, torch.float32), compiled.backend_flags(gpu, torch.float32)
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert cudnn.benchmark and matmul.allow_tf32
+        b.__exit__(None, None, None)
+        assert (cudnn.benchmark, torch.get_float32_matmul_precision()) == before
+        with compiled.backend_flags(torch.device("cpu"), torch.float32):
+            assert (cudnn.benchmark, torch.get_float32_matmul_precision()) == before
+        # a caller who set torch's new per-backend precision: left as it is, no error
+        matmul.fp32_precision = "tf32"
+        with compiled.backend_flags(gpu, torch.float32):
+            assert cudnn.benchmark and matmul.fp32_precision == "tf32"
+        assert not cudnn.benchmark and matmul.fp32_precision == "tf32"
+    finally:
+        cudnn.benchmark = before[0]
+        torch.set_float32_matmul_precision(before[1])
 
 
 @pytest.mark.skipif(not os.environ.get("NODEFLOW_TEST_INDUCTOR"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from nodeflow.models import compiled, cuda_graphs
@@ -125,8 +126,54 @@ def test_a_step_that_cannot_be_captured_runs_without_a_graph(caplog):
     runner = runner_for(unet, fake)
     with caplog.at_level(logging.WARNING):
         outs = [runner(*inputs(seed)) for seed in (1, 2, 3)]
+        others = [runner(*inputs(seed, size=16)) for seed in (1, 2, 3)]    # another shape: not tried either
     assert torch.allclose(outs[2], unet(*inputs(3)), atol=1e-5)
-    assert fake.warm_ups == 1 and "runs without one" in caplog.text     # tried once, not at every step
+    assert torch.allclose(others[2], unet(*inputs(3, size=16)), atol=1e-5)
+    # tried once: a failed capture may leave CUDA's allocator routing to the graph's pool
+    assert fake.warm_ups == 1 and runner.owner.graphs_off
+    assert "without CUDA graphs from now on" in caplog.text
+
+
+@torch.no_grad()
+def test_a_move_drops_every_stale_graph_and_a_model_that_keeps_moving_is_not_captured():
+    unet, fake = micro_unet(), FakeCuda()
+    runner = runner_for(unet, fake)
+    for seed in (1, 2):
+        runner(*inputs(seed))
+        runner(*inputs(seed, size=16))
+    assert fake.captures == 2 and len(runner._graphs) == 2
+    for moves in range(1, compiled.CompiledUNet.MAX_MOVES + 2):
+        for p in unet.parameters():                        # offloaded for another model and back
+            p.data = p.data.clone()
+        out = runner(*inputs(10 + moves))
+        assert torch.allclose(out, unet(*inputs(10 + moves)), atol=1e-5)
+        if moves <= compiled.CompiledUNet.MAX_MOVES:
+            assert len(runner._graphs) == 1                # the other shape's stale graph went too
+        runner(*inputs(10 + moves))
+    assert not runner._graphs and fake.captures == 2 + compiled.CompiledUNet.MAX_MOVES
+    for seed in (20, 21, 22):                              # settled now, but no more captures
+        out = runner(*inputs(seed))
+    assert fake.captures == 2 + compiled.CompiledUNet.MAX_MOVES
+    assert torch.allclose(out, unet(*inputs(22)), atol=1e-5)
+
+
+def test_weight_addresses_see_parameters_and_replaced_buffers():
+    net = torch.nn.BatchNorm2d(4)
+    weights = cuda_graphs.Weights(net)
+    before = weights.addresses()
+    assert len(before) == 2 + 3                            # weight, bias; running mean, var, count
+    assert weights.addresses() == before
+    net.running_mean = net.running_mean.clone()            # as Module._apply and pinning do
+    assert weights.addresses() != before
+    net.weight.data = net.weight.data.clone()
+    assert weights.addresses()[0] != before[0]
+
+
+def test_compile_modes_with_inductors_own_cuda_graphs_are_refused():
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="replays CUDA graphs of its own"):
+            compiled.CompileOptions(mode=mode)
+    assert compiled.CompileOptions(mode="max-autotune-no-cudagraphs").mode == "max-autotune-no-cudagraphs"
 
 
 @torch.no_grad()

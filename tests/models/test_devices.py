@@ -187,8 +187,8 @@ def test_vae_dtype_asks_the_models_own_gpu_for_native_bf16(monkeypatch):
 
 class Movable(nn.Linear):
     """Records how it was moved; its tensors stay on the CPU."""
-    def __init__(self):
-        super().__init__(256, 256)
+    def __init__(self, width=256):
+        super().__init__(width, width)
         self.moves = []
 
     def to(self, *args, **kwargs):
@@ -225,3 +225,24 @@ def test_offloaded_models_wait_in_pinned_memory_within_the_budget(monkeypatch):
     monkeypatch.setattr(devices, "_pinned_empty", lambda t: (_ for _ in ()).throw(RuntimeError("mlock failed")))
     manager.offload(a)                                       # pinning refused: pageable, no error
     assert a.moves[-1] == (("cpu",), {}) and not manager.pinned
+
+
+def test_pinned_memory_is_counted_as_the_allocator_rounds_it(monkeypatch):
+    """torch's pinned-memory allocator rounds each block up to a power of two, and keeps blocks
+    cached after their tensors are gone: the budget counts rounded sizes, and before pinning a
+    model the blocks left cached by models now on the GPU are given back."""
+    released = []
+    monkeypatch.setattr(devices, "can_pin", lambda: True)
+    monkeypatch.setattr(devices, "_pinned_empty", lambda t: torch.empty_like(t))
+    monkeypatch.setattr(devices, "_release_pinned_cache", lambda: released.append(1))
+    monkeypatch.setattr(devices, "free_memory", lambda device: 1 << 40)
+    layer = Movable(300)                                     # 360,000 + 1,200 bytes of weights
+    assert devices.pinned_bytes(layer) == 2**19 + 2**11
+    manager = devices.ModelManager(reserve=0, pin_limit=2**19 + 2**11)
+    manager.load(layer, torch.device("cuda", 0))
+    manager.offload(layer)
+    assert manager.pinned == {id(layer): 2**19 + 2**11} and released == [1]
+    other = Movable(300)
+    manager.load(other, torch.device("cuda", 0))
+    manager.offload(other)                                   # raw 361,200 bytes would fit twice; rounded they do not
+    assert id(other) not in manager.pinned and released == [1]
