@@ -29,7 +29,10 @@ def test_fuzzing_the_api_finds_no_server_error_and_nothing_undocumented(tmp_path
             _wait_ready(url, server, tmp_path)
             command = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", CHECKS,
                        "--max-time", str(FUZZ_SECONDS), "--max-examples", "40", "--workers", "2",
-                       "--request-timeout", "30", "--phases", "examples,coverage,fuzzing", "--no-color"]
+                       "--request-timeout", "30", "--phases", "examples,coverage,fuzzing", "--no-color",
+                       # the generator's own efficiency check, not the server's: with some seeds it found
+                       # too few path segments for /experiment/models/{folder} and failed the run
+                       "--suppress-health-check", "filter_too_much"]
             if os.environ.get("NODEFLOW_FUZZ_SEED"):
                 command += ["--seed", os.environ["NODEFLOW_FUZZ_SEED"]]
             run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
