@@ -151,6 +151,16 @@ class CompileCache:
             found = per_module[(kind, options)] = kind(module, options, self)
         return found
 
+    def release_graphs(self, device: torch.device) -> int:
+        """Drop the CUDA graphs of every model on ``device`` (each holds a step's activations in a
+        memory pool of its own); a later step records them again. How many were dropped."""
+        dropped = 0
+        for per_module in list(self._runners.values()):
+            for runner in per_module.values():
+                if isinstance(runner, CompiledUNet):
+                    dropped += runner.release_graphs(device)
+        return dropped
+
     def channels_last(self, module: nn.Module) -> None:
         """Put ``module``'s 4-D weights in channels-last format (once). The weights are shared
         by every handle on the module; the eager path computes the same function on them."""
@@ -281,6 +291,14 @@ class CompiledUNet(_Regions):
                 if out is not None:
                     return out.contiguous()
             return self._call(_unet_step, key, args).contiguous()
+
+    def release_graphs(self, device: torch.device) -> int:
+        on_device = [key for key, step in self._graphs.items() if step.device == device]
+        for key in on_device:
+            del self._graphs[key]
+        if not self._graphs:
+            self._pool = None
+        return len(on_device)
 
     def _replay(self, unet: nn.Module, key: tuple, inputs: tuple) -> Tensor | None:
         """The step replayed from its graph (captured on the key's second call), or None."""

@@ -179,6 +179,8 @@ class ModelManager:
             self.streamed[key].settle()                          # a new call of it begins
             self.loaded.move_to_end(key)
             return module
+        if free_memory(device) < need:
+            _release_graphs(device)                              # cheaper to record again than a model to move
         for other in list(self.loaded):
             if free_memory(device) >= need:
                 break
@@ -237,6 +239,16 @@ class ModelManager:
     def offload_all(self) -> None:
         for module, _ in list(self.loaded.values()):
             self.offload(module)
+
+
+def _release_graphs(device: torch.device) -> None:
+    """Free the memory pools of this worker's CUDA graphs on ``device`` (``--cuda-graphs``): a
+    captured step keeps its activations there, memory that ``free_memory`` counts as free but
+    only a replay can use. The steps are recorded again when next run."""
+    graphs = context.current().peek("compiled_models")
+    if graphs is not None and graphs.release_graphs(device):
+        log.info("dropping the CUDA graphs on %s to make room", device)
+        torch.cuda.empty_cache()
 
 
 def can_pin() -> bool:

@@ -191,3 +191,46 @@ def test_the_graph_replays_the_compiled_step():
         out = runner(*inputs(seed))
     assert (Counting.graphs, fake.captures) == (1, 1)
     assert torch.allclose(out, unet(*inputs(3)), atol=1e-5)
+
+
+@torch.no_grad()
+def test_graphs_are_dropped_before_any_model_leaves_the_gpu(monkeypatch):
+    """A captured step keeps its activations in a pool that only replays can use: when a model
+    needs room, the worker's graphs go first (recorded again later), then least recent models."""
+    from nodeflow import context
+    from nodeflow.models import devices
+
+    gpu = torch.device("cuda", 0)
+    unet, fake = micro_unet(), FakeCuda()
+    run = context.RunContext(name="graphs")
+    owner = run.state("compiled_models", compiled.CompileCache)
+    owner.graphs = fake
+    runner = owner.runner(unet, compiled.CompileOptions(backend=None, cuda_graphs=True), compiled.CompiledUNet)
+    for seed in (1, 2):
+        runner(*inputs(seed))
+        runner(*inputs(seed, size=16))
+    assert len(runner._graphs) == 2
+    for step in runner._graphs.values():                   # as if recorded on the GPU
+        step.device = gpu
+
+    class Model(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            return self
+
+    graph_bytes, capacity = 3 << 20, 6 << 20
+    manager = devices.ModelManager(reserve=0)
+
+    def free(device):
+        used = sum(devices.module_bytes(m) for m, _ in manager.loaded.values())
+        return capacity - used - (graph_bytes if runner._graphs else 0)
+
+    monkeypatch.setattr(devices, "free_memory", free)
+    monkeypatch.setattr(devices, "can_pin", lambda: False)
+    first, second = Model(512, 1024, bias=False), Model(512, 1024, bias=False)   # 2 MiB each
+    with context.activate(run):
+        manager.load(first, gpu)
+        assert len(runner._graphs) == 2                     # room enough: the graphs stay
+        manager.load(second, gpu)                           # 2 + 2 + 3 > 6: the graphs go, not the first model
+    assert not runner._graphs and id(first) in manager.loaded and id(second) in manager.loaded
+    out = runner(*inputs(3))                                 # recorded again on the next step
+    assert len(runner._graphs) == 1 and torch.allclose(out, unet(*inputs(3)), atol=1e-5)
