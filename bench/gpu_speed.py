@@ -177,6 +177,9 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
         if streamed:                                        # nothing fits: each model streams from pinned memory
             run.state("model_manager", lambda: devices.ModelManager(reserve=1 << 60))
             steps = min(steps, 5)
+            for module in (model.unet, vae.model):          # built on the GPU (fast); waiting in pinned memory
+                devices._move_to_pinned(module)
+            torch.cuda.empty_cache()
         copies_for = streaming.copies_for
         if variant == "streamed_sync":
             streaming.copies_for = streaming.Copies

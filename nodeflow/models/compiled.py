@@ -26,9 +26,10 @@ eagerly, as does a model the manager streams layer by layer. A backend that fail
 a key logs a warning and that key runs eagerly: a failed compile never fails a prompt.
 
 On CUDA, compiled calls run with cuDNN's autotuner on (each key's shapes are fixed, so its
-choice is made once per shape) and, for fp32 models on GPUs that have it (compute capability
-8.0 on), TF32 matmuls; both flags are torch's process-wide ones, set while compiled calls run
-and restored when the last one (of any worker) ends.
+choice is made once per shape; torch's process-wide flag, on while compiled calls run and
+restored when the last one of any worker ends). The first compiled fp32 call on a GPU with TF32
+(compute capability 8.0 on) turns TF32 matmuls on for the process, unless it chose a matmul
+precision itself.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import logging
 import threading
 import types
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache as memoize
@@ -59,7 +60,7 @@ _INDUCTOR_GRAPH_MODES = {"reduce-overhead": "mode=None", "max-autotune": "'max-a
 @dataclass(frozen=True)
 class CompileOptions:
     backend: str | Callable | None = "inductor"   # torch.compile backend; None: eager (CUDA graphs alone)
-    mode: str | None = None                       # torch.compile mode ("max-autotune", ...; inductor only)
+    mode: str | None = None                       # torch.compile mode ("max-autotune-no-cudagraphs"; inductor)
     cuda_graphs: bool = False                     # replay UNet steps of fixed shapes as CUDA graphs
     channels_last: bool | None = None             # None: on CUDA; on the CPU where measured faster (see runners)
     max_graphs: int = 4                           # CUDA graphs kept per model (each holds its activations)
@@ -150,6 +151,11 @@ class CompileCache:
         if found is None:
             found = per_module[(kind, options)] = kind(module, options, self)
         return found
+
+    def graph_bytes(self, device: torch.device) -> int:
+        """The memory the CUDA graphs on ``device`` hold in their pools."""
+        return sum(runner.graph_bytes(device) for per_module in list(self._runners.values())
+                   for runner in per_module.values() if isinstance(runner, CompiledUNet))
 
     def release_graphs(self, device: torch.device) -> int:
         """Drop the CUDA graphs of every model on ``device`` (each holds a step's activations in a
@@ -259,9 +265,10 @@ class CompiledUNet(_Regions):
     #: in channels-last is 4 % slower with 1 thread and level with 2, so on the CPU it stays contiguous.
     CPU_CHANNELS_LAST = False
 
-    #: A model whose weights moved this often (offloaded between steps to make room for others)
-    #: is not captured any more: each capture costs a synchronisation and two warm-up steps.
-    MAX_MOVES = 3
+    #: Weights that moved this many times within the last MOVE_WINDOW steps (a model offloaded
+    #: between steps to make room for others) are not captured until they stay put: each capture
+    #: costs a synchronisation and two warm-up steps.
+    MAX_MOVES, MOVE_WINDOW = 3, 20
 
     def __init__(self, module: nn.Module, options: CompileOptions, owner: CompileCache):
         super().__init__(module, options, owner)
@@ -269,31 +276,35 @@ class CompiledUNet(_Regions):
         self._calls: Counter[tuple] = Counter()
         self._pool = None
         self._weights: cuda_graphs.Weights | None = None   # the UNet's weights, collected on first use
-        self._moves = 0
+        self._seen: tuple[int, ...] | None = None    # their addresses at the last step
+        self._moves: deque[int] = deque()            # the steps at which they had moved (within the window)
+        self._steps = 0
 
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                  control: dict | None = None, patches=None, info: dict | None = None, deep=None) -> Tensor:
         unet = self._module()
+        patch_key = _patch_key(patches)
+        if patch_key is None or devices.model_manager().is_streamed(unet):    # eager, as it is laid out
+            return unet(x, timesteps, context, y, control=control, patches=patches, info=info, deep=deep)
         if self.options.channels_last_on(x.device, self.CPU_CHANNELS_LAST):
             self.owner.channels_last(unet)
             x = x.contiguous(memory_format=torch.channels_last)
         args = (unet, x, timesteps, context, y, control, patches, info, deep)
-        patch_key = _patch_key(patches)
-        if patch_key is None or devices.model_manager().is_streamed(unet):
-            return _unet_step(*args).contiguous()
         key = (tuple(x.shape), _shape(context), _shape(y), x.dtype, x.device, _control_key(control), patch_key,
                None if deep is None else (deep.depth, deep.reuse))
         with backend_flags(x.device, x.dtype):
             if self.options.cuda_graphs and control is None and patches is None and deep is None \
-                    and not self.owner.graphs_off and self._moves <= self.MAX_MOVES \
-                    and self.owner.graphs.supports(x.device):
+                    and not self.owner.graphs_off and self.owner.graphs.supports(x.device):
                 out = self._replay(unet, key, (x, timesteps, context, y))
                 if out is not None:
                     return out.contiguous()
             return self._call(_unet_step, key, args).contiguous()
 
+    def graph_bytes(self, device: torch.device) -> int:
+        return sum(step.pool_bytes for step in self._graphs.values() if _same_device(step.device, device))
+
     def release_graphs(self, device: torch.device) -> int:
-        on_device = [key for key, step in self._graphs.items() if step.device == device]
+        on_device = [key for key, step in self._graphs.items() if _same_device(step.device, device)]
         for key in on_device:
             del self._graphs[key]
         if not self._graphs:
@@ -305,25 +316,28 @@ class CompiledUNet(_Regions):
         if self._weights is None:
             self._weights = cuda_graphs.Weights(unet)
         weights = self._weights.addresses()
+        self._steps += 1
+        if weights != self._seen:
+            if self._seen is not None:                          # the model moved: every graph is stale
+                self._graphs.clear()
+                self._pool = None                               # its memory goes with the old graphs
+                self._moves.append(self._steps)
+            self._seen = weights
+        while self._moves and self._moves[0] <= self._steps - self.MOVE_WINDOW:
+            self._moves.popleft()
+        if len(self._moves) >= self.MAX_MOVES:                  # moving all the time: not worth a capture
+            return None
         step = self._graphs.get(key)
-        if step is not None and not step.matches(weights):      # the model moved: every graph is stale
-            self._graphs.clear()
-            self._pool = None                                   # its memory goes with the old graphs
-            self._moves += 1
-            if self._moves > self.MAX_MOVES:
-                log.info("the UNet moved between steps %d times: its steps run without CUDA graphs", self._moves)
-                return None
-            step = None
         if step is None:
             self._calls[key] += 1
             if self._calls[key] < 2 or len(self._graphs) >= self.options.max_graphs:
                 return None
-            step = self._capture(key, inputs, weights)
+            step = self._capture(key, inputs)
             if step is None:
                 return None
         return step(*inputs)
 
-    def _capture(self, key: tuple, inputs: tuple, weights: tuple) -> cuda_graphs.CapturedStep | None:
+    def _capture(self, key: tuple, inputs: tuple) -> cuda_graphs.CapturedStep | None:
         device = inputs[0].device
 
         def run(x, timesteps, context, y):
@@ -332,7 +346,7 @@ class CompiledUNet(_Regions):
         if self._pool is None:
             self._pool = self.owner.graphs.pool(device)
         try:
-            step = cuda_graphs.CapturedStep(run, inputs, weights, device, self._pool, self.owner.graphs)
+            step = cuda_graphs.CapturedStep(run, inputs, device, self._pool, self.owner.graphs)
         except RuntimeError as exc:
             # A capture that failed inside CUDA can leave its allocator routing memory to the
             # graph's pool: no more captures in this worker, and no further risk to its steps
@@ -353,13 +367,20 @@ class CompiledDecoder(_Regions):
 
     def __call__(self, z: Tensor) -> Tensor:
         model = self._module()
+        if devices.model_manager().is_streamed(model):          # eager, as it is laid out (pinned weights stay)
+            return model.decode(z)
         if self.options.channels_last_on(z.device, self.CPU_CHANNELS_LAST):
             self.owner.channels_last(model)
             z = z.contiguous(memory_format=torch.channels_last)
-        if devices.model_manager().is_streamed(model):
-            return model.decode(z).contiguous()
         with backend_flags(z.device, z.dtype):
             return self._call(_decode, (tuple(z.shape), z.dtype, z.device), (model, z)).contiguous()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` is the current CUDA device (captures record ``cuda:0``, a manager may say ``cuda``)."""
+    def index(d):
+        return d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()
+    return a.type == b.type and index(a) == index(b)
 
 
 def _patch_key(patches) -> tuple | None:
@@ -382,67 +403,70 @@ def _control_key(control: dict | None) -> tuple:
                  for where, residuals in sorted(control.items()))
 
 
-class _Flags:
-    """torch's process-wide cuDNN autotuner and fp32 matmul precision, set while any compiled call
-    runs (in any worker's thread) and restored when the last one ends."""
+class _Benchmark:
+    """cuDNN's autotuner (a process-wide flag) on while any compiled call runs, in any worker's
+    thread, and back as it was when the last one ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._users = Counter()          # "benchmark", "tf32": calls under way that want it
-        self._saved: dict[str, object] = {}
+        self._users = 0
+        self._saved = False
 
-    def enter(self, tf32: bool) -> list[str]:
-        wanted = ["benchmark", "tf32"] if tf32 else ["benchmark"]
+    def enter(self) -> None:
         with self._lock:
-            for flag in wanted:
-                if self._users[flag] == 0 and not self._set(flag):
-                    wanted.remove(flag)
-                    break
-                self._users[flag] += 1
-        return wanted
+            if self._users == 0:
+                self._saved = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = True
+            self._users += 1
 
-    def leave(self, flags: list[str]) -> None:
+    def leave(self) -> None:
         with self._lock:
-            for flag in flags:
-                self._users[flag] -= 1
-                if self._users[flag] == 0:
-                    self._restore(flag)
+            self._users -= 1
+            if self._users == 0:
+                torch.backends.cudnn.benchmark = self._saved
 
-    def _set(self, flag: str) -> bool:
-        if flag == "benchmark":
-            self._saved[flag] = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
-            return True
-        # The old API's setter keeps torch's old and new precision settings consistent (setting
-        # only the new one makes every reader of the old one, inductor's autotuning among them, fail)
+
+_benchmark = _Benchmark()
+_tf32_lock = threading.Lock()
+_tf32_decided = False
+
+
+def _tf32_for_fp32(device: torch.device) -> None:
+    """TF32 cuBLAS matmuls for fp32 from the first compiled fp32 call on a GPU that has them,
+    unless the process chose a matmul precision itself; set once and left so, not per call:
+    Dynamo's guards include the flag, and flipping it would recompile other workers' graphs."""
+    global _tf32_decided
+    if _tf32_decided or not devices.has_tf32(device):
+        return
+    with _tf32_lock:
+        if _tf32_decided:
+            return
+        _tf32_decided = True
+        matmul = torch.backends.cuda.matmul
         try:
-            self._saved[flag] = torch.get_float32_matmul_precision()
-        except RuntimeError:             # the caller set the new per-backend API itself: leave it
-            return False
-        torch.set_float32_matmul_precision("high")
-        return True
-
-    def _restore(self, flag: str) -> None:
-        if flag == "benchmark":
-            torch.backends.cudnn.benchmark = self._saved.pop(flag)
-        else:
-            torch.set_float32_matmul_precision(self._saved.pop(flag))
-
-
-_flags = _Flags()
+            chosen = getattr(matmul, "fp32_precision", "none") != "none" or matmul.allow_tf32
+        except RuntimeError:              # torch's newer per-backend API was used: that is a choice
+            chosen = True
+        if chosen:
+            return
+        matmul.allow_tf32 = True          # the old API's setter keeps torch's old and new settings consistent
+        log.info("fp32 matmuls on %s use TF32 (compute capability 8.0 on); set "
+                 "torch.backends.cuda.matmul.fp32_precision to choose otherwise", device)
 
 
 @contextlib.contextmanager
 def backend_flags(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """cuDNN's autotuner, and TF32 matmuls for fp32 where the GPU has them, for one call."""
+    """cuDNN's autotuner for one compiled call; TF32 matmuls for fp32 where the GPU has them."""
     if device.type != "cuda":
         yield
         return
-    flags = _flags.enter(tf32=dtype == torch.float32 and devices.has_tf32(device))
+    if dtype == torch.float32:
+        _tf32_for_fp32(device)
+    _benchmark.enter()
     try:
         yield
     finally:
-        _flags.leave(flags)
+        _benchmark.leave()
 
 
 def compile_model(handle, options: CompileOptions):

@@ -9,15 +9,16 @@ inputs into the buffers, replays, and returns a copy of the output (the next rep
 it). What a replay reads was fixed at capture: the buffers and the memory of the weights. So
 
 - the weights must stay where they were. LoRA patches write into them in place, which a replay
-  sees; a model that went back to the CPU and returned has new memory, so ``matches`` compares
-  the weights' addresses and the caller captures again when they moved;
+  sees; a model that went back to the CPU and returned has new memory, so the caller compares
+  the weights' addresses (``Weights``) and captures again when they moved;
 - everything else that would change the recorded kernels (shapes, ControlNet residuals, model
   patches) is the caller's to keep fixed: ``compiled.CompiledUNet`` captures only plain steps,
   one graph per input shape.
 
 Capture follows torch's CUDA graphs recipe: warm up on a side stream first (lazy
 initialisation, cuDNN's benchmark and a compiled function's first call all happen outside the
-capture), then record. The graphs of one model share one memory pool; that is safe because
+capture; the side stream is the capture stream, so that its own cuBLAS workspace is made then,
+not inside the graph's pool), then record. The graphs of one model share one memory pool; that is safe because
 they are replayed one at a time, on one stream, and each output is copied out before the next
 replay. Each GPU has its own capture stream (torch's default capture stream belongs to the GPU
 that was current when it was made: a capture on another GPU through it records nothing), and
@@ -50,10 +51,17 @@ class CudaGraphs:
         with torch.cuda.device(device):
             return torch.cuda.graph_pool_handle()
 
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
+
     def warm_up(self, fn: Callable, inputs: Sequence, device: torch.device) -> None:
+        """Runs on the capture stream itself: what is made per stream (cuBLAS's workspace) is made
+        now, in the ordinary pool, not during the capture in the graph's."""
         with torch.cuda.device(device):
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
+            current, side = torch.cuda.current_stream(device), self._stream(device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_CALLS):
@@ -65,18 +73,28 @@ class CudaGraphs:
         "thread_local": other workers' threads may use CUDA meanwhile (their own GPUs)."""
         graph = torch.cuda.CUDAGraph()
         with _CAPTURING, torch.cuda.device(device):
-            stream = self._streams.get(device)
-            if stream is None:
-                stream = self._streams[device] = torch.cuda.Stream(device)
             current = torch.cuda.current_stream(device)
             try:
-                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=self._stream(device), capture_error_mode="thread_local"):
                     output = fn(*inputs)
             except BaseException:
-                # When ending the capture fails, torch's context skips restoring the stream
+                # When ending the capture fails inside CUDA, torch's context skips restoring the
+                # stream and, in some torch versions, telling the allocator that the capture is over
                 torch.cuda.set_stream(current)
+                end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+                if end is not None:
+                    try:
+                        end(torch.cuda.current_device(), pool)
+                    except RuntimeError:        # "not currently recording": it was told
+                        pass
                 raise
         return graph, output
+
+    def held(self, device: torch.device) -> int:
+        """The memory torch holds on ``device`` once its cache of unused blocks is emptied (as
+        ``torch.cuda.graph`` does before a capture): a graph's pool is not in that cache."""
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(device)
 
     def replay(self, graph, device: torch.device) -> None:
         with torch.cuda.device(device):                  # a replay launches on the current device's stream
@@ -101,20 +119,20 @@ class Weights:
 class CapturedStep:
     """``fn`` recorded for inputs shaped like ``example`` (tensors, or None for an absent input)."""
 
-    def __init__(self, fn: Callable, example: Sequence[Tensor | None], weights: tuple[int, ...],
-                 device: torch.device, pool, api: CudaGraphs):
-        self.weights = weights
+    def __init__(self, fn: Callable, example: Sequence[Tensor | None], device: torch.device, pool,
+                 api: CudaGraphs):
         # empty_like keeps each input's layout (channels-last latents stay so)
         self.inputs = [None if t is None else torch.empty_like(t) for t in example]
         for buffer, t in zip(self.inputs, example):
             if buffer is not None:
                 buffer.copy_(t)
         api.warm_up(fn, self.inputs, device)
+        before = api.held(device)
         self.graph, self.output = api.capture(fn, self.inputs, device, pool)
+        # What the capture took for the pool: the step's activations, idle between replays, that
+        # nothing else can use (graphs sharing the pool add what the earlier ones did not hold)
+        self.pool_bytes = max(0, api.held(device) - before)
         self.device, self.api = device, api
-
-    def matches(self, weights: tuple[int, ...]) -> bool:
-        return weights == self.weights
 
     def __call__(self, *inputs: Tensor | None) -> Tensor:
         for buffer, t in zip(self.inputs, inputs):

@@ -137,10 +137,13 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes the allocator can still hand out on ``device`` (a large number for the CPU)."""
+    """Bytes the allocator can still hand out on ``device`` (a large number for the CPU): what the
+    driver has free, plus what torch holds unused, less the pools of this worker's CUDA graphs
+    (held for their replays: nothing else can use them)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+        return free + reserved - allocated - _graph_memory(device)
     if device.type == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
     return 1 << 62
@@ -241,10 +244,15 @@ class ModelManager:
             self.offload(module)
 
 
+def _graph_memory(device: torch.device) -> int:
+    graphs = context.current().peek("compiled_models")
+    return 0 if graphs is None else graphs.graph_bytes(device)
+
+
 def _release_graphs(device: torch.device) -> None:
     """Free the memory pools of this worker's CUDA graphs on ``device`` (``--cuda-graphs``): a
-    captured step keeps its activations there, memory that ``free_memory`` counts as free but
-    only a replay can use. The steps are recorded again when next run."""
+    captured step keeps its activations there, for its replays only. The steps are recorded
+    again when next run."""
     graphs = context.current().peek("compiled_models")
     if graphs is not None and graphs.release_graphs(device):
         log.info("dropping the CUDA graphs on %s to make room", device)

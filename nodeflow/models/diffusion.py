@@ -94,8 +94,12 @@ class DiffusionModel:
         dev, dtype = self.device, self.dtype
         patches = self.model_patches.merged(extra_patches)
         options = {}
+        # The samplers keep σ (so t) on the CPU: on CUDA a blocking copy would make the host wait for
+        # the GPU at every step, and it could not queue the next step while this one runs (on MPS
+        # non-blocking copies from the CPU are not safe)
+        nb = dev.type == "cuda"
         if control is not None:
-            options["control"] = {k: [None if r is None else r.to(dev, dtype, non_blocking=True) for r in v]
+            options["control"] = {k: [None if r is None else r.to(dev, dtype, non_blocking=nb) for r in v]
                                   for k, v in control.items()}
         if patches.touches_unet:
             options["patches"], options["info"] = patches, dict(info or {})
@@ -104,11 +108,9 @@ class DiffusionModel:
             if deep is not None:
                 options["deep"] = deep
         forward = compiled.unet_forward(self)
-        # The samplers keep σ (so t) on the CPU: a blocking copy would make the host wait for the
-        # GPU at every step, and the host could not queue the next step while this one runs
-        out = forward(x.to(dev, dtype, non_blocking=True), t.to(dev, torch.float32, non_blocking=True),
-                      context.to(dev, dtype, non_blocking=True),
-                      None if y is None else y.to(dev, dtype, non_blocking=True), **options)
+        out = forward(x.to(dev, dtype, non_blocking=nb), t.to(dev, torch.float32, non_blocking=nb),
+                      context.to(dev, dtype, non_blocking=nb),
+                      None if y is None else y.to(dev, dtype, non_blocking=nb), **options)
         return out.to(out_device, torch.float32)
 
     def condition_kwargs(self, meta: dict, batch: int, width: int, height: int) -> dict:

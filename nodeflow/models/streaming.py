@@ -14,6 +14,12 @@ after the kernels that read them. Copies from pinned memory (``devices.ModelMana
 streamed model's weights) are asynchronous; from pageable memory they still run, with the host
 waiting on each.
 
+The host must not run far ahead of the GPU: each layer it leaves still holds its copies until
+the GPU has run that layer, and nothing else would stop it from queueing copies of the whole
+model (the memory a streamed model does not have). So the copies alive — made ahead, or of
+layers the GPU may still be running — stay within ``prefetch_bytes`` (plus the layer being
+entered): before copying more, the host waits for the oldest layers to finish on the GPU.
+
 A call of the model ends where the next begins: ``devices.ModelManager.load``, which every user
 of a model calls before using it, calls ``settle()``. That drops the copies made ahead for a
 layer not reached, forgets the last layer (the next call's first layer is not its successor),
@@ -27,12 +33,13 @@ a stand-in that records what happens when.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-PREFETCH_BYTES = 128 << 20      # weights copied ahead of their layer (at least one layer); out of the manager's reserve
+PREFETCH_BYTES = 128 << 20      # copies alive besides the running layer's (ahead, or not yet done on the GPU)
 PREFETCH_LAYERS = 32            # and at most this many layers ahead
 
 
@@ -53,6 +60,18 @@ class Copies:
 
     def use(self, tensors: list[Tensor], event) -> None:
         """Before the layer's forward: its copies complete, as far as the compute stream sees."""
+
+    def done(self) -> object:
+        """After a layer's forward: a marker of the point where the GPU stops reading its copies
+        (None: already so)."""
+        return None
+
+    def finished(self, marker) -> bool:
+        """Whether the GPU has passed ``marker`` (without waiting)."""
+        return True
+
+    def wait(self, marker) -> None:
+        """The host waits until the GPU has passed ``marker``."""
 
     def finish(self) -> None:
         """Every copy made so far is complete (as the host sees it)."""
@@ -79,6 +98,15 @@ class CudaCopies(Copies):
         compute.wait_event(event)
         for t in tensors:                    # allocated on the side stream, read on the compute stream
             t.record_stream(compute)
+
+    def done(self) -> object:
+        return torch.cuda.current_stream(self.device).record_event()
+
+    def finished(self, marker) -> bool:
+        return marker.query()
+
+    def wait(self, marker) -> None:
+        marker.synchronize()
 
     def finish(self) -> None:
         self.side.synchronize()
@@ -132,6 +160,7 @@ class LayerStream:
                        or any(b is not None for b in sub.buffers(recurse=False))]
         self.follows: dict[int, int] = {}                 # layer -> the layer entered after it last time
         self.ready: dict[int, tuple[list[Tensor], object]] = {}   # layers copied ahead: tensors, event
+        self.running: deque[tuple[object, int]] = deque()  # layers left by the host: (done marker, bytes)
         self.previous: int | None = None
         self.handles = []
         for i, layer in enumerate(self.layers):
@@ -143,6 +172,7 @@ class LayerStream:
         self.ready.clear()                    # freed in the side stream's order: safe while still copying
         self.previous = None
         self.copies.finish()
+        self.running.clear()                  # the allocator keeps their memory until the GPU is done
 
     def remove(self) -> None:
         self.settle()
@@ -155,7 +185,11 @@ class LayerStream:
             self.follows[self.previous] = i
         self.previous = i
         if not layer.active:
-            tensors, event = self.ready.pop(i, None) or self.copies.copy(layer.host())
+            found = self.ready.pop(i, None)
+            if found is None:
+                self._make_room(layer.nbytes)
+                found = self.copies.copy(layer.host())
+            tensors, event = found
             self.copies.use(tensors, event)
             layer.swap_in(tensors)
         layer.active += 1                    # after the swap: a failed copy leaves nothing to undo
@@ -169,17 +203,37 @@ class LayerStream:
         layer.active -= 1
         if not layer.active:
             layer.swap_out()
+            marker = self.copies.done()
+            if marker is not None:
+                self.running.append((marker, layer.nbytes))
+
+    def _alive(self) -> int:
+        """Bytes of copies made ahead, and of layers the GPU may still be running."""
+        return sum(self.layers[j].nbytes for j in self.ready) + sum(n for _, n in self.running)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Wait for the oldest running layers until ``nbytes`` more fit the budget (True), or
+        nothing is left to wait for (False: it fits only if nothing is alive)."""
+        while self.running and self.copies.finished(self.running[0][0]):
+            self.running.popleft()
+        alive = self._alive()
+        while self.running and alive + nbytes > self.prefetch_bytes:
+            marker, n = self.running.popleft()
+            self.copies.wait(marker)
+            alive -= n
+        return alive == 0 or alive + nbytes <= self.prefetch_bytes
 
     def _prefetch(self, i: int) -> None:
-        """Copy the layers predicted to follow ``i``, up to ``prefetch_bytes`` ahead."""
-        ahead = sum(self.layers[j].nbytes for j in self.ready)
+        """Copy the layers predicted to follow ``i``, within ``prefetch_bytes``."""
         j, seen = self.follows.get(i), {i}
         while j is not None and j not in seen and len(seen) <= PREFETCH_LAYERS:
             seen.add(j)
             layer = self.layers[j]
             if j not in self.ready and not layer.active:
-                if self.ready and ahead + layer.nbytes > self.prefetch_bytes:
+                if not self._make_room(layer.nbytes):
                     return
-                self.ready[j] = self.copies.copy(layer.host())
-                ahead += layer.nbytes
+                try:
+                    self.ready[j] = self.copies.copy(layer.host())
+                except torch.OutOfMemoryError:   # copying ahead is optional: the layer is copied when reached
+                    return
             j = self.follows.get(j)

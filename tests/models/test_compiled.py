@@ -258,37 +258,39 @@ def test_backend_flags_are_set_while_compiled_calls_run_and_restored(monkeypatch
     from nodeflow.models import devices
 
     monkeypatch.setattr(devices, "has_tf32", lambda device: True)
+    monkeypatch.setattr(compiled, "_tf32_decided", False)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     gpu = torch.device("cuda", 0)
-    before = cudnn.benchmark, torch.get_float32_matmul_precision()
-    assert before == (False, "highest")
+    assert (cudnn.benchmark, matmul.fp32_precision, matmul.allow_tf32) == (False, "none", False)
     try:
-        with compiled.backend_flags(gpu, torch.float32):
-            assert cudnn.benchmark and matmul.fp32_precision == "tf32"
-            # readers of torch's old API (inductor's autotuning) still work: both APIs agree
-            assert matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
-            with compiled.backend_flags(gpu, torch.float16):    # another call overlapping (half: no TF32)
-                assert cudnn.benchmark
-            assert cudnn.benchmark and matmul.allow_tf32            # the first still runs: still set
-        assert (cudnn.benchmark, torch.get_float32_matmul_precision()) == before and not matmul.allow_tf32
-        # two workers' calls overlapping, ending in the other order: restored after the last
+        with compiled.backend_flags(gpu, torch.float16):      # half precision: no TF32 question
+            assert cudnn.benchmark and not matmul.allow_tf32
+            with compiled.backend_flags(gpu, torch.float32):  # another worker's call overlapping
+                assert cudnn.benchmark and matmul.allow_tf32
+            assert cudnn.benchmark                             # the first still runs: still on
+        assert not cudnn.benchmark
+        # TF32 stays on for the process (Dynamo guards the flag: flipping it would recompile), and
+        # readers of torch's old API (inductor's autotuning) agree with its new one
+        assert matmul.allow_tf32 and matmul.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"
+        # two workers' calls ending in the other order: the autotuner is restored after the last
         a, b = compiled.backend_flags(gpu, torch.float32), compiled.backend_flags(gpu, torch.float32)
         a.__enter__()
         b.__enter__()
         a.__exit__(None, None, None)
-        assert cudnn.benchmark and matmul.allow_tf32
+        assert cudnn.benchmark
         b.__exit__(None, None, None)
-        assert (cudnn.benchmark, torch.get_float32_matmul_precision()) == before
+        assert not cudnn.benchmark
         with compiled.backend_flags(torch.device("cpu"), torch.float32):
-            assert (cudnn.benchmark, torch.get_float32_matmul_precision()) == before
-        # a caller who set torch's new per-backend precision: left as it is, no error
-        matmul.fp32_precision = "tf32"
+            assert not cudnn.benchmark
+        # a process that chose a precision itself is left with it
+        matmul.fp32_precision = "ieee"
+        monkeypatch.setattr(compiled, "_tf32_decided", False)
         with compiled.backend_flags(gpu, torch.float32):
-            assert cudnn.benchmark and matmul.fp32_precision == "tf32"
-        assert not cudnn.benchmark and matmul.fp32_precision == "tf32"
+            assert matmul.fp32_precision == "ieee"
     finally:
-        cudnn.benchmark = before[0]
-        torch.set_float32_matmul_precision(before[1])
+        cudnn.benchmark = False
+        matmul.fp32_precision = "none"
 
 
 @pytest.mark.skipif(not os.environ.get("NODEFLOW_TEST_INDUCTOR"),

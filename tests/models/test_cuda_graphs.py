@@ -24,9 +24,13 @@ class FakeGraph:
 
 
 class FakeCuda(cuda_graphs.CudaGraphs):
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, pool_bytes: int = 0):
         self.captures = self.warm_ups = self.replays = 0
         self.fail = fail
+        self.pool_bytes, self.pools = pool_bytes, 0          # memory each capture takes for its pool
+
+    def held(self, device):
+        return self.pools
 
     def supports(self, device):
         return True
@@ -42,6 +46,7 @@ class FakeCuda(cuda_graphs.CudaGraphs):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
+        self.pools += self.pool_bytes
         output = fn(*inputs)
         return FakeGraph(fn, inputs, output), output
 
@@ -135,26 +140,31 @@ def test_a_step_that_cannot_be_captured_runs_without_a_graph(caplog):
 
 
 @torch.no_grad()
-def test_a_move_drops_every_stale_graph_and_a_model_that_keeps_moving_is_not_captured():
+def test_a_move_drops_every_stale_graph_and_a_model_that_keeps_moving_waits_until_it_settles():
     unet, fake = micro_unet(), FakeCuda()
     runner = runner_for(unet, fake)
+    max_moves, window = compiled.CompiledUNet.MAX_MOVES, compiled.CompiledUNet.MOVE_WINDOW
     for seed in (1, 2):
         runner(*inputs(seed))
         runner(*inputs(seed, size=16))
     assert fake.captures == 2 and len(runner._graphs) == 2
-    for moves in range(1, compiled.CompiledUNet.MAX_MOVES + 2):
-        for p in unet.parameters():                        # offloaded for another model and back
+
+    def move():                                            # offloaded for another model and back
+        for p in unet.parameters():
             p.data = p.data.clone()
-        out = runner(*inputs(10 + moves))
-        assert torch.allclose(out, unet(*inputs(10 + moves)), atol=1e-5)
-        if moves <= compiled.CompiledUNet.MAX_MOVES:
-            assert len(runner._graphs) == 1                # the other shape's stale graph went too
-        runner(*inputs(10 + moves))
-    assert not runner._graphs and fake.captures == 2 + compiled.CompiledUNet.MAX_MOVES
-    for seed in (20, 21, 22):                              # settled now, but no more captures
-        out = runner(*inputs(seed))
-    assert fake.captures == 2 + compiled.CompiledUNet.MAX_MOVES
-    assert torch.allclose(out, unet(*inputs(22)), atol=1e-5)
+
+    move()
+    out = runner(*inputs(3))
+    assert torch.allclose(out, unet(*inputs(3)), atol=1e-5)
+    assert fake.captures == 3 and len(runner._graphs) == 1       # the other shape's stale graph went too
+    for n in range(max_moves - 1):                         # moving at every step: no more captures
+        move()
+        out = runner(*inputs(4 + n))
+        assert torch.allclose(out, unet(*inputs(4 + n)), atol=1e-5)
+    assert fake.captures == 3 + max_moves - 2 and not runner._graphs
+    steady = [runner(*inputs(10 + n)) for n in range(window)]    # staying put: captured again
+    assert fake.captures == 3 + max_moves - 1 and len(runner._graphs) == 1
+    assert torch.allclose(steady[-1], unet(*inputs(10 + window - 1)), atol=1e-5)
 
 
 def test_weight_addresses_see_parameters_and_replaced_buffers():
@@ -195,13 +205,15 @@ def test_the_graph_replays_the_compiled_step():
 
 @torch.no_grad()
 def test_graphs_are_dropped_before_any_model_leaves_the_gpu(monkeypatch):
-    """A captured step keeps its activations in a pool that only replays can use: when a model
-    needs room, the worker's graphs go first (recorded again later), then least recent models."""
+    """A captured step keeps its activations in a pool that only its replays can use: the free
+    memory does not count it, and when a model needs room the worker's graphs go first (recorded
+    again later), before any model leaves the GPU. The GPU here: 9 MiB, of which the driver has
+    free what torch does not hold; torch holds the models' weights and the graphs' pools."""
     from nodeflow import context
     from nodeflow.models import devices
 
     gpu = torch.device("cuda", 0)
-    unet, fake = micro_unet(), FakeCuda()
+    unet, fake = micro_unet(), FakeCuda(pool_bytes=3 << 20)
     run = context.RunContext(name="graphs")
     owner = run.state("compiled_models", compiled.CompileCache)
     owner.graphs = fake
@@ -209,7 +221,7 @@ def test_graphs_are_dropped_before_any_model_leaves_the_gpu(monkeypatch):
     for seed in (1, 2):
         runner(*inputs(seed))
         runner(*inputs(seed, size=16))
-    assert len(runner._graphs) == 2
+    assert len(runner._graphs) == 2 and owner.graph_bytes(torch.device("cpu")) == 6 << 20
     for step in runner._graphs.values():                   # as if recorded on the GPU
         step.device = gpu
 
@@ -217,20 +229,27 @@ def test_graphs_are_dropped_before_any_model_leaves_the_gpu(monkeypatch):
         def to(self, *args, **kwargs):
             return self
 
-    graph_bytes, capacity = 3 << 20, 6 << 20
     manager = devices.ModelManager(reserve=0)
 
-    def free(device):
-        used = sum(devices.module_bytes(m) for m, _ in manager.loaded.values())
-        return capacity - used - (graph_bytes if runner._graphs else 0)
+    def weights():
+        return sum(devices.module_bytes(m) for m, _ in manager.loaded.values())
 
-    monkeypatch.setattr(devices, "free_memory", free)
+    def empty_cache():                                      # the pools of dropped graphs go back to the driver
+        fake.pools = sum(step.pool_bytes for step in runner._graphs.values())
+
+    total = 9 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (total - fake.pools - weights(), total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: fake.pools + weights())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: weights())
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     monkeypatch.setattr(devices, "can_pin", lambda: False)
     first, second = Model(512, 1024, bias=False), Model(512, 1024, bias=False)   # 2 MiB each
     with context.activate(run):
+        assert devices.free_memory(gpu) == 3 << 20          # 9 - 6 held by the pools
         manager.load(first, gpu)
         assert len(runner._graphs) == 2                     # room enough: the graphs stay
-        manager.load(second, gpu)                           # 2 + 2 + 3 > 6: the graphs go, not the first model
+        manager.load(second, gpu)                           # 1 MiB free: the graphs go, not the first model
+        assert devices.free_memory(gpu) == 5 << 20
     assert not runner._graphs and id(first) in manager.loaded and id(second) in manager.loaded
     out = runner(*inputs(3))                                 # recorded again on the next step
     assert len(runner._graphs) == 1 and torch.allclose(out, unet(*inputs(3)), atol=1e-5)

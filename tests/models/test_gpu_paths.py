@@ -1,6 +1,8 @@
 """The CUDA paths on a real GPU: CUDA graphs, side-stream streaming, pinned offload, the flags of
 compiled calls. Elsewhere these are tested with stand-ins for the CUDA calls; here the calls are
-CUDA's own, on tiny models (a few seconds, plus one inductor compile). Skipped without CUDA:
+CUDA's own, on tiny models (a few seconds, plus one inductor compile). The capture broken on
+purpose comes last in the file, so last in the run: it may leave CUDA's allocator in a state the
+others should not start from. Skipped without CUDA:
 
     python -m pytest tests/models/test_gpu_paths.py
 """
@@ -38,35 +40,16 @@ def runner_on(device, backend=None, unet=None):
 @pytest.mark.parametrize("index", range(max(torch.cuda.device_count(), 1)))
 def test_cuda_graphs_replay_the_eager_step_on_each_gpu(index):
     """Two shapes in turn, on every GPU of the machine: each replay sees its own inputs (a capture
-    on a GPU other than the first records nothing through torch's default capture stream)."""
+    on a GPU other than the first records nothing through torch's default capture stream). The
+    replays run with cuDNN's autotuner, the reference without: fp16 within 1 %."""
     device = torch.device("cuda", index)
     unet, owner, runner = runner_on(device)
     for seed in range(1, 5):
         for size in (8, 16):
             out = runner(*inputs(seed, size, device))
-            assert close(out, unet(*inputs(seed, size, device)), 2e-3)
+            assert close(out, unet(*inputs(seed, size, device)), 1e-2)
     assert owner.captured == 2 and not owner.graphs_off
     assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
-
-
-@torch.no_grad()
-def test_a_capture_that_breaks_cudas_rules_leaves_the_stream_and_the_worker_usable():
-    device = torch.device("cuda", 0)
-    unet = micro_unet().to(device, torch.float16)
-
-    def host_sync(module, args, output):                   # reads a value on the host: illegal in a capture
-        output.abs().max().item()
-
-    unet.out[2].register_forward_hook(host_sync)
-    owner = compiled.CompileCache()
-    runner = compiled.CompiledUNet(unet, compiled.CompileOptions(backend=None, cuda_graphs=True), owner)
-    before = torch.cuda.current_stream(device)
-    outs = [runner(*inputs(seed, 8, device)) for seed in (1, 2, 3)]
-    assert owner.graphs_off and owner.captured == 0
-    assert torch.cuda.current_stream(device) == before
-    assert close(outs[2], unet(*inputs(3, 8, device)), 2e-3)
-    other = micro_unet(seed=1).to(device, torch.float16)   # the worker goes on: allocate, compute, free
-    assert torch.isfinite(other(*inputs(4, 16, device))).all()
 
 
 @torch.no_grad()
@@ -127,10 +110,38 @@ def test_timesteps_from_the_cpu_give_the_same_step():
     assert torch.equal(on_gpu, on_cpu)
 
 
-def test_compiled_fp32_calls_use_tf32_through_both_apis():
+def test_compiled_fp32_calls_turn_tf32_on_through_both_apis(monkeypatch):
     device = torch.device("cuda", 0)
     if not devices.has_tf32(device):
         pytest.skip("no TF32 on this GPU")
-    with compiled.backend_flags(device, torch.float32):
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
-    assert torch.get_float32_matmul_precision() == "highest"
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(compiled, "_tf32_decided", False)
+    assert matmul.fp32_precision == "none"
+    try:
+        with compiled.backend_flags(device, torch.float32):
+            assert matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+            a, b = torch.randn(256, 256, device=device), torch.randn(256, 256, device=device)
+            assert close(a @ b, a.double() @ b.double(), 1e-2)       # TF32: about 3 decimal digits
+        assert matmul.allow_tf32                                     # stays on: Dynamo guards the flag
+    finally:
+        matmul.fp32_precision = "none"
+
+
+@torch.no_grad()
+def test_a_capture_that_breaks_cudas_rules_leaves_the_stream_and_the_worker_usable():
+    device = torch.device("cuda", 0)
+    unet = micro_unet().to(device, torch.float16)
+
+    def host_sync(module, args, output):                   # reads a value on the host: illegal in a capture
+        output.abs().max().item()
+
+    unet.out[2].register_forward_hook(host_sync)
+    owner = compiled.CompileCache()
+    runner = compiled.CompiledUNet(unet, compiled.CompileOptions(backend=None, cuda_graphs=True), owner)
+    before = torch.cuda.current_stream(device)
+    outs = [runner(*inputs(seed, 8, device)) for seed in (1, 2, 3)]
+    assert owner.graphs_off and owner.captured == 0
+    assert torch.cuda.current_stream(device) == before
+    assert close(outs[2], unet(*inputs(3, 8, device)), 1e-2)
+    other = micro_unet(seed=1).to(device, torch.float16)   # the worker goes on: allocate, compute, free
+    assert torch.isfinite(other(*inputs(4, 16, device))).all()
