@@ -161,6 +161,7 @@ class LayerStream:
         self.follows: dict[int, int] = {}                 # layer -> the layer entered after it last time
         self.ready: dict[int, tuple[list[Tensor], object]] = {}   # layers copied ahead: tensors, event
         self.running: deque[tuple[object, int]] = deque()  # layers left by the host: (done marker, bytes)
+        self.alive = 0                                    # bytes in ready and running
         self.previous: int | None = None
         self.handles = []
         for i, layer in enumerate(self.layers):
@@ -173,6 +174,7 @@ class LayerStream:
         self.previous = None
         self.copies.finish()
         self.running.clear()                  # the allocator keeps their memory until the GPU is done
+        self.alive = 0
 
     def remove(self) -> None:
         self.settle()
@@ -186,7 +188,9 @@ class LayerStream:
         self.previous = i
         if not layer.active:
             found = self.ready.pop(i, None)
-            if found is None:
+            if found is not None:
+                self.alive -= layer.nbytes
+            else:
                 self._make_room(layer.nbytes)
                 found = self.copies.copy(layer.host())
             tensors, event = found
@@ -206,22 +210,18 @@ class LayerStream:
             marker = self.copies.done()
             if marker is not None:
                 self.running.append((marker, layer.nbytes))
-
-    def _alive(self) -> int:
-        """Bytes of copies made ahead, and of layers the GPU may still be running."""
-        return sum(self.layers[j].nbytes for j in self.ready) + sum(n for _, n in self.running)
+                self.alive += layer.nbytes
 
     def _make_room(self, nbytes: int) -> bool:
         """Wait for the oldest running layers until ``nbytes`` more fit the budget (True), or
         nothing is left to wait for (False: it fits only if nothing is alive)."""
         while self.running and self.copies.finished(self.running[0][0]):
-            self.running.popleft()
-        alive = self._alive()
-        while self.running and alive + nbytes > self.prefetch_bytes:
+            self.alive -= self.running.popleft()[1]
+        while self.running and self.alive + nbytes > self.prefetch_bytes:
             marker, n = self.running.popleft()
             self.copies.wait(marker)
-            alive -= n
-        return alive == 0 or alive + nbytes <= self.prefetch_bytes
+            self.alive -= n
+        return self.alive == 0 or self.alive + nbytes <= self.prefetch_bytes
 
     def _prefetch(self, i: int) -> None:
         """Copy the layers predicted to follow ``i``, within ``prefetch_bytes``."""
@@ -236,4 +236,5 @@ class LayerStream:
                     self.ready[j] = self.copies.copy(layer.host())
                 except torch.OutOfMemoryError:   # copying ahead is optional: the layer is copied when reached
                     return
+                self.alive += layer.nbytes
             j = self.follows.get(j)

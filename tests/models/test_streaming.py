@@ -129,8 +129,10 @@ def test_a_changed_order_still_computes_right_and_drops_unused_copies():
             expected_skip = torch.tanh(expected_skip @ layer.weight.T + layer.bias)
         assert torch.allclose(model(x), expected_skip)
         assert 2 in s.ready                                    # copied ahead, never used ...
+        counted = sum(s.layers[j].nbytes for j in s.ready) + sum(n for _, n in s.running)
+        assert s.alive == counted and counted > 0              # (the running count of bytes alive)
         s.settle()
-        assert not s.ready and s.previous is None              # ... dropped before the next call
+        assert not s.ready and s.previous is None and s.alive == 0    # ... dropped before the next call
         assert events[-1] == ("finish",)
         model.skip = False
         assert s.follows[1] == 3                               # learnt from the last call
