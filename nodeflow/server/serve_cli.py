@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         hosts=_split([args.listen]) or ["127.0.0.1"], port=args.port, base_dir=_path(args.base_dir),
         input_dir=_path(args.input_dir), output_dir=_path(args.output_dir), temp_dir=_path(args.temp_dir),
-        db_path=_path(args.db),
+        db_path=args.db if args.db == ":memory:" else _path(args.db),      # SQLite's name, not a file here
         requeue_interrupted=args.requeue_interrupted, max_history=args.max_history, auth_token=args.auth_token or None,
         allow_origins=_split(args.allow_origin), allow_hosts=_split(args.allow_host),
         max_upload_mb=args.max_upload_size, max_pixels=args.max_pixels, max_steps=args.max_steps,

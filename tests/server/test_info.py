@@ -241,6 +241,15 @@ async def test_userdata_files(tmp_path):
         assert resp.content_type == "application/octet-stream"
 
 
+def test_db_paths_are_absolute_and_memory_stays_sqlites_name(tmp_path, monkeypatch):
+    from nodeflow.server.serve_cli import config_from_args, parser
+
+    monkeypatch.chdir(tmp_path)
+    assert config_from_args(parser().parse_args(["--db", "q.sqlite3"])).db_path == str(tmp_path / "q.sqlite3")
+    # resolved as a path, ":memory:" became a file of that name in the current directory
+    assert config_from_args(parser().parse_args(["--db", ":memory:"])).db_path == ":memory:"
+
+
 def test_device_and_precision_options():
     from nodeflow.server.serve_cli import config_from_args, parser
 
