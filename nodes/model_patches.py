@@ -73,10 +73,9 @@ def _patched(model, build):
 
 
 def _model_channels(model, node: str) -> int:
-    unet = getattr(model, "unet", None)
-    if unet is None:
-        raise ValueError(f"{node} needs a UNet model (SD 1.x, SD 2.x, SDXL)")
-    return unet.config.model_channels
+    from nodeflow.sampling import handle
+
+    return handle.unet(model, node).config.model_channels
 
 
 class FreeU(Node):

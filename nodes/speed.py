@@ -31,10 +31,9 @@ class CompileModel(Node):
 
     def run(self, model, backend):
         from nodeflow.models import compiled
+        from nodeflow.sampling import handle
 
-        if getattr(model, "unet", None) is None:
-            raise ValueError(f"{type(self).__name__} compiles UNet models (SD 1.x, SD 2.x, SDXL), "
-                             f"not a {type(model).__name__}")
+        handle.unet(model, type(self).__name__)
         where = f"backend {backend!r}"
         if backend == "cudagraphs":
             compiled.check_cuda_graphs(model.device, where)
@@ -86,9 +85,11 @@ class DeepCache(Node):
 
     def run(self, model, cache_interval, cache_depth, start_step, end_step):
         from nodeflow.models.step_cache import DeepCache as Cache
+        from nodeflow.sampling import handle
 
-        if getattr(model, "unet", None) is None or not hasattr(model, "model_patches"):
-            raise ValueError(f"{type(self).__name__} needs a UNet model (SD 1.x, SD 2.x, SDXL)")
+        handle.unet(model, type(self).__name__)
+        if handle.model_patches(model) is None:
+            raise ValueError(f"this MODEL ({type(model).__name__}) takes no model patches")
         patched = model.clone()
         patched.model_patches.step_cache = Cache(cache_interval, cache_depth, start_step, end_step)
         return (patched,)

@@ -152,20 +152,18 @@ class CompileCache:
             found = per_module[(kind, options)] = kind(module, options, self)
         return found
 
+    def _unet_runners(self) -> list[CompiledUNet]:
+        return [runner for per_module in list(self._runners.values()) for runner in per_module.values()
+                if isinstance(runner, CompiledUNet)]
+
     def graph_bytes(self, device: torch.device) -> int:
         """The memory the CUDA graphs on ``device`` hold in their pools."""
-        return sum(runner.graph_bytes(device) for per_module in list(self._runners.values())
-                   for runner in per_module.values() if isinstance(runner, CompiledUNet))
+        return sum(runner.graph_bytes(device) for runner in self._unet_runners())
 
     def release_graphs(self, device: torch.device) -> int:
         """Drop the CUDA graphs of every model on ``device`` (each holds a step's activations in a
         memory pool of its own); a later step records them again. How many were dropped."""
-        dropped = 0
-        for per_module in list(self._runners.values()):
-            for runner in per_module.values():
-                if isinstance(runner, CompiledUNet):
-                    dropped += runner.release_graphs(device)
-        return dropped
+        return sum(runner.release_graphs(device) for runner in self._unet_runners())
 
     def channels_last(self, module: nn.Module) -> None:
         """Put ``module``'s 4-D weights in channels-last format (once). The weights are shared
@@ -285,7 +283,7 @@ class CompiledUNet(_Regions):
         unet = self._module()
         patch_key = _patch_key(patches)
         if patch_key is None or devices.model_manager().is_streamed(unet):    # eager, as it is laid out
-            return unet(x, timesteps, context, y, control=control, patches=patches, info=info, deep=deep)
+            return _unet_step(unet, x, timesteps, context, y, control, patches, info, deep)
         if self.options.channels_last_on(x.device, self.CPU_CHANNELS_LAST):
             self.owner.channels_last(unet)
             x = x.contiguous(memory_format=torch.channels_last)

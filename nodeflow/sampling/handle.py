@@ -71,3 +71,12 @@ def model_patches(model: ModelHandle):
 def schedule_override(model: ModelHandle):
     """The ``DiscreteSchedule`` a patched handle carries, or None."""
     return getattr(model, "_nodeflow_schedule", None)
+
+
+def unet(model: ModelHandle, node: str):
+    """The handle's UNet, for nodes that act on it (patches, compiling, DeepCache): ``ValueError``
+    naming ``node`` for a handle without one."""
+    found = getattr(model, "unet", None)
+    if found is None:
+        raise ValueError(f"{node} needs a UNet model (SD 1.x, SD 2.x, SDXL), not a {type(model).__name__}")
+    return found
